@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Generate the ONNX models of shoal's model repository.
+
+Usage:
+    python models/generate.py --out model_repository [--seed 42]
+                              [--only ffnn,resnet50,types] [--force]
+
+Writes, with seeded random weights (numpy default_rng) and only the `onnx`
+package (no torch):
+
+    ffnn/1/model.onnx          Crayfish FFNN 784-32-32-32-10 + softmax (seed)
+    ffnn/2/model.onnx          same architecture, seed + 1
+    ffnn_nobatch/1/model.onnx  copy of ffnn/1 (served with another config)
+    resnet50/1/model.onnx      ResNet50 v1 (torchvision layout), ~100 MB
+    types/1/model.onnx         one Identity per KServe datatype
+
+Each version directory gets a `.seed` marker; a model whose file exists with
+the same seed is not regenerated unless --force. Every model is checked with
+onnx.checker and then run once in onnxruntime with a batch of 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 9
+BATCH = "batch"
+MODELS = ("ffnn", "resnet50", "types")
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def make_model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="shoal-models-generate",
+        producer_version="1",
+        doc_string=doc,
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+
+
+def he_normal(rng: np.random.Generator, shape, fan_in: int) -> np.ndarray:
+    std = np.sqrt(2.0 / fan_in)
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# FFNN (Crayfish): 784 -> 32 -> 32 -> 32 -> 10, ReLU, softmax
+# --------------------------------------------------------------------------
+
+
+def build_ffnn(seed: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    dims = [784, 32, 32, 32, 10]
+    nodes, inits = [], []
+    x = "input"
+    for i in range(len(dims) - 1):
+        fan_in, fan_out = dims[i], dims[i + 1]
+        w = he_normal(rng, (fan_in, fan_out), fan_in)
+        b = (rng.standard_normal(fan_out, dtype=np.float32) * np.float32(0.01)).astype(np.float32)
+        inits += [init(f"dense{i}.weight", w), init(f"dense{i}.bias", b)]
+        y = f"dense{i}"
+        nodes.append(helper.make_node("Gemm", [x, f"dense{i}.weight", f"dense{i}.bias"], [y], name=f"dense{i}"))
+        x = y
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"relu{i}"], name=f"relu{i}"))
+            x = f"relu{i}"
+    nodes.append(helper.make_node("Softmax", [x], ["output"], name="softmax", axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "ffnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [BATCH, 784])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [BATCH, 10])],
+        initializer=inits,
+    )
+    return make_model(graph, f"Crayfish FFNN 784-32-32-32-10 + softmax, random weights seed={seed}")
+
+
+# --------------------------------------------------------------------------
+# ResNet50 v1 (torchvision layout)
+# --------------------------------------------------------------------------
+
+
+class ResNetBuilder:
+    # gamma of the last BN in each bottleneck (before the residual add).
+    # 1.0 makes activations grow ~2x in variance per block; a small value keeps
+    # the random network numerically tame (cf. torchvision zero_init_residual).
+    RESIDUAL_GAMMA = 0.2
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def conv_bn(self, x: str, name: str, cin: int, cout: int, k: int, stride: int,
+                relu: bool, gamma: float = 1.0) -> str:
+        w = he_normal(self.rng, (cout, cin, k, k), cin * k * k)
+        self.inits.append(init(f"{name}.weight", w))
+        p = k // 2
+        self.nodes.append(helper.make_node(
+            "Conv", [x, f"{name}.weight"], [f"{name}.conv"], name=f"{name}.conv",
+            kernel_shape=[k, k], strides=[stride, stride], pads=[p, p, p, p]))
+        self.inits += [
+            init(f"{name}.bn.scale", np.full(cout, gamma, np.float32)),
+            init(f"{name}.bn.bias", np.zeros(cout, np.float32)),
+            init(f"{name}.bn.mean", np.zeros(cout, np.float32)),
+            init(f"{name}.bn.var", np.ones(cout, np.float32)),
+        ]
+        out = f"{name}.bn"
+        self.nodes.append(helper.make_node(
+            "BatchNormalization",
+            [f"{name}.conv", f"{name}.bn.scale", f"{name}.bn.bias", f"{name}.bn.mean", f"{name}.bn.var"],
+            [out], name=out, epsilon=1e-5))
+        if relu:
+            self.nodes.append(helper.make_node("Relu", [out], [f"{name}.relu"], name=f"{name}.relu"))
+            out = f"{name}.relu"
+        return out
+
+    def bottleneck(self, x: str, name: str, cin: int, width: int, stride: int) -> str:
+        cout = width * 4
+        y = self.conv_bn(x, f"{name}.conv1", cin, width, 1, 1, relu=True)
+        y = self.conv_bn(y, f"{name}.conv2", width, width, 3, stride, relu=True)
+        y = self.conv_bn(y, f"{name}.conv3", width, cout, 1, 1, relu=False, gamma=self.RESIDUAL_GAMMA)
+        if stride != 1 or cin != cout:
+            sc = self.conv_bn(x, f"{name}.downsample", cin, cout, 1, stride, relu=False)
+        else:
+            sc = x
+        self.nodes.append(helper.make_node("Add", [y, sc], [f"{name}.add"], name=f"{name}.add"))
+        self.nodes.append(helper.make_node("Relu", [f"{name}.add"], [f"{name}.out"], name=f"{name}.out"))
+        return f"{name}.out"
+
+    def build(self, seed: int) -> onnx.ModelProto:
+        x = self.conv_bn("input", "conv1", 3, 64, 7, 2, relu=True)
+        self.nodes.append(helper.make_node(
+            "MaxPool", [x], ["maxpool"], name="maxpool",
+            kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+        x, cin = "maxpool", 64
+        for li, (blocks, width) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512]), start=1):
+            for bi in range(blocks):
+                stride = 2 if (bi == 0 and li > 1) else 1
+                x = self.bottleneck(x, f"layer{li}.{bi}", cin, width, stride)
+                cin = width * 4
+        self.nodes.append(helper.make_node("GlobalAveragePool", [x], ["avgpool"], name="avgpool"))
+        self.nodes.append(helper.make_node("Flatten", ["avgpool"], ["flatten"], name="flatten", axis=1))
+        fc_w = (self.rng.uniform(-1, 1, (1000, 2048)).astype(np.float32) / np.float32(np.sqrt(2048)))
+        self.inits += [init("fc.weight", fc_w), init("fc.bias", np.zeros(1000, np.float32))]
+        self.nodes.append(helper.make_node(
+            "Gemm", ["flatten", "fc.weight", "fc.bias"], ["output"], name="fc", transB=1))
+        graph = helper.make_graph(
+            self.nodes,
+            "resnet50",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, [BATCH, 3, 224, 224])],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, [BATCH, 1000])],
+            initializer=self.inits,
+        )
+        return make_model(graph, f"ResNet50 v1 (torchvision layout), random weights seed={seed}")
+
+
+def build_resnet50(seed: int) -> onnx.ModelProto:
+    return ResNetBuilder(seed).build(seed)
+
+
+# --------------------------------------------------------------------------
+# types: one Identity per KServe datatype
+# --------------------------------------------------------------------------
+
+# suffix -> (onnx elem type, numpy dtype, KServe datatype)
+TYPES = [
+    ("bool", TensorProto.BOOL, np.bool_, "BOOL"),
+    ("uint8", TensorProto.UINT8, np.uint8, "UINT8"),
+    ("uint16", TensorProto.UINT16, np.uint16, "UINT16"),
+    ("uint32", TensorProto.UINT32, np.uint32, "UINT32"),
+    ("uint64", TensorProto.UINT64, np.uint64, "UINT64"),
+    ("int8", TensorProto.INT8, np.int8, "INT8"),
+    ("int16", TensorProto.INT16, np.int16, "INT16"),
+    ("int32", TensorProto.INT32, np.int32, "INT32"),
+    ("int64", TensorProto.INT64, np.int64, "INT64"),
+    ("fp16", TensorProto.FLOAT16, np.float16, "FP16"),
+    ("fp32", TensorProto.FLOAT, np.float32, "FP32"),
+    ("fp64", TensorProto.DOUBLE, np.float64, "FP64"),
+    ("bytes", TensorProto.STRING, np.object_, "BYTES"),
+]
+
+
+def build_types(seed: int) -> onnx.ModelProto:
+    nodes, inputs, outputs = [], [], []
+    for t, elem, _, _ in TYPES:
+        inputs.append(helper.make_tensor_value_info(f"in_{t}", elem, [BATCH, 4]))
+        outputs.append(helper.make_tensor_value_info(f"out_{t}", elem, [BATCH, 4]))
+        nodes.append(helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"], name=f"identity_{t}"))
+    graph = helper.make_graph(nodes, "types", inputs, outputs)
+    return make_model(graph, "Identity per datatype (in_<t> -> out_<t>), for end-to-end datatype tests")
+
+
+# --------------------------------------------------------------------------
+# verification with onnxruntime
+# --------------------------------------------------------------------------
+
+_ORT_DTYPE = {
+    "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
+    "tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64,
+    "tensor(string)": np.object_,
+}
+
+
+def _sample(rng: np.random.Generator, dtype, shape) -> np.ndarray:
+    if dtype is np.object_:
+        return np.array([f"s{i}-é" for i in range(int(np.prod(shape)))], dtype=object).reshape(shape)
+    if dtype is np.bool_:
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def verify(path: Path, name: str) -> str:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [2 if not isinstance(d, int) else d for d in i.shape]
+        feeds[i.name] = _sample(rng, _ORT_DTYPE[i.type], shape)
+    t0 = time.perf_counter()
+    outs = sess.run(None, feeds)
+    dt = time.perf_counter() - t0
+    summary = []
+    for meta, out in zip(sess.get_outputs(), outs):
+        if out.shape[0] != 2:
+            raise RuntimeError(f"{name}: output {meta.name} has shape {out.shape}, expected batch 2")
+        if out.dtype != object and np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
+            raise RuntimeError(f"{name}: output {meta.name} is not finite")
+        if name.startswith("types"):
+            src = feeds["in_" + meta.name[len("out_"):]]
+            if not np.array_equal(out, src):
+                raise RuntimeError(f"{name}: {meta.name} does not echo its input")
+        else:
+            summary.append(f"{meta.name}{list(out.shape)} min={out.min():.4g} max={out.max():.4g}")
+    if name.startswith("ffnn"):
+        sums = outs[0].sum(axis=1)
+        if not np.allclose(sums, 1.0, atol=1e-4):
+            raise RuntimeError(f"{name}: softmax rows do not sum to 1: {sums}")
+    if name.startswith("types"):
+        summary.append(f"{len(outs)} identity outputs echo inputs")
+    return f"ort ok ({dt * 1000:.1f} ms): " + "; ".join(summary)
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def _up_to_date(vdir: Path, seed: int) -> bool:
+    marker = vdir / ".seed"
+    return (vdir / "model.onnx").is_file() and marker.is_file() and marker.read_text().strip() == str(seed)
+
+
+def _write(vdir: Path, model: onnx.ModelProto, seed: int) -> None:
+    vdir.mkdir(parents=True, exist_ok=True)
+    tmp = vdir / "model.onnx.tmp"
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, vdir / "model.onnx")
+    (vdir / ".seed").write_text(f"{seed}\n")
+
+
+def _report(label: str, vdir: Path, status: str, gen_s: float | None, verify_msg: str) -> None:
+    size = (vdir / "model.onnx").stat().st_size
+    gen = f"generated in {gen_s:.1f}s" if gen_s is not None else status
+    print(f"{label:<18} {size / 1e6:8.2f} MB  {gen:<20} {verify_msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    repo_root = Path(__file__).resolve().parent.parent
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=repo_root / "model_repository",
+                    help="model repository directory (default: <repo>/model_repository)")
+    ap.add_argument("--seed", type=int, default=42, help="base random seed (default 42)")
+    ap.add_argument("--only", default=",".join(MODELS),
+                    help=f"comma-separated subset of {','.join(MODELS)} (ffnn also writes ffnn_nobatch)")
+    ap.add_argument("--force", action="store_true", help="regenerate even if the seed marker matches")
+    ap.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    args = ap.parse_args(argv)
+
+    only = [m.strip() for m in args.only.split(",") if m.strip()]
+    unknown = [m for m in only if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+
+    out: Path = args.out
+    # (label, model dir, version, seed, builder or source dir to copy)
+    jobs = []
+    if "ffnn" in only:
+        jobs += [
+            ("ffnn/1", out / "ffnn" / "1", args.seed, build_ffnn),
+            ("ffnn/2", out / "ffnn" / "2", args.seed + 1, build_ffnn),
+            ("ffnn_nobatch/1", out / "ffnn_nobatch" / "1", args.seed, out / "ffnn" / "1"),
+        ]
+    if "resnet50" in only:
+        jobs.append(("resnet50/1", out / "resnet50" / "1", args.seed, build_resnet50))
+    if "types" in only:
+        jobs.append(("types/1", out / "types" / "1", args.seed, build_types))
+
+    for label, vdir, seed, src in jobs:
+        gen_s = None
+        if not args.force and _up_to_date(vdir, seed):
+            status = "up to date"
+        elif isinstance(src, Path):
+            vdir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / "model.onnx", vdir / "model.onnx")
+            (vdir / ".seed").write_text(f"{seed}\n")
+            status = f"copied from {src.relative_to(out)}"
+        else:
+            t0 = time.perf_counter()
+            model = src(seed)
+            _write(vdir, model, seed)
+            gen_s = time.perf_counter() - t0
+            del model
+            status = "generated"
+        msg = "not verified" if args.no_verify else verify(vdir / "model.onnx", label)
+        _report(label, vdir, status, gen_s, msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

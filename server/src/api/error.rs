@@ -1,0 +1,100 @@
+//! The one table mapping error kinds to HTTP status and gRPC code.
+
+use crate::engine::{EngineError, ErrorKind};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Errors the API layer reports; engine errors keep their kind.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: ApiErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    Engine(ErrorKind),
+    /// The body or message exceeds the configured limit.
+    PayloadTooLarge,
+}
+
+/// kind → (HTTP status, gRPC code). Every error of every protocol goes
+/// through this table.
+pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
+    use ApiErrorKind::*;
+    use ErrorKind::*;
+    match kind {
+        Engine(InvalidArgument) => (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument),
+        Engine(NotFound) => (StatusCode::NOT_FOUND, tonic::Code::NotFound),
+        Engine(Overloaded) => (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted),
+        Engine(DeadlineExceeded) => (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded),
+        Engine(Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
+        // 499: nginx's "client closed request"; nobody is left to read it.
+        Engine(Cancelled) => (
+            StatusCode::from_u16(499).expect("valid status"),
+            tonic::Code::Cancelled,
+        ),
+        Engine(Internal) => (StatusCode::INTERNAL_SERVER_ERROR, tonic::Code::Internal),
+        PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, tonic::Code::ResourceExhausted),
+    }
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::Engine(ErrorKind::InvalidArgument),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::Engine(ErrorKind::NotFound),
+            message: message.into(),
+        }
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::PayloadTooLarge,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        Self {
+            kind: ApiErrorKind::Engine(e.kind()),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        tonic::Status::new(codes(e.kind).1, e.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = codes(self.kind).0;
+        (status, axum::Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_covers_the_promised_pairs() {
+        let overloaded = codes(ApiErrorKind::Engine(ErrorKind::Overloaded));
+        assert_eq!(overloaded, (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted));
+        let deadline = codes(ApiErrorKind::Engine(ErrorKind::DeadlineExceeded));
+        assert_eq!(deadline, (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded));
+        let invalid = codes(ApiErrorKind::Engine(ErrorKind::InvalidArgument));
+        assert_eq!(invalid, (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument));
+    }
+}

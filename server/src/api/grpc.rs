@@ -1,0 +1,353 @@
+//! KServe v2 over gRPC: `inference.GRPCInferenceService`, as Triton serves it.
+
+use super::error::ApiError;
+use super::metadata;
+use crate::engine::{Engine, InferRequest, InferResponse};
+use crate::tensor::{join_bytes_elements, DataType, Tensor};
+use bytes::Bytes;
+use futures::Stream;
+use shoal_proto as pb;
+use shoal_proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Responses a stream may buffer before it stops reading new requests.
+const STREAM_BUFFER: usize = 256;
+
+#[derive(Clone)]
+pub struct GrpcService {
+    engine: Engine,
+}
+
+impl GrpcService {
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+
+    pub fn into_server(self, max_message_bytes: usize) -> GrpcInferenceServiceServer<Self> {
+        GrpcInferenceServiceServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+/// Parses the `grpc-timeout` header (e.g. `100m`, `5S`) into a duration.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (num, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn param_i64(p: &pb::InferParameter) -> Option<i64> {
+    use pb::infer_parameter::ParameterChoice::*;
+    match p.parameter_choice.as_ref()? {
+        Int64Param(v) => Some(*v),
+        Uint64Param(v) => i64::try_from(*v).ok(),
+        StringParam(s) => s.parse().ok(),
+        DoubleParam(d) => Some(*d as i64),
+        BoolParam(_) => None,
+    }
+}
+
+/// Decodes a protobuf request into the engine's form. `header_deadline` is
+/// the gRPC deadline from the call's metadata, if any.
+pub fn decode_request(
+    req: pb::ModelInferRequest,
+    header_deadline: Option<Instant>,
+) -> Result<InferRequest, ApiError> {
+    let now = Instant::now();
+    let mut deadline = header_deadline;
+    if let Some(p) = req.parameters.get("timeout") {
+        let us = param_i64(p)
+            .filter(|&v| v >= 0)
+            .ok_or_else(|| ApiError::invalid("parameter timeout must be a non-negative integer (µs)"))?;
+        let d = now + Duration::from_micros(us as u64);
+        deadline = Some(deadline.map_or(d, |h| h.min(d)));
+    }
+    let raw = req.raw_input_contents;
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
+        return Err(ApiError::invalid(format!(
+            "raw_input_contents has {} entries for {} inputs",
+            raw.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    let mut raw = raw.into_iter();
+    for t in req.inputs {
+        let datatype = DataType::parse(&t.datatype)
+            .ok_or_else(|| ApiError::invalid(format!("input {:?}: unknown datatype {:?}", t.name, t.datatype)))?;
+        let data = match (raw.next(), t.contents) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(format!(
+                    "input {:?}: contents and raw_input_contents are both given",
+                    t.name
+                )))
+            }
+            (Some(bytes), None) => bytes,
+            (None, Some(c)) => contents_to_bytes(&t.name, datatype, c)?,
+            (None, None) => {
+                return Err(ApiError::invalid(format!("input {:?} carries no data", t.name)));
+            }
+        };
+        inputs.push(Tensor {
+            name: t.name,
+            datatype,
+            shape: t.shape,
+            data,
+        });
+    }
+    Ok(InferRequest {
+        model: req.model_name,
+        version: Some(req.model_version).filter(|v| !v.is_empty()),
+        id: req.id,
+        inputs,
+        outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        deadline,
+    })
+}
+
+/// Typed `contents` to raw little-endian bytes, checking integer ranges.
+fn contents_to_bytes(name: &str, dt: DataType, c: pb::InferTensorContents) -> Result<Bytes, ApiError> {
+    fn narrow<S: Copy + std::fmt::Display, T: TryFrom<S> + bytemuck::Pod>(
+        name: &str,
+        v: &[S],
+    ) -> Result<Vec<u8>, ApiError> {
+        let mut out = Vec::with_capacity(v.len() * std::mem::size_of::<T>());
+        for &x in v {
+            let t = T::try_from(x).map_err(|_| {
+                ApiError::invalid(format!("input {name:?}: value {x} out of range for its datatype"))
+            })?;
+            out.extend_from_slice(bytemuck::bytes_of(&t));
+        }
+        Ok(out)
+    }
+    let bytes: Vec<u8> = match dt {
+        DataType::Bool => c.bool_contents.iter().map(|&b| b as u8).collect(),
+        DataType::Int8 => narrow::<i32, i8>(name, &c.int_contents)?,
+        DataType::Int16 => narrow::<i32, i16>(name, &c.int_contents)?,
+        DataType::Int32 => bytemuck::cast_slice(&c.int_contents).to_vec(),
+        DataType::Int64 => bytemuck::cast_slice(&c.int64_contents).to_vec(),
+        DataType::Uint8 => narrow::<u32, u8>(name, &c.uint_contents)?,
+        DataType::Uint16 => narrow::<u32, u16>(name, &c.uint_contents)?,
+        DataType::Uint32 => bytemuck::cast_slice(&c.uint_contents).to_vec(),
+        DataType::Uint64 => bytemuck::cast_slice(&c.uint64_contents).to_vec(),
+        DataType::Fp32 => bytemuck::cast_slice(&c.fp32_contents).to_vec(),
+        DataType::Fp64 => bytemuck::cast_slice(&c.fp64_contents).to_vec(),
+        DataType::Bytes => join_bytes_elements(c.bytes_contents.iter().map(|b| &b[..])),
+        DataType::Fp16 | DataType::Bf16 => {
+            return Err(ApiError::invalid(format!(
+                "input {name:?}: {dt} has no typed contents field; send it in raw_input_contents"
+            )))
+        }
+    };
+    Ok(Bytes::from(bytes))
+}
+
+/// Encodes a response with `raw_output_contents`, as Triton does.
+pub fn encode_response(resp: InferResponse) -> pb::ModelInferResponse {
+    let mut outputs = Vec::with_capacity(resp.outputs.len());
+    let mut raw = Vec::with_capacity(resp.outputs.len());
+    for t in resp.outputs {
+        outputs.push(pb::model_infer_response::InferOutputTensor {
+            name: t.name,
+            datatype: t.datatype.as_str().to_string(),
+            shape: t.shape,
+            parameters: Default::default(),
+            contents: None,
+        });
+        raw.push(t.data);
+    }
+    pb::ModelInferResponse {
+        model_name: resp.model,
+        model_version: resp.version,
+        id: resp.id,
+        parameters: Default::default(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+fn header_deadline<T>(req: &Request<T>) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    Some(Instant::now() + parse_grpc_timeout(v)?)
+}
+
+type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.engine.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = req.into_inner();
+        let ready = self.engine.is_ready() && self.engine.model(&r.name, Some(&r.version)).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: metadata::SERVER_NAME.into(),
+            version: metadata::SERVER_VERSION.into(),
+            extensions: super::EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = req.into_inner();
+        let mv = self.engine.model(&r.name, Some(&r.version)).map_err(ApiError::from)?;
+        Ok(Response::new(metadata::model_metadata(&self.engine, &mv)))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let deadline = header_deadline(&req);
+        let request = decode_request(req.into_inner(), deadline)?;
+        let resp = self.engine.infer(request).await.map_err(ApiError::from)?;
+        Ok(Response::new(encode_response(resp)))
+    }
+
+    type ModelStreamInferStream = StreamOut;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let header = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let mut incoming = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = incoming.message() => m,
+                    _ = tx.closed() => break,
+                };
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                // Requests of one stream run concurrently; each answer
+                // carries its request id. Admission in the engine bounds them.
+                let engine = engine.clone();
+                let tx = tx.clone();
+                let deadline = header.map(|d| Instant::now() + d);
+                tokio::spawn(async move {
+                    let id = msg.id.clone();
+                    let outcome = async {
+                        let r = decode_request(msg, deadline)?;
+                        engine.infer(r).await.map_err(ApiError::from)
+                    };
+                    let reply = tokio::select! {
+                        r = outcome => r,
+                        _ = tx.closed() => return,
+                    };
+                    let item = match reply {
+                        Ok(resp) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(encode_response(resp)),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.message,
+                            infer_response: Some(pb::ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    let _ = tx.send(Ok(item)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = req.into_inner();
+        let mv = self.engine.model(&r.name, Some(&r.version)).map_err(ApiError::from)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(metadata::model_config(&mv)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = req.into_inner();
+        let stats = metadata::statistics(&self.engine, &r.name, &r.version).map_err(ApiError::from)?;
+        Ok(Response::new(stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn typed_contents_are_range_checked() {
+        let c = pb::InferTensorContents {
+            int_contents: vec![1, 300],
+            ..Default::default()
+        };
+        let e = contents_to_bytes("a", DataType::Int8, c).unwrap_err();
+        assert!(e.message.contains("out of range"), "{}", e.message);
+        let c = pb::InferTensorContents {
+            fp32_contents: vec![1.5],
+            ..Default::default()
+        };
+        assert_eq!(&contents_to_bytes("a", DataType::Fp32, c).unwrap()[..], &1.5f32.to_le_bytes());
+    }
+}

@@ -1,0 +1,411 @@
+//! KServe v2 over REST (axum), with the binary tensor data extension:
+//! a JSON header of `Inference-Header-Content-Length` bytes followed by the
+//! raw tensors, in input order.
+
+use super::error::ApiError;
+use super::{json, metadata};
+use crate::engine::{Engine, InferRequest, InferResponse};
+use crate::tensor::{DataType, Tensor};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::{json as j, Map, Value};
+use std::time::{Duration, Instant};
+
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub engine: Engine,
+    pub max_body_bytes: usize,
+}
+
+/// The REST router; no socket, so tests can drive it directly.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{m}", get(model_metadata))
+        .route("/v2/models/{m}/versions/{v}", get(model_metadata))
+        .route("/v2/models/{m}/ready", get(model_ready))
+        .route("/v2/models/{m}/versions/{v}/ready", get(model_ready))
+        .route("/v2/models/{m}/config", get(model_config))
+        .route("/v2/models/{m}/versions/{v}/config", get(model_config))
+        .route("/v2/models/{m}/stats", get(model_stats))
+        .route("/v2/models/{m}/versions/{v}/stats", get(model_stats))
+        .route("/v2/models/{m}/infer", post(infer))
+        .route("/v2/models/{m}/versions/{v}/infer", post(infer))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        // The infer handler enforces its own, configurable limit.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// `/{m}` or `/{m}/versions/{v}` path parameters.
+#[derive(Deserialize)]
+struct ModelPath {
+    m: String,
+    v: Option<String>,
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(st): State<HttpState>) -> StatusCode {
+    if st.engine.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(j!({
+        "name": metadata::SERVER_NAME,
+        "version": metadata::SERVER_VERSION,
+        "extensions": super::EXTENSIONS,
+    }))
+}
+
+async fn model_metadata(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
+    let mv = st.engine.model(&p.m, p.v.as_deref())?;
+    let md = metadata::model_metadata(&st.engine, &mv);
+    let tensors = |ts: &[shoal_proto::model_metadata_response::TensorMetadata]| {
+        ts.iter()
+            .map(|t| j!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect::<Vec<_>>()
+    };
+    Ok(Json(j!({
+        "name": md.name,
+        "versions": md.versions,
+        "platform": md.platform,
+        "inputs": tensors(&md.inputs),
+        "outputs": tensors(&md.outputs),
+    })))
+}
+
+async fn model_ready(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<StatusCode, ApiError> {
+    st.engine.model(&p.m, p.v.as_deref())?;
+    Ok(if st.engine.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
+}
+
+fn dtype_name(code: i32) -> String {
+    DataType::ALL
+        .into_iter()
+        .find(|d| d.triton_enum() == code)
+        .map_or_else(|| "TYPE_INVALID".into(), |d| d.triton_config_name())
+}
+
+async fn model_config(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
+    let mv = st.engine.model(&p.m, p.v.as_deref())?;
+    let c = metadata::model_config(&mv);
+    let mut v = j!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "version_policy": {"all": {}},
+        "max_batch_size": c.max_batch_size,
+        "input": c.input.iter().map(|i| j!({
+            "name": i.name, "data_type": dtype_name(i.data_type), "format": "FORMAT_NONE", "dims": i.dims,
+            "optional": false,
+        })).collect::<Vec<_>>(),
+        "output": c.output.iter().map(|o| j!({
+            "name": o.name, "data_type": dtype_name(o.data_type), "dims": o.dims,
+        })).collect::<Vec<_>>(),
+        "instance_group": c.instance_group.iter().map(|g| j!({
+            "name": g.name, "kind": "KIND_CPU", "count": g.count, "gpus": [],
+        })).collect::<Vec<_>>(),
+        "default_model_filename": c.default_model_filename,
+        "parameters": {},
+    });
+    if let Some(db) = c.dynamic_batching {
+        v["dynamic_batching"] = j!({
+            "preferred_batch_size": db.preferred_batch_size,
+            "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
+            "preserve_ordering": false,
+        });
+    }
+    Ok(Json(v))
+}
+
+fn stats_json(s: shoal_proto::ModelStatisticsResponse) -> Value {
+    let d = |x: Option<shoal_proto::StatisticDuration>| {
+        let x = x.unwrap_or_default();
+        j!({"count": x.count, "ns": x.ns})
+    };
+    let models: Vec<Value> = s
+        .model_stats
+        .into_iter()
+        .map(|m| {
+            let is = m.inference_stats.unwrap_or_default();
+            j!({
+                "name": m.name,
+                "version": m.version,
+                "last_inference": m.last_inference,
+                "inference_count": m.inference_count,
+                "execution_count": m.execution_count,
+                "inference_stats": {
+                    "success": d(is.success), "fail": d(is.fail), "queue": d(is.queue),
+                    "compute_input": d(is.compute_input), "compute_infer": d(is.compute_infer),
+                    "compute_output": d(is.compute_output),
+                },
+                "batch_stats": m.batch_stats.into_iter().map(|b| j!({
+                    "batch_size": b.batch_size,
+                    "compute_input": d(b.compute_input),
+                    "compute_infer": d(b.compute_infer),
+                    "compute_output": d(b.compute_output),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    j!({ "model_stats": models })
+}
+
+async fn model_stats(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
+    let s = metadata::statistics(&st.engine, &p.m, p.v.as_deref().unwrap_or(""))?;
+    Ok(Json(stats_json(s)))
+}
+
+async fn all_stats(State(st): State<HttpState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(stats_json(metadata::statistics(&st.engine, "", "")?)))
+}
+
+#[derive(Deserialize)]
+struct RestRequest {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<RestInput>,
+    #[serde(default)]
+    outputs: Vec<RestOutput>,
+}
+
+#[derive(Deserialize)]
+struct RestInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RestOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+async fn infer(
+    State(st): State<HttpState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, st.max_body_bytes).await?;
+    let (request, binary_outputs) = decode_infer(&p.m, p.v, &headers, body)?;
+    let resp = st.engine.infer(request).await?;
+    Ok(encode_infer(resp, &binary_outputs))
+}
+
+/// How much of an oversize body is read and discarded before answering 413,
+/// so a client still writing it reads the answer instead of a reset.
+const DISCARD_LIMIT: usize = 64 << 20;
+
+/// Reads the body up to `limit` bytes, never holding more than that.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else {
+            buf = BytesMut::new();
+            if seen > DISCARD_LIMIT {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::too_large(format!(
+            "request body exceeds the limit of {limit} bytes (--max-body-bytes)"
+        )));
+    }
+    Ok(buf.freeze())
+}
+
+/// Which outputs go back as binary: the request-wide
+/// `binary_data_output` default, overridden per output by `binary_data`.
+struct BinaryOutputs {
+    default: bool,
+    per_output: Vec<(String, bool)>,
+}
+
+impl BinaryOutputs {
+    fn binary(&self, name: &str) -> bool {
+        self.per_output
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(self.default, |&(_, b)| b)
+    }
+}
+
+fn decode_infer(
+    model: &str,
+    version: Option<String>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(InferRequest, BinaryOutputs), ApiError> {
+    let (header, mut binary) = match headers.get(HEADER_LENGTH) {
+        None => (body, Bytes::new()),
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| ApiError::invalid("Inference-Header-Content-Length is not a number"))?;
+            if n > body.len() {
+                return Err(ApiError::invalid(format!(
+                    "Inference-Header-Content-Length {n} exceeds the body of {} bytes",
+                    body.len()
+                )));
+            }
+            let binary = body.slice(n..);
+            (body.slice(..n), binary)
+        }
+    };
+    let req: RestRequest =
+        serde_json::from_slice(&header).map_err(|e| ApiError::invalid(format!("invalid JSON request: {e}")))?;
+    let now = Instant::now();
+    let deadline = match req.parameters.get("timeout") {
+        None => None,
+        Some(v) => {
+            let us = v
+                .as_u64()
+                .ok_or_else(|| ApiError::invalid("parameter timeout must be a non-negative integer (µs)"))?;
+            Some(now + Duration::from_micros(us))
+        }
+    };
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for i in req.inputs {
+        let datatype = DataType::parse(&i.datatype)
+            .ok_or_else(|| ApiError::invalid(format!("input {:?}: unknown datatype {:?}", i.name, i.datatype)))?;
+        let data = match (i.parameters.get("binary_data_size"), &i.data) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(format!(
+                    "input {:?} has both data and binary_data_size",
+                    i.name
+                )))
+            }
+            (Some(size), None) => {
+                let n = size
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| ApiError::invalid(format!("input {:?}: binary_data_size must be a non-negative integer", i.name)))?;
+                if n > binary.len() {
+                    return Err(ApiError::invalid(format!(
+                        "input {:?}: binary_data_size {n} runs past the end of the body ({} bytes left)",
+                        i.name,
+                        binary.len()
+                    )));
+                }
+                binary.split_to(n)
+            }
+            (None, Some(d)) => json::to_bytes(&i.name, datatype, d)?,
+            (None, None) => return Err(ApiError::invalid(format!("input {:?} carries no data", i.name))),
+        };
+        inputs.push(Tensor {
+            name: i.name,
+            datatype,
+            shape: i.shape,
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "{} bytes of binary data are not claimed by any input's binary_data_size",
+            binary.len()
+        )));
+    }
+    let flag = |m: &Map<String, Value>, key: &str| -> Result<Option<bool>, ApiError> {
+        match m.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::invalid(format!("parameter {key} must be a boolean"))),
+        }
+    };
+    let binary_outputs = BinaryOutputs {
+        default: flag(&req.parameters, "binary_data_output")?.unwrap_or(false),
+        per_output: req
+            .outputs
+            .iter()
+            .filter_map(|o| match flag(&o.parameters, "binary_data") {
+                Ok(Some(b)) => Some(Ok((o.name.clone(), b))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let request = InferRequest {
+        model: model.to_string(),
+        version,
+        id: req.id.unwrap_or_default(),
+        inputs,
+        outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        deadline,
+    };
+    Ok((request, binary_outputs))
+}
+
+fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Response {
+    let mut outputs = Vec::with_capacity(resp.outputs.len());
+    let mut blobs: Vec<Bytes> = Vec::new();
+    for t in resp.outputs {
+        let mut o = j!({"name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape});
+        if binary.binary(&t.name) {
+            o["parameters"] = j!({"binary_data_size": t.data.len()});
+            blobs.push(t.data);
+        } else {
+            o["data"] = json::from_bytes(t.datatype, &t.data);
+        }
+        outputs.push(o);
+    }
+    let mut head = j!({"model_name": resp.model, "model_version": resp.version, "outputs": outputs});
+    if !resp.id.is_empty() {
+        head["id"] = Value::String(resp.id);
+    }
+    let head = serde_json::to_vec(&head).expect("JSON values serialize");
+    if blobs.is_empty() {
+        return ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], head).into_response();
+    }
+    let mut body = BytesMut::with_capacity(head.len() + blobs.iter().map(|b| b.len()).sum::<usize>());
+    body.extend_from_slice(&head);
+    for b in &blobs {
+        body.extend_from_slice(b);
+    }
+    let mut r = Response::new(Body::from(body.freeze()));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(HEADER_LENGTH, HeaderValue::from(head.len()));
+    r
+}

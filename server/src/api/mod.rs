@@ -1,0 +1,12 @@
+//! Protocol front ends: KServe v2 over gRPC (tonic) and REST (axum), the
+//! admin endpoints, and the one table that maps error kinds to both.
+
+pub mod admin;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod json;
+pub mod metadata;
+
+/// Protocol extensions this server implements, as listed in server metadata.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "statistics"];

@@ -1,0 +1,85 @@
+//! A deterministic in-process backend for tests of the batcher and the
+//! engine: `output = input * 2 + 1` (FP32), an optional delay per batch, and
+//! a log of the batch sizes it ran.
+
+use super::{Backend, BackendError, BatchInput, BatchOutput, Signature, TensorSpec};
+use crate::tensor::DataType;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What every instance of a mock records, shared with the test.
+#[derive(Debug, Default)]
+pub struct MockLog {
+    /// Rows of every executed batch, in execution order.
+    pub batches: Mutex<Vec<usize>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MockBackend {
+    signature: Signature,
+    delay: Duration,
+    log: Arc<MockLog>,
+    fail: bool,
+}
+
+impl MockBackend {
+    /// One FP32 input `x` of shape `[-1, width]` and one output `y` alike.
+    pub fn new(width: i64, delay: Duration, log: Arc<MockLog>) -> Self {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, width],
+        };
+        Self {
+            signature: Signature {
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+            },
+            delay,
+            log,
+            fail: false,
+        }
+    }
+
+    /// Like `new` but every run fails, to test error propagation.
+    pub fn failing(width: i64, log: Arc<MockLog>) -> Self {
+        Self {
+            fail: true,
+            ..Self::new(width, Duration::ZERO, log)
+        }
+    }
+}
+
+impl Backend for MockBackend {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn execution_provider(&self) -> &str {
+        "mock"
+    }
+
+    fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<BatchOutput>, BackendError> {
+        let x = &inputs[0];
+        self.log.batches.lock().push(x.shape[0] as usize);
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        if self.fail {
+            return Err(BackendError::Run("mock failure".into()));
+        }
+        let bytes = super::concat_parts(&x.parts);
+        let out: Vec<u8> = bytes
+            .chunks_exact(4)
+            .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 2.0 + 1.0).to_le_bytes())
+            .collect();
+        Ok(vec![BatchOutput {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape: x.shape.clone(),
+            data: Bytes::from(out),
+        }])
+    }
+}

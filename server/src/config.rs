@@ -1,0 +1,50 @@
+//! Command-line flags (each with an environment variable), named as
+//! Triton's where Triton has one.
+
+use clap::Parser;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "shoal", version, about = "KServe v2 inference server with dynamic batching")]
+pub struct Args {
+    /// Model repository: <dir>/<model>/<version>/model.onnx and <dir>/<model>/config.toml.
+    #[arg(long, env = "SHOAL_MODEL_REPOSITORY")]
+    pub model_repository: PathBuf,
+
+    /// Address every listener binds to; the loopback default suits a sidecar.
+    #[arg(long, env = "SHOAL_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// REST port (0 picks a free one).
+    #[arg(long, env = "SHOAL_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+
+    /// gRPC port (0 picks a free one).
+    #[arg(long, env = "SHOAL_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
+
+    /// Prometheus metrics and health port (0 picks a free one).
+    #[arg(long, env = "SHOAL_METRICS_PORT", default_value_t = 8002)]
+    pub metrics_port: u16,
+
+    /// Path of libonnxruntime.so; otherwise ORT_DYLIB_PATH or the setup location.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
+
+    /// Largest REST request body accepted, in bytes.
+    #[arg(long, env = "SHOAL_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "SHOAL_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub grpc_max_message_bytes: usize,
+
+    /// Seconds to wait for in-flight requests after SIGTERM/SIGINT.
+    #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Threads of the network runtime (default: one per core).
+    #[arg(long, env = "SHOAL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}

@@ -1,0 +1,225 @@
+//! The inference engine: model repository, replicas, batching. Knows no
+//! protocol, so the load generator embeds it in-process and the API layer
+//! only decodes, calls [`Engine::infer`], and encodes.
+
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod replica;
+pub mod repository;
+pub mod request;
+pub mod stats;
+
+pub use config::{ModelConfig, ModelConfigFile};
+pub use error::{EngineError, ErrorKind};
+pub use model::{LoadError, ModelVersion};
+pub use request::{InferRequest, InferResponse};
+
+use crate::backend::BackendFactory;
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// All loaded versions of one model, newest last.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub versions: BTreeMap<u64, Arc<ModelVersion>>,
+}
+
+impl Model {
+    pub fn latest(&self) -> Option<&Arc<ModelVersion>> {
+        self.versions.values().next_back()
+    }
+}
+
+type ModelTable = BTreeMap<String, Arc<Model>>;
+
+/// The engine handle; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Swapped whole on load, so lookups clone an `Arc` and never hold the
+    /// lock while a request runs.
+    models: RwLock<Arc<ModelTable>>,
+    stopping: AtomicBool,
+    /// `infer` calls not yet returned; shutdown waits for them.
+    in_flight: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one `infer` call for as long as it lives (also when its future is
+/// dropped by a client that went away).
+struct InFlight<'a>(&'a Inner);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Options for loading a repository.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Path of libonnxruntime; `None`: `ORT_DYLIB_PATH` or known locations.
+    pub ort_library: Option<std::path::PathBuf>,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads every model and version of a repository laid out as
+    /// `<repo>/<model>/<version>/model.onnx` with `<repo>/<model>/config.toml`.
+    pub fn load(repository: &Path, options: &EngineOptions) -> Result<Self, LoadError> {
+        let engine = Self::new();
+        for entry in repository::scan(repository)? {
+            let factory = repository::factory_for(&entry, options).map_err(|source| LoadError::Backend {
+                model: entry.name.clone(),
+                version: entry.version,
+                source,
+            })?;
+            engine.add_version(&entry.name, entry.version, &entry.config, factory)?;
+        }
+        Ok(engine)
+    }
+
+    /// Loads one model version and makes it visible once all its replicas
+    /// are warm.
+    pub fn add_version(
+        &self,
+        name: &str,
+        version: u64,
+        file: &ModelConfigFile,
+        factory: Arc<dyn BackendFactory>,
+    ) -> Result<(), LoadError> {
+        let mv = Arc::new(ModelVersion::load(name, version, file, factory)?);
+        let mut table = self.inner.models.write();
+        let mut next: ModelTable = (**table).clone();
+        let mut model = next.get(name).map(|m| Model { versions: m.versions.clone() }).unwrap_or_default();
+        model.versions.insert(version, mv);
+        next.insert(name.to_string(), Arc::new(model));
+        *table = Arc::new(next);
+        Ok(())
+    }
+
+    /// A snapshot of the loaded models.
+    pub fn models(&self) -> Arc<ModelTable> {
+        self.inner.models.read().clone()
+    }
+
+    /// Finds a model version; `None` or `""` means the latest.
+    pub fn model(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, EngineError> {
+        let table = self.models();
+        let model = table
+            .get(name)
+            .ok_or_else(|| EngineError::NotFound(format!("unknown model {name:?}")))?;
+        match version.filter(|v| !v.is_empty()) {
+            None => model.latest().cloned(),
+            Some(v) => v.parse::<u64>().ok().and_then(|n| model.versions.get(&n).cloned()),
+        }
+        .ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "unknown version {:?} of model {name:?}",
+                version.unwrap_or_default()
+            ))
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.inner.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Runs one request through validation, admission, batching and the
+    /// backend. Dropping the future before it resolves cancels the request:
+    /// the replica skips it before it costs compute.
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, EngineError> {
+        let started = Instant::now();
+        self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _guard = InFlight(&self.inner);
+        let mv = self.model(&request.model, request.version.as_deref())?;
+        let result = self.infer_on(&mv, request, started).await;
+        let core = &mv.core;
+        let elapsed = started.elapsed();
+        match &result {
+            Ok(_) => {
+                core.metrics.success.increment(1);
+                core.metrics.request_duration.record(elapsed.as_secs_f64());
+                core.stats.success.add(elapsed);
+            }
+            Err(e) => {
+                core.metrics.failure(e.kind().as_str());
+                core.stats.fail.add(elapsed);
+            }
+        }
+        result
+    }
+
+    async fn infer_on(
+        &self,
+        mv: &ModelVersion,
+        request: InferRequest,
+        started: Instant,
+    ) -> Result<InferResponse, EngineError> {
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable("server is shutting down".into()));
+        }
+        if request.deadline.is_some_and(|d| d <= started) {
+            return Err(EngineError::DeadlineExceeded);
+        }
+        let rx = mv.submit(request.inputs, &request.outputs, request.deadline)?;
+        let reply = match request.deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), rx)
+                .await
+                .map_err(|_| EngineError::DeadlineExceeded)?,
+            None => rx.await,
+        };
+        let outputs = reply.map_err(|_| EngineError::Internal("replica stopped".into()))??;
+        Ok(InferResponse {
+            model: mv.core.config.name.clone(),
+            version: mv.core.version.to_string(),
+            id: request.id,
+            outputs,
+        })
+    }
+
+    /// Resolves once no `infer` call is in progress.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.inner.idle.notified();
+            if self.inner.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Readiness off; new requests are refused, queued ones still run.
+    pub fn stop_accepting(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Refuses new requests, lets queued ones finish, stops the replicas.
+    pub fn shutdown(&self) {
+        self.stop_accepting();
+        let table = self.models();
+        for model in table.values() {
+            for mv in model.versions.values() {
+                for r in &mv.replicas {
+                    r.stop();
+                }
+            }
+        }
+    }
+}

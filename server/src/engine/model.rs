@@ -1,0 +1,330 @@
+//! A loaded model version: its resolved config, its replicas, admission
+//! control, request validation and routing.
+
+use super::batcher::{BatchPolicy, NoBatching, StaticBatching};
+use super::config::{IoSpec, ModelConfig, ModelConfigFile};
+use super::error::EngineError;
+use super::metrics::ModelMetrics;
+use super::replica::{Pending, Replica, Reply, StartingReplica};
+use super::stats::ModelStats;
+use crate::backend::BackendFactory;
+use crate::tensor::{count_bytes_elements, element_count, DataType, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// What the replicas of one version share.
+#[derive(Debug)]
+pub struct ModelCore {
+    pub config: ModelConfig,
+    pub version: u64,
+    pub metrics: ModelMetrics,
+    pub stats: ModelStats,
+    /// Requests admitted and not yet taken into a batch.
+    queued: AtomicUsize,
+}
+
+impl ModelCore {
+    /// Frees admission slots for requests that left the queue.
+    pub fn release(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+        self.metrics.queue_depth.decrement(n as f64);
+    }
+}
+
+/// One loaded version of a model.
+pub struct ModelVersion {
+    pub core: Arc<ModelCore>,
+    pub replicas: Vec<Replica>,
+}
+
+impl std::fmt::Debug for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelVersion")
+            .field("name", &self.core.config.name)
+            .field("version", &self.core.version)
+            .field("replicas", &self.replicas.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    #[error("model {model} version {version}: {source}")]
+    Backend {
+        model: String,
+        version: u64,
+        source: crate::backend::BackendError,
+    },
+    #[error("model repository {path}: {reason}")]
+    Repository { path: String, reason: String },
+}
+
+impl ModelVersion {
+    /// Starts every replica (each loads its own backend on its own thread),
+    /// resolves the config against the graph, and only then goes live.
+    pub fn load(
+        name: &str,
+        version: u64,
+        file: &ModelConfigFile,
+        factory: Arc<dyn BackendFactory>,
+    ) -> Result<Self, LoadError> {
+        let count = file.instance_count.unwrap_or(1).clamp(1, 256);
+        let mut starting = Vec::with_capacity(count);
+        for id in 0..count {
+            match StartingReplica::spawn(name, id, factory.clone()) {
+                Ok(r) => starting.push(r),
+                Err(source) => {
+                    starting.into_iter().for_each(StartingReplica::abort);
+                    return Err(LoadError::Backend {
+                        model: name.to_string(),
+                        version,
+                        source,
+                    });
+                }
+            }
+        }
+        let config = match file.resolve(name, &starting[0].signature) {
+            Ok(c) => c,
+            Err(e) => {
+                starting.into_iter().for_each(StartingReplica::abort);
+                return Err(e.into());
+            }
+        };
+        let core = Arc::new(ModelCore {
+            metrics: ModelMetrics::new(name, &version.to_string()),
+            stats: ModelStats::default(),
+            queued: AtomicUsize::new(0),
+            version,
+            config,
+        });
+        let replicas = starting
+            .into_iter()
+            .map(|r| {
+                let policy: Box<dyn BatchPolicy> = match &core.config.dynamic_batching {
+                    Some(db) => Box::new(StaticBatching {
+                        max_batch_size: core.config.max_batch_size,
+                        config: db.clone(),
+                    }),
+                    None => Box::new(NoBatching),
+                };
+                r.start(core.clone(), policy)
+            })
+            .collect();
+        Ok(Self { core, replicas })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.core.config
+    }
+
+    /// Validates, admits and enqueues a request; the receiver gets the answer.
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        outputs: &[String],
+        deadline: Option<Instant>,
+    ) -> Result<oneshot::Receiver<Reply>, EngineError> {
+        let (inputs, rows, signature) = self.validate_inputs(inputs)?;
+        let outputs = self.select_outputs(outputs)?;
+        let cfg = &self.core.config;
+        // Admission: a full model answers at once, never blocks or grows.
+        let prev = self.core.queued.fetch_add(1, Ordering::Relaxed);
+        if prev >= cfg.max_queue_size {
+            self.core.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Overloaded(cfg.name.clone()));
+        }
+        self.core.metrics.queue_depth.increment(1.0);
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            inputs,
+            rows,
+            signature,
+            outputs,
+            enqueued: Instant::now(),
+            deadline,
+            reply: tx,
+        };
+        // Keyless requests go to the least-loaded replica.
+        let replica = self
+            .replicas
+            .iter()
+            .min_by_key(|r| r.load())
+            .expect("a model has at least one replica");
+        if replica.enqueue(pending).is_err() {
+            self.core.release(1);
+            return Err(EngineError::Unavailable(format!(
+                "model {} is shutting down",
+                cfg.name
+            )));
+        }
+        Ok(rx)
+    }
+
+    fn select_outputs(&self, names: &[String]) -> Result<Option<Vec<usize>>, EngineError> {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let cfg = &self.core.config;
+        let mut idx = Vec::with_capacity(names.len());
+        for n in names {
+            let i = cfg.outputs.iter().position(|o| &o.name == n).ok_or_else(|| {
+                EngineError::invalid(format!(
+                    "unexpected output {n:?} for model {}: it has {:?}",
+                    cfg.name,
+                    names_of(&cfg.outputs)
+                ))
+            })?;
+            if idx.contains(&i) {
+                return Err(EngineError::invalid(format!("output {n:?} requested twice")));
+            }
+            idx.push(i);
+        }
+        Ok(Some(idx))
+    }
+
+    /// Checks names, datatypes, shapes and byte sizes against the model;
+    /// returns the inputs in model order, the batch rows and the shape
+    /// signature that decides which requests may share a batch.
+    fn validate_inputs(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, usize, Vec<i64>), EngineError> {
+        let cfg = &self.core.config;
+        let mut slots: Vec<Option<Tensor>> = (0..cfg.inputs.len()).map(|_| None).collect();
+        for t in inputs {
+            let i = cfg.inputs.iter().position(|s| s.name == t.name).ok_or_else(|| {
+                EngineError::invalid(format!(
+                    "unexpected input {:?} for model {}: it takes {:?}",
+                    t.name,
+                    cfg.name,
+                    names_of(&cfg.inputs)
+                ))
+            })?;
+            if slots[i].is_some() {
+                return Err(EngineError::invalid(format!("input {:?} given twice", t.name)));
+            }
+            slots[i] = Some(t);
+        }
+        let mut rows: Option<usize> = None;
+        let mut signature = Vec::new();
+        let mut out = Vec::with_capacity(slots.len());
+        for (spec, slot) in cfg.inputs.iter().zip(slots) {
+            let t = slot.ok_or_else(|| {
+                EngineError::invalid(format!("missing input {:?} for model {}", spec.name, cfg.name))
+            })?;
+            let r = check_tensor(spec, &t, cfg.max_batch_size)?;
+            if cfg.max_batch_size > 0 {
+                match rows {
+                    None => rows = Some(r),
+                    Some(prev) if prev != r => {
+                        return Err(EngineError::invalid(format!(
+                            "inputs disagree on the batch size: {prev} and {r} (input {:?})",
+                            spec.name
+                        )))
+                    }
+                    _ => {}
+                }
+                signature.extend_from_slice(&t.shape[1..]);
+            } else {
+                signature.extend_from_slice(&t.shape);
+            }
+            signature.push(-1); // separator between inputs
+            out.push(t);
+        }
+        Ok((out, rows.unwrap_or(1), signature))
+    }
+}
+
+fn names_of(specs: &[IoSpec]) -> Vec<&str> {
+    specs.iter().map(|s| s.name.as_str()).collect()
+}
+
+/// Validates one tensor; returns its rows along the batch dimension.
+fn check_tensor(spec: &IoSpec, t: &Tensor, max_batch_size: usize) -> Result<usize, EngineError> {
+    if t.datatype != spec.datatype {
+        return Err(EngineError::invalid(format!(
+            "input {:?}: datatype {} does not match the model's {}",
+            t.name, t.datatype, spec.datatype
+        )));
+    }
+    if let Some(d) = t.shape.iter().find(|&&d| d < 0) {
+        return Err(EngineError::invalid(format!(
+            "input {:?}: shape {:?} has a negative dimension {d}",
+            t.name, t.shape
+        )));
+    }
+    let (rows, dims) = if max_batch_size > 0 {
+        let Some((&b, rest)) = t.shape.split_first() else {
+            return Err(EngineError::invalid(format!(
+                "input {:?}: shape {:?} lacks the batch dimension (expected [-1{}])",
+                t.name,
+                t.shape,
+                spec.dims.iter().map(|d| format!(", {d}")).collect::<String>()
+            )));
+        };
+        if b == 0 {
+            return Err(EngineError::invalid(format!("input {:?}: empty batch (dim 0 is 0)", t.name)));
+        }
+        if b as u64 > max_batch_size as u64 {
+            return Err(EngineError::invalid(format!(
+                "input {:?}: batch size {b} exceeds max_batch_size {max_batch_size}",
+                t.name
+            )));
+        }
+        (b as usize, rest)
+    } else {
+        (1, &t.shape[..])
+    };
+    let fits = dims.len() == spec.dims.len()
+        && dims.iter().zip(&spec.dims).all(|(&d, &s)| s < 0 || d == s);
+    if !fits {
+        let expected: Vec<i64> = if max_batch_size > 0 {
+            std::iter::once(-1).chain(spec.dims.iter().copied()).collect()
+        } else {
+            spec.dims.clone()
+        };
+        return Err(EngineError::invalid(format!(
+            "input {:?}: shape {:?} does not match the model's {:?}",
+            t.name, t.shape, expected
+        )));
+    }
+    let elements = element_count(&t.shape).ok_or_else(|| {
+        EngineError::invalid(format!("input {:?}: shape {:?} overflows", t.name, t.shape))
+    })?;
+    match t.datatype.size() {
+        Some(size) => {
+            let want = elements.checked_mul(size).ok_or_else(|| {
+                EngineError::invalid(format!("input {:?}: shape {:?} overflows", t.name, t.shape))
+            })?;
+            if t.data.len() != want {
+                return Err(EngineError::invalid(format!(
+                    "input {:?}: {} bytes of data, but shape {:?} of {} needs {want}",
+                    t.name,
+                    t.data.len(),
+                    t.shape,
+                    t.datatype
+                )));
+            }
+        }
+        None => {
+            debug_assert_eq!(t.datatype, DataType::Bytes);
+            match count_bytes_elements(&t.data) {
+                Some(n) if n == elements => {}
+                Some(n) => {
+                    return Err(EngineError::invalid(format!(
+                        "input {:?}: {n} BYTES elements, but shape {:?} needs {elements}",
+                        t.name, t.shape
+                    )))
+                }
+                None => {
+                    return Err(EngineError::invalid(format!(
+                        "input {:?}: malformed BYTES data (a length prefix runs past the end)",
+                        t.name
+                    )))
+                }
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,12 @@
+//! shoal: a KServe v2 inference server with dynamic batching and worker
+//! replicas. The [`engine`] is usable in-process without any network; the
+//! [`api`] serves it over gRPC and REST.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod server;
+pub mod tensor;
+
+pub use engine::{Engine, EngineError, InferRequest, InferResponse};

@@ -1,0 +1,253 @@
+//! The engine's batcher and admission, driven through `Engine::infer` with
+//! the mock backend (`y = 2x + 1`), which logs the size of every batch.
+
+use bytes::Bytes;
+use shoal::backend::mock::{MockBackend, MockLog};
+use shoal::backend::{Backend, BackendError};
+use shoal::engine::{Engine, EngineError, ModelConfigFile};
+use shoal::tensor::{DataType, Tensor};
+use shoal::InferRequest;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn engine_with(config: &str, width: i64, delay: Duration) -> (Engine, Arc<MockLog>) {
+    let log = Arc::new(MockLog::default());
+    let engine = Engine::new();
+    let file = ModelConfigFile::parse("m", config).unwrap();
+    let l = log.clone();
+    engine
+        .add_version(
+            "m",
+            1,
+            &file,
+            Arc::new(move || Ok(Box::new(MockBackend::new(width, delay, l.clone())) as Box<dyn Backend>)),
+        )
+        .unwrap();
+    (engine, log)
+}
+
+fn request(rows: usize, width: usize, base: f32) -> InferRequest {
+    let values: Vec<f32> = (0..rows * width).map(|i| base + i as f32).collect();
+    InferRequest {
+        model: "m".into(),
+        inputs: vec![Tensor {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![rows as i64, width as i64],
+            data: Bytes::from(bytemuck::cast_slice::<f32, u8>(&values).to_vec()),
+        }],
+        ..Default::default()
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec::<u8, f32>(&t.data)
+}
+
+#[tokio::test]
+async fn merges_along_dim0_and_splits_back_exactly() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 8\n[dynamic_batching]\nmax_queue_delay_us = 100000\n",
+        2,
+        Duration::ZERO,
+    );
+    let futs = [(1, 0.0), (2, 100.0), (3, 1000.0)].map(|(rows, base)| {
+        let e = engine.clone();
+        tokio::spawn(async move { (rows, base, e.infer(request(rows, 2, base)).await) })
+    });
+    for f in futs {
+        let (rows, base, r) = f.await.unwrap();
+        let out = &r.unwrap().outputs[0];
+        assert_eq!(out.shape, vec![rows as i64, 2]);
+        let want: Vec<f32> = (0..rows * 2).map(|i| (base + i as f32) * 2.0 + 1.0).collect();
+        assert_eq!(values(out), want);
+    }
+    assert_eq!(*log.batches.lock(), vec![6], "the three requests share one batch of 6 rows");
+}
+
+#[tokio::test]
+async fn requests_with_different_dims_never_share_a_batch() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 8\n[dynamic_batching]\nmax_queue_delay_us = 50000\n",
+        -1,
+        Duration::ZERO,
+    );
+    let a = engine.infer(request(1, 3, 0.0));
+    let b = engine.infer(request(1, 5, 0.0));
+    let c = engine.infer(request(2, 3, 0.0));
+    let (a, b, c) = tokio::join!(a, b, c);
+    assert_eq!(a.unwrap().outputs[0].shape, vec![1, 3]);
+    assert_eq!(b.unwrap().outputs[0].shape, vec![1, 5]);
+    assert_eq!(c.unwrap().outputs[0].shape, vec![2, 3]);
+    let mut batches = log.batches.lock().clone();
+    batches.sort();
+    assert_eq!(batches, vec![1, 3], "width 3 rows merge (1+2), width 5 runs alone");
+}
+
+#[tokio::test]
+async fn waits_up_to_the_queue_delay_for_more() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 8\n[dynamic_batching]\nmax_queue_delay_us = 150000\n",
+        2,
+        Duration::ZERO,
+    );
+    let t = Instant::now();
+    engine.infer(request(1, 2, 0.0)).await.unwrap();
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(150), "ran after {waited:?}, before the delay");
+    assert!(waited < Duration::from_secs(2), "waited far too long: {waited:?}");
+    assert_eq!(*log.batches.lock(), vec![1]);
+}
+
+#[tokio::test]
+async fn a_full_batch_does_not_wait_for_the_delay() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 5000000\n",
+        2,
+        Duration::ZERO,
+    );
+    let t = Instant::now();
+    let (a, b) = tokio::join!(engine.infer(request(2, 2, 0.0)), engine.infer(request(2, 2, 0.0)));
+    a.unwrap();
+    b.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "a full batch waited {:?}", t.elapsed());
+    assert_eq!(*log.batches.lock(), vec![4]);
+}
+
+#[tokio::test]
+async fn preferred_batch_size_runs_at_once() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 16\n[dynamic_batching]\nmax_queue_delay_us = 5000000\npreferred_batch_sizes = [4]\n",
+        2,
+        Duration::ZERO,
+    );
+    let t = Instant::now();
+    let futs: Vec<_> = (0..4).map(|i| engine.infer(request(1, 2, i as f32))).collect();
+    for r in futures::future::join_all(futs).await {
+        r.unwrap();
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "preferred batch waited {:?}", t.elapsed());
+    assert_eq!(*log.batches.lock(), vec![4]);
+}
+
+#[tokio::test]
+async fn without_dynamic_batching_each_request_runs_alone() {
+    let (engine, log) = engine_with("max_batch_size = 8\n", 2, Duration::ZERO);
+    let futs: Vec<_> = (0..3).map(|i| engine.infer(request(2, 2, i as f32))).collect();
+    for r in futures::future::join_all(futs).await {
+        r.unwrap();
+    }
+    assert_eq!(*log.batches.lock(), vec![2, 2, 2]);
+}
+
+#[tokio::test]
+async fn full_queue_rejects_at_once_and_loses_nothing() {
+    let (engine, log) = engine_with("max_batch_size = 1\nmax_queue_size = 2\n", 1, Duration::from_millis(300));
+    let first = tokio::spawn({
+        let e = engine.clone();
+        async move { e.infer(request(1, 1, 0.0)).await }
+    });
+    // Let the replica take the first request into execution.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued: Vec<_> = (0..2)
+        .map(|i| {
+            let e = engine.clone();
+            tokio::spawn(async move { e.infer(request(1, 1, i as f32)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let t = Instant::now();
+    let rejected = engine.infer(request(1, 1, 9.0)).await;
+    assert!(matches!(rejected, Err(EngineError::Overloaded(_))), "{rejected:?}");
+    assert!(t.elapsed() < Duration::from_millis(50), "rejection blocked for {:?}", t.elapsed());
+    first.await.unwrap().unwrap();
+    for q in queued {
+        q.await.unwrap().unwrap();
+    }
+    assert_eq!(log.batches.lock().len(), 3, "the three admitted requests all ran");
+    // Capacity is back once the queue drained.
+    engine.infer(request(1, 1, 0.0)).await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_deadline_fails_without_running() {
+    let (engine, log) = engine_with("max_batch_size = 1\n", 1, Duration::from_millis(300));
+    let busy = tokio::spawn({
+        let e = engine.clone();
+        async move { e.infer(request(1, 1, 0.0)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut late = request(1, 1, 5.0);
+    late.deadline = Some(Instant::now() + Duration::from_millis(50));
+    let t = Instant::now();
+    let r = engine.infer(late).await;
+    assert!(matches!(r, Err(EngineError::DeadlineExceeded)), "{r:?}");
+    assert!(t.elapsed() < Duration::from_millis(250), "answered after {:?}", t.elapsed());
+    busy.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(*log.batches.lock(), vec![1], "the expired request never reached the backend");
+
+    let mut past = request(1, 1, 0.0);
+    past.deadline = Some(Instant::now());
+    assert!(matches!(engine.infer(past).await, Err(EngineError::DeadlineExceeded)));
+}
+
+#[tokio::test]
+async fn cancelled_request_is_dropped_before_compute() {
+    let (engine, log) = engine_with("max_batch_size = 1\n", 1, Duration::from_millis(200));
+    let busy = tokio::spawn({
+        let e = engine.clone();
+        async move { e.infer(request(1, 1, 0.0)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The client gives up while its request still waits in the queue.
+    let gone = tokio::time::timeout(Duration::from_millis(30), engine.infer(request(1, 1, 1.0))).await;
+    assert!(gone.is_err(), "the request should still be queued");
+    busy.await.unwrap().unwrap();
+    engine.infer(request(1, 1, 2.0)).await.unwrap();
+    assert_eq!(*log.batches.lock(), vec![1, 1], "only the busy and the last request ran");
+}
+
+#[tokio::test]
+async fn backend_failure_reaches_every_request_of_the_batch() {
+    let log = Arc::new(MockLog::default());
+    let engine = Engine::new();
+    let file = ModelConfigFile::parse("m", "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 50000\n").unwrap();
+    let l = log.clone();
+    engine
+        .add_version("m", 1, &file, Arc::new(move || Ok(Box::new(MockBackend::failing(1, l.clone())) as Box<dyn Backend>)))
+        .unwrap();
+    let (a, b) = tokio::join!(engine.infer(request(1, 1, 0.0)), engine.infer(request(1, 1, 0.0)));
+    for r in [a, b] {
+        assert!(matches!(r, Err(EngineError::Internal(ref m)) if m.contains("mock failure")), "{r:?}");
+    }
+    // The model keeps serving after a failed batch.
+    assert_eq!(log.batches.lock().len(), 1);
+}
+
+#[tokio::test]
+async fn replicas_share_keyless_load() {
+    let (engine, log) = engine_with("max_batch_size = 1\ninstance_count = 2\n", 1, Duration::from_millis(100));
+    let t = Instant::now();
+    let futs: Vec<_> = (0..4).map(|i| engine.infer(request(1, 1, i as f32))).collect();
+    for r in futures::future::join_all(futs).await {
+        r.unwrap();
+    }
+    // Four 100 ms executions on two replicas take about 200 ms, not 400.
+    assert!(t.elapsed() < Duration::from_millis(380), "took {:?}", t.elapsed());
+    assert_eq!(log.batches.lock().len(), 4);
+}
+
+#[tokio::test]
+async fn a_failing_backend_load_fails_the_model_load() {
+    let engine = Engine::new();
+    let file = ModelConfigFile::parse("m", "instance_count = 2\n").unwrap();
+    let r = engine.add_version(
+        "m",
+        1,
+        &file,
+        Arc::new(|| Err::<Box<dyn Backend>, _>(BackendError::Load { path: "x".into(), reason: "boom".into() })),
+    );
+    assert!(r.unwrap_err().to_string().contains("boom"));
+    assert!(matches!(engine.model("m", None), Err(EngineError::NotFound(_))));
+}
