@@ -6,7 +6,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "shoal", version, about = "KServe v2 inference server with dynamic batching")]
+#[command(
+    name = "shoal",
+    version,
+    about = "KServe v2 inference server with dynamic batching"
+)]
 pub struct Args {
     /// Model repository: <dir>/<model>/<version>/model.onnx and <dir>/<model>/config.toml.
     #[arg(long, env = "SHOAL_MODEL_REPOSITORY")]

@@ -41,12 +41,20 @@ pub struct Bound {
 impl std::fmt::Display for Bound {
     /// The one line a script reads to find the ports.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "shoal listening http={} grpc={} metrics={}", self.http, self.grpc, self.metrics)
+        write!(
+            f,
+            "shoal listening http={} grpc={} metrics={}",
+            self.http, self.grpc, self.metrics
+        )
     }
 }
 
 fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { what, addr, source })?;
+    let l = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind {
+        what,
+        addr,
+        source,
+    })?;
     l.set_nonblocking(true)
         .map_err(|source| ServeError::Bind { what, addr, source })?;
     Ok(l)
@@ -65,7 +73,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     for (name, model) in engine.models().iter() {
         for (v, mv) in &model.versions {
             let c = mv.config();
-            let providers: Vec<&str> = mv.replicas.iter().map(|r| r.execution_provider.as_str()).collect();
+            let providers: Vec<&str> = mv
+                .replicas
+                .iter()
+                .map(|r| r.execution_provider.as_str())
+                .collect();
             tracing::info!(
                 model = %name,
                 version = v,
@@ -88,11 +100,21 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     };
 
     let stop = CancellationToken::new();
-    let admin_thread = admin::spawn(admin_l, engine.clone(), prom, stop.clone())
-        .map_err(|source| ServeError::Bind { what: "metrics", addr: bound.metrics, source })?;
+    let admin_thread =
+        admin::spawn(admin_l, engine.clone(), prom, stop.clone()).map_err(|source| {
+            ServeError::Bind {
+                what: "metrics",
+                addr: bound.metrics,
+                source,
+            }
+        })?;
 
     let http_l = tokio::net::TcpListener::from_std(http_l)
-        .map_err(|source| ServeError::Bind { what: "http", addr: bound.http, source })?
+        .map_err(|source| ServeError::Bind {
+            what: "http",
+            addr: bound.http,
+            source,
+        })?
         .tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
@@ -108,8 +130,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
             .map_err(|e| e.to_string())
     });
 
-    let grpc_l = tokio::net::TcpListener::from_std(grpc_l)
-        .map_err(|source| ServeError::Bind { what: "grpc", addr: bound.grpc, source })?;
+    let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| ServeError::Bind {
+        what: "grpc",
+        addr: bound.grpc,
+        source,
+    })?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
     let incoming = tokio_stream::StreamExt::map(incoming, |s| {
         s.inspect(|tcp| {

@@ -203,7 +203,14 @@ mod tests {
         let joined = join_bytes_elements([b"ab".as_slice(), b"".as_slice(), b"xyz".as_slice()]);
         assert_eq!(count_bytes_elements(&joined), Some(3));
         let parts = split_bytes_elements(&Bytes::from(joined.clone())).unwrap();
-        assert_eq!(parts, vec![Bytes::from_static(b"ab"), Bytes::new(), Bytes::from_static(b"xyz")]);
+        assert_eq!(
+            parts,
+            vec![
+                Bytes::from_static(b"ab"),
+                Bytes::new(),
+                Bytes::from_static(b"xyz")
+            ]
+        );
         assert_eq!(count_bytes_elements(&joined[..joined.len() - 1]), None);
         assert_eq!(count_bytes_elements(&[1, 0]), None);
     }

@@ -22,7 +22,11 @@ fn light_repo() -> tempfile::TempDir {
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn binary_body(header: &Value, blobs: &[&[u8]]) -> (Vec<u8>, usize) {
@@ -71,11 +75,18 @@ async fn rest_json_and_binary_match_in_process_ort() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let hl: usize = r.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let hl: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let bytes = r.bytes().await.unwrap();
     let head: Value = serde_json::from_slice(&bytes[..hl]).unwrap();
     assert_eq!(head["model_version"], "1");
-    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 3 * 10 * 4);
+    assert_eq!(
+        head["outputs"][0]["parameters"]["binary_data_size"],
+        3 * 10 * 4
+    );
     let got: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[hl..]);
     assert_close(&got, &want1, 1e-6);
 
@@ -88,25 +99,80 @@ async fn rest_json_and_binary_match_in_process_ort() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let hl: usize = r.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let hl: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let bytes = r.bytes().await.unwrap();
-    assert_close(&bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[hl..]), &reference_ffnn(1, &input), 1e-6);
+    assert_close(
+        &bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[hl..]),
+        &reference_ffnn(1, &input),
+        1e-6,
+    );
 
     // Metadata, readiness, config and statistics.
-    let md: Value = c.get(format!("{}/v2/models/ffnn", s.http)).send().await.unwrap().json().await.unwrap();
+    let md: Value = c
+        .get(format!("{}/v2/models/ffnn", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(md["versions"], json!(["1", "2"]));
-    assert_eq!(md["inputs"][0], json!({"name": "input", "datatype": "FP32", "shape": [-1, 784]}));
-    for path in ["/v2/health/live", "/v2/health/ready", "/v2/models/ffnn/ready", "/v2/models/ffnn/versions/1/ready"] {
-        assert_eq!(c.get(format!("{}{path}", s.http)).send().await.unwrap().status(), 200, "{path}");
+    assert_eq!(
+        md["inputs"][0],
+        json!({"name": "input", "datatype": "FP32", "shape": [-1, 784]})
+    );
+    for path in [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/ffnn/ready",
+        "/v2/models/ffnn/versions/1/ready",
+    ] {
+        assert_eq!(
+            c.get(format!("{}{path}", s.http))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{path}"
+        );
     }
-    let cfg: Value = c.get(format!("{}/v2/models/ffnn/config", s.http)).send().await.unwrap().json().await.unwrap();
+    let cfg: Value = c
+        .get(format!("{}/v2/models/ffnn/config", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(cfg["max_batch_size"], 64);
     assert_eq!(cfg["input"][0]["data_type"], "TYPE_FP32");
     assert_eq!(cfg["input"][0]["dims"], json!([784]));
-    let st: Value = c.get(format!("{}/v2/models/ffnn/versions/2/stats", s.http)).send().await.unwrap().json().await.unwrap();
+    let st: Value = c
+        .get(format!("{}/v2/models/ffnn/versions/2/stats", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(st["model_stats"][0]["inference_count"], 3);
-    assert_eq!(st["model_stats"][0]["inference_stats"]["success"]["count"], 1);
-    let server: Value = c.get(format!("{}/v2", s.http)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        st["model_stats"][0]["inference_stats"]["success"]["count"],
+        1
+    );
+    let server: Value = c
+        .get(format!("{}/v2", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(server["name"], "shoal");
     assert_eq!(s.stop(), Some(0));
 }
@@ -115,16 +181,19 @@ async fn rest_json_and_binary_match_in_process_ort() {
 async fn grpc_unary_typed_raw_and_stream_match_in_process_ort() {
     let repo = light_repo();
     let s = Server::start_with_repo(repo.path(), &[]);
-    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone()).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
     let input = ffnn_input(2, 11);
     let want = reference_ffnn(2, &input);
-    let tensor = |contents: Option<pb::InferTensorContents>| pb::model_infer_request::InferInputTensor {
-        name: "input".into(),
-        datatype: "FP32".into(),
-        shape: vec![2, 784],
-        parameters: Default::default(),
-        contents,
-    };
+    let tensor =
+        |contents: Option<pb::InferTensorContents>| pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![2, 784],
+            parameters: Default::default(),
+            contents,
+        };
 
     // Raw contents.
     let raw = pb::ModelInferRequest {
@@ -137,33 +206,57 @@ async fn grpc_unary_typed_raw_and_stream_match_in_process_ort() {
     let r = client.model_infer(raw.clone()).await.unwrap().into_inner();
     assert_eq!((r.model_version.as_str(), r.id.as_str()), ("2", "g1"));
     assert_eq!(r.outputs[0].shape, vec![2, 10]);
-    assert_close(&bytemuck::pod_collect_to_vec::<u8, f32>(&r.raw_output_contents[0]), &want, 1e-6);
+    assert_close(
+        &bytemuck::pod_collect_to_vec::<u8, f32>(&r.raw_output_contents[0]),
+        &want,
+        1e-6,
+    );
 
     // Typed contents.
     let typed = pb::ModelInferRequest {
         model_name: "ffnn".into(),
-        inputs: vec![tensor(Some(pb::InferTensorContents { fp32_contents: input.clone(), ..Default::default() }))],
+        inputs: vec![tensor(Some(pb::InferTensorContents {
+            fp32_contents: input.clone(),
+            ..Default::default()
+        }))],
         ..Default::default()
     };
     let r = client.model_infer(typed).await.unwrap().into_inner();
-    assert_close(&bytemuck::pod_collect_to_vec::<u8, f32>(&r.raw_output_contents[0]), &want, 1e-6);
+    assert_close(
+        &bytemuck::pod_collect_to_vec::<u8, f32>(&r.raw_output_contents[0]),
+        &want,
+        1e-6,
+    );
 
     // Metadata and config as Triton clients read them.
     let md = client
-        .model_metadata(pb::ModelMetadataRequest { name: "ffnn".into(), version: String::new() })
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "ffnn".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(md.inputs[0].shape, vec![-1, 784]);
     let cfg = client
-        .model_config(pb::ModelConfigRequest { name: "ffnn".into(), version: "1".into() })
+        .model_config(pb::ModelConfigRequest {
+            name: "ffnn".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .config
         .unwrap();
     assert_eq!((cfg.max_batch_size, cfg.input[0].data_type), (64, 11));
-    assert!(client.server_ready(pb::ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    assert!(
+        client
+            .server_ready(pb::ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
 
     // Bidirectional stream: every request answered with its id.
     let reqs: Vec<_> = (0..16)
@@ -173,12 +266,20 @@ async fn grpc_unary_typed_raw_and_stream_match_in_process_ort() {
             r
         })
         .collect();
-    let mut stream = client.model_stream_infer(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    let mut stream = client
+        .model_stream_infer(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
     let mut seen = std::collections::BTreeSet::new();
     while let Some(item) = stream.message().await.unwrap() {
         assert_eq!(item.error_message, "");
         let r = item.infer_response.unwrap();
-        assert_close(&bytemuck::pod_collect_to_vec::<u8, f32>(&r.raw_output_contents[0]), &want, 1e-6);
+        assert_close(
+            &bytemuck::pod_collect_to_vec::<u8, f32>(&r.raw_output_contents[0]),
+            &want,
+            1e-6,
+        );
         seen.insert(r.id);
         if seen.len() == 16 {
             break;
@@ -191,7 +292,9 @@ async fn grpc_unary_typed_raw_and_stream_match_in_process_ort() {
 #[tokio::test]
 async fn grpc_deadline_and_timeout_parameter() {
     let s = Server::start(&[]);
-    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone()).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
     let rows = 16usize;
     let data = vec![0.1f32; rows * 3 * 224 * 224];
     let req = pb::ModelInferRequest {
@@ -210,10 +313,27 @@ async fn grpc_deadline_and_timeout_parameter() {
     let busy_req = req.clone();
     let busy = tokio::spawn(async move { busy_client.model_infer(busy_req).await });
     // Wait until the replica has taken it (its queue time is recorded).
-    let stats = pb::ModelStatisticsRequest { name: "resnet50".into(), version: String::new() };
-    let queued = |s: pb::ModelStatisticsResponse| s.model_stats[0].inference_stats.clone().unwrap().queue.unwrap().count;
+    let stats = pb::ModelStatisticsRequest {
+        name: "resnet50".into(),
+        version: String::new(),
+    };
+    let queued = |s: pb::ModelStatisticsResponse| {
+        s.model_stats[0]
+            .inference_stats
+            .unwrap()
+            .queue
+            .unwrap()
+            .count
+    };
     for _ in 0..200 {
-        if queued(client.model_statistics(stats.clone()).await.unwrap().into_inner()) == 1 {
+        if queued(
+            client
+                .model_statistics(stats.clone())
+                .await
+                .unwrap()
+                .into_inner(),
+        ) == 1
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -221,7 +341,9 @@ async fn grpc_deadline_and_timeout_parameter() {
     let mut timed = req.clone();
     timed.parameters.insert(
         "timeout".into(),
-        pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(50_000)) },
+        pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(50_000)),
+        },
     );
     let e = client.model_infer(timed).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
@@ -229,16 +351,25 @@ async fn grpc_deadline_and_timeout_parameter() {
     with_deadline.set_timeout(Duration::from_millis(50));
     let e = client.model_infer(with_deadline).await.unwrap_err();
     assert!(
-        matches!(e.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
         "{e:?}"
     );
     busy.await.unwrap().unwrap();
     let st = client
-        .model_statistics(pb::ModelStatisticsRequest { name: "resnet50".into(), version: String::new() })
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "resnet50".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(st.model_stats[0].execution_count, 1, "timed-out requests never ran");
+    assert_eq!(
+        st.model_stats[0].execution_count, 1,
+        "timed-out requests never ran"
+    );
     drop(client);
     assert_eq!(s.stop(), Some(0));
 }
@@ -258,7 +389,12 @@ async fn metrics_pass_promtool_and_count_requests() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let r = c.post(format!("{}/v2/models/ffnn/infer", s.http)).body("{").send().await.unwrap();
+    let r = c
+        .post(format!("{}/v2/models/ffnn/infer", s.http))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let r = c
         .post(format!("{}/v2/models/ffnn/infer", s.http))
@@ -267,7 +403,14 @@ async fn metrics_pass_promtool_and_count_requests() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let text = c.get(format!("{}/metrics", s.metrics)).send().await.unwrap().text().await.unwrap();
+    let text = c
+        .get(format!("{}/metrics", s.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "shoal_request_success_total{model=\"ffnn\",version=\"2\"} 3",
         "shoal_request_failure_total{model=\"ffnn\",version=\"2\",reason=\"invalid_argument\"} 1",
@@ -289,7 +432,12 @@ async fn metrics_pass_promtool_and_count_requests() {
         .spawn()
         .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -297,7 +445,14 @@ async fn metrics_pass_promtool_and_count_requests() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(c.get(format!("{}/v2/health/ready", s.metrics)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(format!("{}/v2/health/ready", s.metrics))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(s.stop(), Some(0));
 }
 

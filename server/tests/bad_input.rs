@@ -33,30 +33,58 @@ impl Rest {
         let r = r.send().await.unwrap();
         let status = r.status().as_u16();
         let bytes = r.bytes().await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn good(&self) {
         let body = json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": ffnn_input(1, 3)}]});
-        let (status, v) = self.post("/v2/models/ffnn/infer", None, serde_json::to_vec(&body).unwrap()).await;
+        let (status, v) = self
+            .post(
+                "/v2/models/ffnn/infer",
+                None,
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
         assert_eq!(status, 200, "good request after a bad one failed: {v}");
     }
 }
 
+/// (name, path, header length, body, status, words the message must hold)
+type Case<'a> = (&'a str, &'a str, Option<String>, Vec<u8>, u16, &'a str);
+
 fn ffnn_json(shape: Value, datatype: &str, data: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]})).unwrap()
+    serde_json::to_vec(
+        &json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_changes_nothing() {
     let repo = light_repo();
-    let s = Server::start_with_repo(repo.path(), &["--max-body-bytes", "1048576", "--grpc-max-message-bytes", "1048576"]);
-    let rest = Rest { c: reqwest::Client::new(), base: s.http.clone() };
+    let s = Server::start_with_repo(
+        repo.path(),
+        &[
+            "--max-body-bytes",
+            "1048576",
+            "--grpc-max-message-bytes",
+            "1048576",
+        ],
+    );
+    let rest = Rest {
+        c: reqwest::Client::new(),
+        base: s.http.clone(),
+    };
     let ones = |n: usize| json!(vec![0.5f32; n]);
     let infer = "/v2/models/ffnn/infer";
     let bin_header = |size: usize| {
-        serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
-            "parameters": {"binary_data_size": size}}]}))
+        serde_json::to_vec(
+            &json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
+            "parameters": {"binary_data_size": size}}]}),
+        )
         .unwrap()
     };
     let with_tail = |mut head: Vec<u8>, tail: usize| {
@@ -65,47 +93,231 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         (head, n.to_string())
     };
 
-    // (name, path, header length, body, status, words the message must hold)
-    let mut cases: Vec<(&str, &str, Option<String>, Vec<u8>, u16, &str)> = vec![
-        ("invalid JSON", infer, None, b"{".to_vec(), 400, "invalid JSON"),
-        ("unknown model", "/v2/models/nope/infer", None, ffnn_json(json!([1, 784]), "FP32", ones(784)), 404, "unknown model"),
-        ("unknown version", "/v2/models/ffnn/versions/9/infer", None, ffnn_json(json!([1, 784]), "FP32", ones(784)), 404, "unknown version"),
-        ("wrong datatype", infer, None, ffnn_json(json!([1, 784]), "INT32", json!(vec![1; 784])), 400, "datatype INT32"),
-        ("wrong shape", infer, None, ffnn_json(json!([1, 783]), "FP32", ones(783)), 400, "does not match"),
-        ("data size vs shape", infer, None, ffnn_json(json!([1, 784]), "FP32", ones(780)), 400, "needs 3136"),
-        ("missing input", infer, None, serde_json::to_vec(&json!({"inputs": []})).unwrap(), 400, "missing input"),
-        ("extra input", infer, None, serde_json::to_vec(&json!({"inputs": [
+    let mut cases: Vec<Case> = vec![
+        (
+            "invalid JSON",
+            infer,
+            None,
+            b"{".to_vec(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "unknown model",
+            "/v2/models/nope/infer",
+            None,
+            ffnn_json(json!([1, 784]), "FP32", ones(784)),
+            404,
+            "unknown model",
+        ),
+        (
+            "unknown version",
+            "/v2/models/ffnn/versions/9/infer",
+            None,
+            ffnn_json(json!([1, 784]), "FP32", ones(784)),
+            404,
+            "unknown version",
+        ),
+        (
+            "wrong datatype",
+            infer,
+            None,
+            ffnn_json(json!([1, 784]), "INT32", json!(vec![1; 784])),
+            400,
+            "datatype INT32",
+        ),
+        (
+            "wrong shape",
+            infer,
+            None,
+            ffnn_json(json!([1, 783]), "FP32", ones(783)),
+            400,
+            "does not match",
+        ),
+        (
+            "data size vs shape",
+            infer,
+            None,
+            ffnn_json(json!([1, 784]), "FP32", ones(780)),
+            400,
+            "needs 3136",
+        ),
+        (
+            "missing input",
+            infer,
+            None,
+            serde_json::to_vec(&json!({"inputs": []})).unwrap(),
+            400,
+            "missing input",
+        ),
+        (
+            "extra input",
+            infer,
+            None,
+            serde_json::to_vec(&json!({"inputs": [
             {"name": "input", "shape": [1, 784], "datatype": "FP32", "data": ones(784)},
-            {"name": "bogus", "shape": [1], "datatype": "FP32", "data": [1.0]}]})).unwrap(), 400, "unexpected input \"bogus\""),
-        ("negative dim", infer, None, ffnn_json(json!([-1, 784]), "FP32", ones(784)), 400, "negative"),
-        ("overflowing dims", infer, None, ffnn_json(json!([1, 9223372036854775807i64, 9223372036854775807i64]), "FP32", ones(1)), 400, "does not match"),
-        ("overflowing element count", "/v2/models/types/infer", None, serde_json::to_vec(&json!({"inputs": [
-            {"name": "in_fp32", "shape": [1, 4], "datatype": "FP32", "data": ones(4)}]})).unwrap(), 400, "missing input"),
-        ("empty batch", infer, None, ffnn_json(json!([0, 784]), "FP32", json!([])), 400, "empty batch"),
-        ("batch above max_batch_size", infer, None, ffnn_json(json!([65, 784]), "FP32", ones(65 * 784)), 400, "exceeds max_batch_size"),
-        ("unknown datatype", infer, None, ffnn_json(json!([1, 784]), "FLOAT32", ones(784)), 400, "unknown datatype"),
-        ("string in FP32 data", infer, None, ffnn_json(json!([1, 1]), "FP32", json!(["a"])), 400, "not a valid FP32"),
-        ("unknown output", infer, None, serde_json::to_vec(&json!({
+            {"name": "bogus", "shape": [1], "datatype": "FP32", "data": [1.0]}]}))
+            .unwrap(),
+            400,
+            "unexpected input \"bogus\"",
+        ),
+        (
+            "negative dim",
+            infer,
+            None,
+            ffnn_json(json!([-1, 784]), "FP32", ones(784)),
+            400,
+            "negative",
+        ),
+        (
+            "overflowing dims",
+            infer,
+            None,
+            ffnn_json(
+                json!([1, 9223372036854775807i64, 9223372036854775807i64]),
+                "FP32",
+                ones(1),
+            ),
+            400,
+            "does not match",
+        ),
+        (
+            "overflowing element count",
+            "/v2/models/types/infer",
+            None,
+            serde_json::to_vec(&json!({"inputs": [
+            {"name": "in_fp32", "shape": [1, 4], "datatype": "FP32", "data": ones(4)}]}))
+            .unwrap(),
+            400,
+            "missing input",
+        ),
+        (
+            "empty batch",
+            infer,
+            None,
+            ffnn_json(json!([0, 784]), "FP32", json!([])),
+            400,
+            "empty batch",
+        ),
+        (
+            "batch above max_batch_size",
+            infer,
+            None,
+            ffnn_json(json!([65, 784]), "FP32", ones(65 * 784)),
+            400,
+            "exceeds max_batch_size",
+        ),
+        (
+            "unknown datatype",
+            infer,
+            None,
+            ffnn_json(json!([1, 784]), "FLOAT32", ones(784)),
+            400,
+            "unknown datatype",
+        ),
+        (
+            "string in FP32 data",
+            infer,
+            None,
+            ffnn_json(json!([1, 1]), "FP32", json!(["a"])),
+            400,
+            "not a valid FP32",
+        ),
+        (
+            "unknown output",
+            infer,
+            None,
+            serde_json::to_vec(&json!({
             "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": ones(784)}],
-            "outputs": [{"name": "nope"}]})).unwrap(), 400, "unexpected output"),
-        ("no inputs field", infer, None, b"{}".to_vec(), 400, "missing field `inputs`"),
-        ("input without data", infer, None, serde_json::to_vec(&json!({"inputs": [
-            {"name": "input", "shape": [1, 784], "datatype": "FP32"}]})).unwrap(), 400, "carries no data"),
-        ("shape is not a list", infer, None, serde_json::to_vec(&json!({"inputs": [
-            {"name": "input", "shape": "1,784", "datatype": "FP32", "data": [1]}]})).unwrap(), 400, "invalid JSON"),
-        ("negative timeout", infer, None, serde_json::to_vec(&json!({"parameters": {"timeout": -5}, "inputs": [
-            {"name": "input", "shape": [1, 784], "datatype": "FP32", "data": ones(784)}]})).unwrap(), 400, "timeout"),
-        ("oversize body", infer, None, vec![b' '; 2 << 20], 413, "exceeds the limit"),
+            "outputs": [{"name": "nope"}]}))
+            .unwrap(),
+            400,
+            "unexpected output",
+        ),
+        (
+            "no inputs field",
+            infer,
+            None,
+            b"{}".to_vec(),
+            400,
+            "missing field `inputs`",
+        ),
+        (
+            "input without data",
+            infer,
+            None,
+            serde_json::to_vec(&json!({"inputs": [
+            {"name": "input", "shape": [1, 784], "datatype": "FP32"}]}))
+            .unwrap(),
+            400,
+            "carries no data",
+        ),
+        (
+            "shape is not a list",
+            infer,
+            None,
+            serde_json::to_vec(&json!({"inputs": [
+            {"name": "input", "shape": "1,784", "datatype": "FP32", "data": [1]}]}))
+            .unwrap(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "negative timeout",
+            infer,
+            None,
+            serde_json::to_vec(&json!({"parameters": {"timeout": -5}, "inputs": [
+            {"name": "input", "shape": [1, 784], "datatype": "FP32", "data": ones(784)}]}))
+            .unwrap(),
+            400,
+            "timeout",
+        ),
+        (
+            "oversize body",
+            infer,
+            None,
+            vec![b' '; 2 << 20],
+            413,
+            "exceeds the limit",
+        ),
     ];
     // Binary extension.
     let (b, h) = with_tail(bin_header(3136), 3000);
-    cases.push(("truncated binary body", infer, Some(h), b, 400, "runs past the end"));
+    cases.push((
+        "truncated binary body",
+        infer,
+        Some(h),
+        b,
+        400,
+        "runs past the end",
+    ));
     let (b, h) = with_tail(bin_header(3136), 3136 + 8);
-    cases.push(("unclaimed binary bytes", infer, Some(h), b, 400, "not claimed"));
+    cases.push((
+        "unclaimed binary bytes",
+        infer,
+        Some(h),
+        b,
+        400,
+        "not claimed",
+    ));
     let (b, _) = with_tail(bin_header(3136), 3136);
     let len = b.len();
-    cases.push(("header length beyond the body", infer, Some((len + 1).to_string()), b.clone(), 400, "exceeds the body"));
-    cases.push(("header length not a number", infer, Some("abc".into()), b, 400, "not a number"));
+    cases.push((
+        "header length beyond the body",
+        infer,
+        Some((len + 1).to_string()),
+        b.clone(),
+        400,
+        "exceeds the body",
+    ));
+    cases.push((
+        "header length not a number",
+        infer,
+        Some("abc".into()),
+        b,
+        400,
+        "not a number",
+    ));
     let (b, h) = with_tail(bin_header(3000), 3000);
     cases.push(("binary size vs shape", infer, Some(h), b, 400, "needs 3136"));
     // A BYTES element whose length prefix runs past its data.
@@ -113,20 +325,30 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     let n = head.len();
     let mut b = head;
     b.extend_from_slice(&types_binary_tail(true));
-    cases.push(("malformed BYTES", "/v2/models/types/infer", Some(n.to_string()), b, 400, "malformed BYTES"));
+    cases.push((
+        "malformed BYTES",
+        "/v2/models/types/infer",
+        Some(n.to_string()),
+        b,
+        400,
+        "malformed BYTES",
+    ));
 
     assert!(cases.len() >= 20);
     for (name, path, hl, body, status, words) in cases {
-        eprintln!("case: {name}");
         let (got, v) = rest.post(path, hl.as_deref(), body).await;
         assert_eq!(got, status, "{name}: {v}");
-        let msg = v["error"].as_str().unwrap_or_else(|| panic!("{name}: no error message in {v}"));
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: no error message in {v}"));
         assert!(msg.contains(words), "{name}: {msg:?} lacks {words:?}");
         rest.good().await;
     }
 
     // gRPC.
-    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone()).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
     let input = ffnn_input(1, 5);
     let raw = || bytes::Bytes::copy_from_slice(bytemuck::cast_slice(&input));
     let tensor = |dt: &str, shape: Vec<i64>| pb::model_infer_request::InferInputTensor {
@@ -153,12 +375,20 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     grpc_cases.push(("wrong datatype", r, Code::InvalidArgument, "datatype FP64"));
     let mut r = good.clone();
     r.raw_input_contents.push(raw());
-    grpc_cases.push(("raw count mismatch", r, Code::InvalidArgument, "raw_input_contents has 2"));
+    grpc_cases.push((
+        "raw count mismatch",
+        r,
+        Code::InvalidArgument,
+        "raw_input_contents has 2",
+    ));
     let mut r = good.clone();
     r.raw_input_contents[0] = r.raw_input_contents[0].slice(..100);
     grpc_cases.push(("raw size mismatch", r, Code::InvalidArgument, "100 bytes"));
     let mut r = good.clone();
-    r.inputs[0].contents = Some(pb::InferTensorContents { fp32_contents: input.clone(), ..Default::default() });
+    r.inputs[0].contents = Some(pb::InferTensorContents {
+        fp32_contents: input.clone(),
+        ..Default::default()
+    });
     grpc_cases.push(("contents and raw", r, Code::InvalidArgument, "both given"));
     let mut r = good.clone();
     r.raw_input_contents.clear();
@@ -166,35 +396,74 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     let mut r = good.clone();
     r.raw_input_contents.clear();
     r.inputs[0].datatype = "FP16".into();
-    r.inputs[0].contents = Some(pb::InferTensorContents { fp32_contents: input.clone(), ..Default::default() });
-    grpc_cases.push(("FP16 typed contents", r, Code::InvalidArgument, "raw_input_contents"));
+    r.inputs[0].contents = Some(pb::InferTensorContents {
+        fp32_contents: input.clone(),
+        ..Default::default()
+    });
+    grpc_cases.push((
+        "FP16 typed contents",
+        r,
+        Code::InvalidArgument,
+        "raw_input_contents",
+    ));
     let mut r = good.clone();
     r.inputs[0].datatype = "F32".into();
-    grpc_cases.push(("unknown datatype", r, Code::InvalidArgument, "unknown datatype"));
+    grpc_cases.push((
+        "unknown datatype",
+        r,
+        Code::InvalidArgument,
+        "unknown datatype",
+    ));
     let mut r = good.clone();
     r.inputs[0].shape = vec![1, 28, 28];
     grpc_cases.push(("wrong rank", r, Code::InvalidArgument, "does not match"));
     let mut r = good.clone();
-    r.parameters.insert("timeout".into(), pb::InferParameter {
-        parameter_choice: Some(pb::infer_parameter::ParameterChoice::BoolParam(true)),
-    });
+    r.parameters.insert(
+        "timeout".into(),
+        pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::BoolParam(true)),
+        },
+    );
     grpc_cases.push(("non-integer timeout", r, Code::InvalidArgument, "timeout"));
     let mut r = good.clone();
-    r.outputs.push(pb::model_infer_request::InferRequestedOutputTensor { name: "output".into(), ..Default::default() });
-    r.outputs.push(pb::model_infer_request::InferRequestedOutputTensor { name: "output".into(), ..Default::default() });
+    r.outputs
+        .push(pb::model_infer_request::InferRequestedOutputTensor {
+            name: "output".into(),
+            ..Default::default()
+        });
+    r.outputs
+        .push(pb::model_infer_request::InferRequestedOutputTensor {
+            name: "output".into(),
+            ..Default::default()
+        });
     grpc_cases.push(("output requested twice", r, Code::InvalidArgument, "twice"));
     for (name, req, code, words) in grpc_cases {
         let e = client.model_infer(req).await.expect_err(name);
         assert_eq!(e.code(), code, "{name}: {e:?}");
-        assert!(e.message().contains(words), "{name}: {:?} lacks {words:?}", e.message());
-        client.model_infer(good.clone()).await.unwrap_or_else(|e| panic!("good request after {name}: {e:?}"));
+        assert!(
+            e.message().contains(words),
+            "{name}: {:?} lacks {words:?}",
+            e.message()
+        );
+        client
+            .model_infer(good.clone())
+            .await
+            .unwrap_or_else(|e| panic!("good request after {name}: {e:?}"));
     }
     // Over the message limit: refused by the transport, server unharmed.
     let mut big = good.clone();
     big.raw_input_contents[0] = bytes::Bytes::from(vec![0u8; 2 << 20]);
     let e = client.model_infer(big).await.unwrap_err();
-    assert!(matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange | Code::Internal), "{e:?}");
-    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone()).await.unwrap();
+    assert!(
+        matches!(
+            e.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::Internal
+        ),
+        "{e:?}"
+    );
+    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
     client.model_infer(good).await.unwrap();
     rest.good().await;
     assert_eq!(s.stop(), Some(0));
@@ -205,8 +474,10 @@ fn types_inputs_with_bytes(bytes_size: usize) -> Value {
     let mut v = Vec::new();
     for (t, dt, size) in TYPES {
         let size = if *dt == "BYTES" { bytes_size } else { size * 4 };
-        v.push(json!({"name": format!("in_{t}"), "shape": [1, 4], "datatype": dt,
-            "parameters": {"binary_data_size": size}}));
+        v.push(
+            json!({"name": format!("in_{t}"), "shape": [1, 4], "datatype": dt,
+            "parameters": {"binary_data_size": size}}),
+        );
     }
     json!(v)
 }

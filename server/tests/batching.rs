@@ -20,7 +20,9 @@ fn engine_with(config: &str, width: i64, delay: Duration) -> (Engine, Arc<MockLo
             "m",
             1,
             &file,
-            Arc::new(move || Ok(Box::new(MockBackend::new(width, delay, l.clone())) as Box<dyn Backend>)),
+            Arc::new(move || {
+                Ok(Box::new(MockBackend::new(width, delay, l.clone())) as Box<dyn Backend>)
+            }),
         )
         .unwrap();
     (engine, log)
@@ -59,10 +61,16 @@ async fn merges_along_dim0_and_splits_back_exactly() {
         let (rows, base, r) = f.await.unwrap();
         let out = &r.unwrap().outputs[0];
         assert_eq!(out.shape, vec![rows as i64, 2]);
-        let want: Vec<f32> = (0..rows * 2).map(|i| (base + i as f32) * 2.0 + 1.0).collect();
+        let want: Vec<f32> = (0..rows * 2)
+            .map(|i| (base + i as f32) * 2.0 + 1.0)
+            .collect();
         assert_eq!(values(out), want);
     }
-    assert_eq!(*log.batches.lock(), vec![6], "the three requests share one batch of 6 rows");
+    assert_eq!(
+        *log.batches.lock(),
+        vec![6],
+        "the three requests share one batch of 6 rows"
+    );
 }
 
 #[tokio::test]
@@ -81,7 +89,11 @@ async fn requests_with_different_dims_never_share_a_batch() {
     assert_eq!(c.unwrap().outputs[0].shape, vec![2, 3]);
     let mut batches = log.batches.lock().clone();
     batches.sort();
-    assert_eq!(batches, vec![1, 3], "width 3 rows merge (1+2), width 5 runs alone");
+    assert_eq!(
+        batches,
+        vec![1, 3],
+        "width 3 rows merge (1+2), width 5 runs alone"
+    );
 }
 
 #[tokio::test]
@@ -94,8 +106,14 @@ async fn waits_up_to_the_queue_delay_for_more() {
     let t = Instant::now();
     engine.infer(request(1, 2, 0.0)).await.unwrap();
     let waited = t.elapsed();
-    assert!(waited >= Duration::from_millis(150), "ran after {waited:?}, before the delay");
-    assert!(waited < Duration::from_secs(2), "waited far too long: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(150),
+        "ran after {waited:?}, before the delay"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "waited far too long: {waited:?}"
+    );
     assert_eq!(*log.batches.lock(), vec![1]);
 }
 
@@ -107,10 +125,17 @@ async fn a_full_batch_does_not_wait_for_the_delay() {
         Duration::ZERO,
     );
     let t = Instant::now();
-    let (a, b) = tokio::join!(engine.infer(request(2, 2, 0.0)), engine.infer(request(2, 2, 0.0)));
+    let (a, b) = tokio::join!(
+        engine.infer(request(2, 2, 0.0)),
+        engine.infer(request(2, 2, 0.0))
+    );
     a.unwrap();
     b.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(2), "a full batch waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a full batch waited {:?}",
+        t.elapsed()
+    );
     assert_eq!(*log.batches.lock(), vec![4]);
 }
 
@@ -122,18 +147,26 @@ async fn preferred_batch_size_runs_at_once() {
         Duration::ZERO,
     );
     let t = Instant::now();
-    let futs: Vec<_> = (0..4).map(|i| engine.infer(request(1, 2, i as f32))).collect();
+    let futs: Vec<_> = (0..4)
+        .map(|i| engine.infer(request(1, 2, i as f32)))
+        .collect();
     for r in futures::future::join_all(futs).await {
         r.unwrap();
     }
-    assert!(t.elapsed() < Duration::from_secs(2), "preferred batch waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "preferred batch waited {:?}",
+        t.elapsed()
+    );
     assert_eq!(*log.batches.lock(), vec![4]);
 }
 
 #[tokio::test]
 async fn without_dynamic_batching_each_request_runs_alone() {
     let (engine, log) = engine_with("max_batch_size = 8\n", 2, Duration::ZERO);
-    let futs: Vec<_> = (0..3).map(|i| engine.infer(request(2, 2, i as f32))).collect();
+    let futs: Vec<_> = (0..3)
+        .map(|i| engine.infer(request(2, 2, i as f32)))
+        .collect();
     for r in futures::future::join_all(futs).await {
         r.unwrap();
     }
@@ -142,7 +175,11 @@ async fn without_dynamic_batching_each_request_runs_alone() {
 
 #[tokio::test]
 async fn full_queue_rejects_at_once_and_loses_nothing() {
-    let (engine, log) = engine_with("max_batch_size = 1\nmax_queue_size = 2\n", 1, Duration::from_millis(300));
+    let (engine, log) = engine_with(
+        "max_batch_size = 1\nmax_queue_size = 2\n",
+        1,
+        Duration::from_millis(300),
+    );
     let first = tokio::spawn({
         let e = engine.clone();
         async move { e.infer(request(1, 1, 0.0)).await }
@@ -158,13 +195,24 @@ async fn full_queue_rejects_at_once_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let t = Instant::now();
     let rejected = engine.infer(request(1, 1, 9.0)).await;
-    assert!(matches!(rejected, Err(EngineError::Overloaded(_))), "{rejected:?}");
-    assert!(t.elapsed() < Duration::from_millis(50), "rejection blocked for {:?}", t.elapsed());
+    assert!(
+        matches!(rejected, Err(EngineError::Overloaded(_))),
+        "{rejected:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(50),
+        "rejection blocked for {:?}",
+        t.elapsed()
+    );
     first.await.unwrap().unwrap();
     for q in queued {
         q.await.unwrap().unwrap();
     }
-    assert_eq!(log.batches.lock().len(), 3, "the three admitted requests all ran");
+    assert_eq!(
+        log.batches.lock().len(),
+        3,
+        "the three admitted requests all ran"
+    );
     // Capacity is back once the queue drained.
     engine.infer(request(1, 1, 0.0)).await.unwrap();
 }
@@ -182,14 +230,25 @@ async fn expired_deadline_fails_without_running() {
     let t = Instant::now();
     let r = engine.infer(late).await;
     assert!(matches!(r, Err(EngineError::DeadlineExceeded)), "{r:?}");
-    assert!(t.elapsed() < Duration::from_millis(250), "answered after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "answered after {:?}",
+        t.elapsed()
+    );
     busy.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(*log.batches.lock(), vec![1], "the expired request never reached the backend");
+    assert_eq!(
+        *log.batches.lock(),
+        vec![1],
+        "the expired request never reached the backend"
+    );
 
     let mut past = request(1, 1, 0.0);
     past.deadline = Some(Instant::now());
-    assert!(matches!(engine.infer(past).await, Err(EngineError::DeadlineExceeded)));
+    assert!(matches!(
+        engine.infer(past).await,
+        Err(EngineError::DeadlineExceeded)
+    ));
 }
 
 #[tokio::test]
@@ -201,25 +260,45 @@ async fn cancelled_request_is_dropped_before_compute() {
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     // The client gives up while its request still waits in the queue.
-    let gone = tokio::time::timeout(Duration::from_millis(30), engine.infer(request(1, 1, 1.0))).await;
+    let gone =
+        tokio::time::timeout(Duration::from_millis(30), engine.infer(request(1, 1, 1.0))).await;
     assert!(gone.is_err(), "the request should still be queued");
     busy.await.unwrap().unwrap();
     engine.infer(request(1, 1, 2.0)).await.unwrap();
-    assert_eq!(*log.batches.lock(), vec![1, 1], "only the busy and the last request ran");
+    assert_eq!(
+        *log.batches.lock(),
+        vec![1, 1],
+        "only the busy and the last request ran"
+    );
 }
 
 #[tokio::test]
 async fn backend_failure_reaches_every_request_of_the_batch() {
     let log = Arc::new(MockLog::default());
     let engine = Engine::new();
-    let file = ModelConfigFile::parse("m", "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 50000\n").unwrap();
+    let file = ModelConfigFile::parse(
+        "m",
+        "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 50000\n",
+    )
+    .unwrap();
     let l = log.clone();
     engine
-        .add_version("m", 1, &file, Arc::new(move || Ok(Box::new(MockBackend::failing(1, l.clone())) as Box<dyn Backend>)))
+        .add_version(
+            "m",
+            1,
+            &file,
+            Arc::new(move || Ok(Box::new(MockBackend::failing(1, l.clone())) as Box<dyn Backend>)),
+        )
         .unwrap();
-    let (a, b) = tokio::join!(engine.infer(request(1, 1, 0.0)), engine.infer(request(1, 1, 0.0)));
+    let (a, b) = tokio::join!(
+        engine.infer(request(1, 1, 0.0)),
+        engine.infer(request(1, 1, 0.0))
+    );
     for r in [a, b] {
-        assert!(matches!(r, Err(EngineError::Internal(ref m)) if m.contains("mock failure")), "{r:?}");
+        assert!(
+            matches!(r, Err(EngineError::Internal(ref m)) if m.contains("mock failure")),
+            "{r:?}"
+        );
     }
     // The model keeps serving after a failed batch.
     assert_eq!(log.batches.lock().len(), 1);
@@ -227,14 +306,24 @@ async fn backend_failure_reaches_every_request_of_the_batch() {
 
 #[tokio::test]
 async fn replicas_share_keyless_load() {
-    let (engine, log) = engine_with("max_batch_size = 1\ninstance_count = 2\n", 1, Duration::from_millis(100));
+    let (engine, log) = engine_with(
+        "max_batch_size = 1\ninstance_count = 2\n",
+        1,
+        Duration::from_millis(100),
+    );
     let t = Instant::now();
-    let futs: Vec<_> = (0..4).map(|i| engine.infer(request(1, 1, i as f32))).collect();
+    let futs: Vec<_> = (0..4)
+        .map(|i| engine.infer(request(1, 1, i as f32)))
+        .collect();
     for r in futures::future::join_all(futs).await {
         r.unwrap();
     }
     // Four 100 ms executions on two replicas take about 200 ms, not 400.
-    assert!(t.elapsed() < Duration::from_millis(380), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(380),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(log.batches.lock().len(), 4);
 }
 
@@ -246,8 +335,16 @@ async fn a_failing_backend_load_fails_the_model_load() {
         "m",
         1,
         &file,
-        Arc::new(|| Err::<Box<dyn Backend>, _>(BackendError::Load { path: "x".into(), reason: "boom".into() })),
+        Arc::new(|| {
+            Err::<Box<dyn Backend>, _>(BackendError::Load {
+                path: "x".into(),
+                reason: "boom".into(),
+            })
+        }),
     );
     assert!(r.unwrap_err().to_string().contains("boom"));
-    assert!(matches!(engine.model("m", None), Err(EngineError::NotFound(_))));
+    assert!(matches!(
+        engine.model("m", None),
+        Err(EngineError::NotFound(_))
+    ));
 }

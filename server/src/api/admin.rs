@@ -21,7 +21,9 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), m::BATCH_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), m::BATCH_BUCKETS)
+                })
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
             m::describe();
@@ -68,42 +70,47 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    std::thread::Builder::new().name("shoal-admin".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!("admin runtime failed to start: {e}");
-                return;
-            }
-        };
-        rt.block_on(async move {
-            let upkeep_handle = handle.clone();
-            let upkeep_stop = stop.clone();
-            // Histograms buffer samples until upkeep folds them in; without
-            // it memory would grow between scrapes.
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => upkeep_handle.run_upkeep(),
-                        _ = upkeep_stop.cancelled() => break,
-                    }
-                }
-            });
-            let listener = match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => l,
+    std::thread::Builder::new()
+        .name("shoal-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!("admin listener: {e}");
+                    tracing::error!("admin runtime failed to start: {e}");
                     return;
                 }
             };
-            let app = router(engine, handle);
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-            {
-                tracing::error!("admin server: {e}");
-            }
-        });
-    })
+            rt.block_on(async move {
+                let upkeep_handle = handle.clone();
+                let upkeep_stop = stop.clone();
+                // Histograms buffer samples until upkeep folds them in; without
+                // it memory would grow between scrapes.
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        tokio::select! {
+                            _ = tick.tick() => upkeep_handle.run_upkeep(),
+                            _ = upkeep_stop.cancelled() => break,
+                        }
+                    }
+                });
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("admin listener: {e}");
+                        return;
+                    }
+                };
+                let app = router(engine, handle);
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+                {
+                    tracing::error!("admin server: {e}");
+                }
+            });
+        })
 }

@@ -26,7 +26,10 @@ pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
     match kind {
         Engine(InvalidArgument) => (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument),
         Engine(NotFound) => (StatusCode::NOT_FOUND, tonic::Code::NotFound),
-        Engine(Overloaded) => (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted),
+        Engine(Overloaded) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            tonic::Code::ResourceExhausted,
+        ),
         Engine(DeadlineExceeded) => (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded),
         Engine(Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
         // 499: nginx's "client closed request"; nobody is left to read it.
@@ -35,7 +38,10 @@ pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
             tonic::Code::Cancelled,
         ),
         Engine(Internal) => (StatusCode::INTERNAL_SERVER_ERROR, tonic::Code::Internal),
-        PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, tonic::Code::ResourceExhausted),
+        PayloadTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            tonic::Code::ResourceExhausted,
+        ),
     }
 }
 
@@ -80,7 +86,11 @@ impl From<ApiError> for tonic::Status {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = codes(self.kind).0;
-        (status, axum::Json(serde_json::json!({ "error": self.message }))).into_response()
+        (
+            status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
     }
 }
 
@@ -91,10 +101,22 @@ mod tests {
     #[test]
     fn table_covers_the_promised_pairs() {
         let overloaded = codes(ApiErrorKind::Engine(ErrorKind::Overloaded));
-        assert_eq!(overloaded, (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted));
+        assert_eq!(
+            overloaded,
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                tonic::Code::ResourceExhausted
+            )
+        );
         let deadline = codes(ApiErrorKind::Engine(ErrorKind::DeadlineExceeded));
-        assert_eq!(deadline, (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded));
+        assert_eq!(
+            deadline,
+            (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded)
+        );
         let invalid = codes(ApiErrorKind::Engine(ErrorKind::InvalidArgument));
-        assert_eq!(invalid, (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument));
+        assert_eq!(
+            invalid,
+            (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument)
+        );
     }
 }

@@ -7,7 +7,9 @@ use crate::tensor::{join_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use futures::Stream;
 use shoal_proto as pb;
-use shoal_proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use shoal_proto::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -69,9 +71,9 @@ pub fn decode_request(
     let now = Instant::now();
     let mut deadline = header_deadline;
     if let Some(p) = req.parameters.get("timeout") {
-        let us = param_i64(p)
-            .filter(|&v| v >= 0)
-            .ok_or_else(|| ApiError::invalid("parameter timeout must be a non-negative integer (µs)"))?;
+        let us = param_i64(p).filter(|&v| v >= 0).ok_or_else(|| {
+            ApiError::invalid("parameter timeout must be a non-negative integer (µs)")
+        })?;
         let d = now + Duration::from_micros(us as u64);
         deadline = Some(deadline.map_or(d, |h| h.min(d)));
     }
@@ -86,8 +88,12 @@ pub fn decode_request(
     let mut inputs = Vec::with_capacity(req.inputs.len());
     let mut raw = raw.into_iter();
     for t in req.inputs {
-        let datatype = DataType::parse(&t.datatype)
-            .ok_or_else(|| ApiError::invalid(format!("input {:?}: unknown datatype {:?}", t.name, t.datatype)))?;
+        let datatype = DataType::parse(&t.datatype).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "input {:?}: unknown datatype {:?}",
+                t.name, t.datatype
+            ))
+        })?;
         let data = match (raw.next(), t.contents) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(format!(
@@ -98,7 +104,10 @@ pub fn decode_request(
             (Some(bytes), None) => bytes,
             (None, Some(c)) => contents_to_bytes(&t.name, datatype, c)?,
             (None, None) => {
-                return Err(ApiError::invalid(format!("input {:?} carries no data", t.name)));
+                return Err(ApiError::invalid(format!(
+                    "input {:?} carries no data",
+                    t.name
+                )));
             }
         };
         inputs.push(Tensor {
@@ -119,7 +128,11 @@ pub fn decode_request(
 }
 
 /// Typed `contents` to raw little-endian bytes, checking integer ranges.
-fn contents_to_bytes(name: &str, dt: DataType, c: pb::InferTensorContents) -> Result<Bytes, ApiError> {
+fn contents_to_bytes(
+    name: &str,
+    dt: DataType,
+    c: pb::InferTensorContents,
+) -> Result<Bytes, ApiError> {
     fn narrow<S: Copy + std::fmt::Display, T: TryFrom<S> + bytemuck::Pod>(
         name: &str,
         v: &[S],
@@ -127,7 +140,9 @@ fn contents_to_bytes(name: &str, dt: DataType, c: pb::InferTensorContents) -> Re
         let mut out = Vec::with_capacity(v.len() * std::mem::size_of::<T>());
         for &x in v {
             let t = T::try_from(x).map_err(|_| {
-                ApiError::invalid(format!("input {name:?}: value {x} out of range for its datatype"))
+                ApiError::invalid(format!(
+                    "input {name:?}: value {x} out of range for its datatype"
+                ))
             })?;
             out.extend_from_slice(bytemuck::bytes_of(&t));
         }
@@ -229,7 +244,10 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        let mv = self.engine.model(&r.name, Some(&r.version)).map_err(ApiError::from)?;
+        let mv = self
+            .engine
+            .model(&r.name, Some(&r.version))
+            .map_err(ApiError::from)?;
         Ok(Response::new(metadata::model_metadata(&self.engine, &mv)))
     }
 
@@ -249,7 +267,11 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let header = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let header = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let engine = self.engine.clone();
@@ -307,7 +329,10 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = req.into_inner();
-        let mv = self.engine.model(&r.name, Some(&r.version)).map_err(ApiError::from)?;
+        let mv = self
+            .engine
+            .model(&r.name, Some(&r.version))
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(metadata::model_config(&mv)),
         }))
@@ -318,7 +343,8 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = req.into_inner();
-        let stats = metadata::statistics(&self.engine, &r.name, &r.version).map_err(ApiError::from)?;
+        let stats =
+            metadata::statistics(&self.engine, &r.name, &r.version).map_err(ApiError::from)?;
         Ok(Response::new(stats))
     }
 }
@@ -348,6 +374,9 @@ mod tests {
             fp32_contents: vec![1.5],
             ..Default::default()
         };
-        assert_eq!(&contents_to_bytes("a", DataType::Fp32, c).unwrap()[..], &1.5f32.to_le_bytes());
+        assert_eq!(
+            &contents_to_bytes("a", DataType::Fp32, c).unwrap()[..],
+            &1.5f32.to_le_bytes()
+        );
     }
 }

@@ -75,7 +75,10 @@ async fn server_metadata() -> Json<Value> {
     }))
 }
 
-async fn model_metadata(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
+async fn model_metadata(
+    State(st): State<HttpState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<Value>, ApiError> {
     let mv = st.engine.model(&p.m, p.v.as_deref())?;
     let md = metadata::model_metadata(&st.engine, &mv);
     let tensors = |ts: &[shoal_proto::model_metadata_response::TensorMetadata]| {
@@ -92,7 +95,10 @@ async fn model_metadata(State(st): State<HttpState>, Path(p): Path<ModelPath>) -
     })))
 }
 
-async fn model_ready(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<StatusCode, ApiError> {
+async fn model_ready(
+    State(st): State<HttpState>,
+    Path(p): Path<ModelPath>,
+) -> Result<StatusCode, ApiError> {
     st.engine.model(&p.m, p.v.as_deref())?;
     Ok(if st.engine.is_ready() {
         StatusCode::OK
@@ -108,7 +114,10 @@ fn dtype_name(code: i32) -> String {
         .map_or_else(|| "TYPE_INVALID".into(), |d| d.triton_config_name())
 }
 
-async fn model_config(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
+async fn model_config(
+    State(st): State<HttpState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<Value>, ApiError> {
     let mv = st.engine.model(&p.m, p.v.as_deref())?;
     let c = metadata::model_config(&mv);
     let mut v = j!({
@@ -173,7 +182,10 @@ fn stats_json(s: shoal_proto::ModelStatisticsResponse) -> Value {
     j!({ "model_stats": models })
 }
 
-async fn model_stats(State(st): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
+async fn model_stats(
+    State(st): State<HttpState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<Value>, ApiError> {
     let s = metadata::statistics(&st.engine, &p.m, p.v.as_deref().unwrap_or(""))?;
     Ok(Json(stats_json(s)))
 }
@@ -234,8 +246,11 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let mut buf = BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let frame =
+            frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         seen = seen.saturating_add(data.len());
         if seen <= limit {
             buf.extend_from_slice(&data);
@@ -283,7 +298,9 @@ fn decode_infer(
                 .to_str()
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| ApiError::invalid("Inference-Header-Content-Length is not a number"))?;
+                .ok_or_else(|| {
+                    ApiError::invalid("Inference-Header-Content-Length is not a number")
+                })?;
             if n > body.len() {
                 return Err(ApiError::invalid(format!(
                     "Inference-Header-Content-Length {n} exceeds the body of {} bytes",
@@ -294,22 +311,26 @@ fn decode_infer(
             (body.slice(..n), binary)
         }
     };
-    let req: RestRequest =
-        serde_json::from_slice(&header).map_err(|e| ApiError::invalid(format!("invalid JSON request: {e}")))?;
+    let req: RestRequest = serde_json::from_slice(&header)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON request: {e}")))?;
     let now = Instant::now();
     let deadline = match req.parameters.get("timeout") {
         None => None,
         Some(v) => {
-            let us = v
-                .as_u64()
-                .ok_or_else(|| ApiError::invalid("parameter timeout must be a non-negative integer (µs)"))?;
+            let us = v.as_u64().ok_or_else(|| {
+                ApiError::invalid("parameter timeout must be a non-negative integer (µs)")
+            })?;
             Some(now + Duration::from_micros(us))
         }
     };
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for i in req.inputs {
-        let datatype = DataType::parse(&i.datatype)
-            .ok_or_else(|| ApiError::invalid(format!("input {:?}: unknown datatype {:?}", i.name, i.datatype)))?;
+        let datatype = DataType::parse(&i.datatype).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "input {:?}: unknown datatype {:?}",
+                i.name, i.datatype
+            ))
+        })?;
         let data = match (i.parameters.get("binary_data_size"), &i.data) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(format!(
@@ -321,7 +342,12 @@ fn decode_infer(
                 let n = size
                     .as_u64()
                     .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| ApiError::invalid(format!("input {:?}: binary_data_size must be a non-negative integer", i.name)))?;
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "input {:?}: binary_data_size must be a non-negative integer",
+                            i.name
+                        ))
+                    })?;
                 if n > binary.len() {
                     return Err(ApiError::invalid(format!(
                         "input {:?}: binary_data_size {n} runs past the end of the body ({} bytes left)",
@@ -332,7 +358,12 @@ fn decode_infer(
                 binary.split_to(n)
             }
             (None, Some(d)) => json::to_bytes(&i.name, datatype, d)?,
-            (None, None) => return Err(ApiError::invalid(format!("input {:?} carries no data", i.name))),
+            (None, None) => {
+                return Err(ApiError::invalid(format!(
+                    "input {:?} carries no data",
+                    i.name
+                )))
+            }
         };
         inputs.push(Tensor {
             name: i.name,
@@ -351,7 +382,9 @@ fn decode_infer(
         match m.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(ApiError::invalid(format!("parameter {key} must be a boolean"))),
+            Some(_) => Err(ApiError::invalid(format!(
+                "parameter {key} must be a boolean"
+            ))),
         }
     };
     let binary_outputs = BinaryOutputs {
@@ -390,22 +423,34 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Response {
         }
         outputs.push(o);
     }
-    let mut head = j!({"model_name": resp.model, "model_version": resp.version, "outputs": outputs});
+    let mut head =
+        j!({"model_name": resp.model, "model_version": resp.version, "outputs": outputs});
     if !resp.id.is_empty() {
         head["id"] = Value::String(resp.id);
     }
     let head = serde_json::to_vec(&head).expect("JSON values serialize");
     if blobs.is_empty() {
-        return ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], head).into_response();
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            head,
+        )
+            .into_response();
     }
-    let mut body = BytesMut::with_capacity(head.len() + blobs.iter().map(|b| b.len()).sum::<usize>());
+    let mut body =
+        BytesMut::with_capacity(head.len() + blobs.iter().map(|b| b.len()).sum::<usize>());
     body.extend_from_slice(&head);
     for b in &blobs {
         body.extend_from_slice(b);
     }
     let mut r = Response::new(Body::from(body.freeze()));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(HEADER_LENGTH, HeaderValue::from(head.len()));
     r
 }

@@ -18,7 +18,8 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 pub fn to_bytes(name: &str, dt: DataType, data: &Value) -> Result<Bytes, ApiError> {
     let mut flat = Vec::new();
     flatten(data, &mut flat);
-    let bad = |v: &Value| ApiError::invalid(format!("input {name:?}: {v} is not a valid {dt} value"));
+    let bad =
+        |v: &Value| ApiError::invalid(format!("input {name:?}: {v} is not a valid {dt} value"));
     let int = |v: &Value, lo: i128, hi: i128| -> Result<i128, ApiError> {
         let x = v
             .as_i64()
@@ -26,7 +27,9 @@ pub fn to_bytes(name: &str, dt: DataType, data: &Value) -> Result<Bytes, ApiErro
             .or_else(|| v.as_u64().map(i128::from))
             .ok_or_else(|| bad(v))?;
         if x < lo || x > hi {
-            return Err(ApiError::invalid(format!("input {name:?}: {x} is out of range for {dt}")));
+            return Err(ApiError::invalid(format!(
+                "input {name:?}: {x} is out of range for {dt}"
+            )));
         }
         Ok(x)
     };
@@ -47,9 +50,15 @@ pub fn to_bytes(name: &str, dt: DataType, data: &Value) -> Result<Bytes, ApiErro
             DataType::Uint32 => out.extend((int(v, 0, u32::MAX as i128)? as u32).to_le_bytes()),
             DataType::Uint64 => out.extend((int(v, 0, u64::MAX as i128)? as u64).to_le_bytes()),
             DataType::Int8 => out.push(int(v, i8::MIN as i128, i8::MAX as i128)? as i8 as u8),
-            DataType::Int16 => out.extend((int(v, i16::MIN as i128, i16::MAX as i128)? as i16).to_le_bytes()),
-            DataType::Int32 => out.extend((int(v, i32::MIN as i128, i32::MAX as i128)? as i32).to_le_bytes()),
-            DataType::Int64 => out.extend((int(v, i64::MIN as i128, i64::MAX as i128)? as i64).to_le_bytes()),
+            DataType::Int16 => {
+                out.extend((int(v, i16::MIN as i128, i16::MAX as i128)? as i16).to_le_bytes())
+            }
+            DataType::Int32 => {
+                out.extend((int(v, i32::MIN as i128, i32::MAX as i128)? as i32).to_le_bytes())
+            }
+            DataType::Int64 => {
+                out.extend((int(v, i64::MIN as i128, i64::MAX as i128)? as i64).to_le_bytes())
+            }
             DataType::Fp16 => out.extend(f16::from_f64(float(v)?).to_le_bytes()),
             DataType::Bf16 => out.extend(bf16::from_f64(float(v)?).to_le_bytes()),
             DataType::Fp32 => out.extend((float(v)? as f32).to_le_bytes()),
@@ -63,7 +72,11 @@ pub fn to_bytes(name: &str, dt: DataType, data: &Value) -> Result<Bytes, ApiErro
 /// Renders raw output bytes as a flat JSON array.
 pub fn from_bytes(dt: DataType, data: &Bytes) -> Value {
     fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> Value) -> Value {
-        Value::Array(data.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N"))).collect())
+        Value::Array(
+            data.chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunk of N")))
+                .collect(),
+        )
     }
     let num = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
     match dt {

@@ -12,7 +12,9 @@ pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The protocol-level shape: `-1` for the batch dimension when batching.
 pub fn full_shape(spec: &IoSpec, max_batch_size: usize) -> Vec<i64> {
     if max_batch_size > 0 {
-        std::iter::once(-1).chain(spec.dims.iter().copied()).collect()
+        std::iter::once(-1)
+            .chain(spec.dims.iter().copied())
+            .collect()
     } else {
         spec.dims.clone()
     }
@@ -76,11 +78,14 @@ pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
                 dims: s.dims.clone(),
             })
             .collect(),
-        dynamic_batching: cfg.dynamic_batching.as_ref().map(|d| pb::ModelDynamicBatching {
-            preferred_batch_size: d.preferred_batch_sizes.iter().map(|&p| p as i32).collect(),
-            max_queue_delay_microseconds: d.max_queue_delay.as_micros() as u64,
-            preserve_ordering: false,
-        }),
+        dynamic_batching: cfg
+            .dynamic_batching
+            .as_ref()
+            .map(|d| pb::ModelDynamicBatching {
+                preferred_batch_size: d.preferred_batch_sizes.iter().map(|&p| p as i32).collect(),
+                max_queue_delay_microseconds: d.max_queue_delay.as_micros() as u64,
+                preserve_ordering: false,
+            }),
         instance_group: vec![pb::ModelInstanceGroup {
             name: format!("{}_0", cfg.name),
             kind: pb::model_instance_group::Kind::Cpu as i32,
@@ -104,9 +109,18 @@ pub fn model_statistics(mv: &ModelVersion) -> pb::ModelStatistics {
         .iter()
         .map(|(&size, b)| pb::InferBatchStatistics {
             batch_size: size as u64,
-            compute_input: Some(pb::StatisticDuration { count: b.count, ns: b.input_ns }),
-            compute_infer: Some(pb::StatisticDuration { count: b.count, ns: b.infer_ns }),
-            compute_output: Some(pb::StatisticDuration { count: b.count, ns: b.output_ns }),
+            compute_input: Some(pb::StatisticDuration {
+                count: b.count,
+                ns: b.input_ns,
+            }),
+            compute_infer: Some(pb::StatisticDuration {
+                count: b.count,
+                ns: b.infer_ns,
+            }),
+            compute_output: Some(pb::StatisticDuration {
+                count: b.count,
+                ns: b.output_ns,
+            }),
         })
         .collect();
     pb::ModelStatistics {

@@ -107,12 +107,16 @@ impl ModelConfigFile {
         let max_batch_size = self.max_batch_size as usize;
         let instance_count = self.instance_count.unwrap_or(1);
         if instance_count == 0 || instance_count > 256 {
-            return Err(err(format!("instance_count must be 1..=256, got {instance_count}")));
+            return Err(err(format!(
+                "instance_count must be 1..=256, got {instance_count}"
+            )));
         }
         let intra = self.intra_op_threads.unwrap_or(1);
         let inter = self.inter_op_threads.unwrap_or(1);
         if intra == 0 || inter == 0 {
-            return Err(err("intra_op_threads and inter_op_threads must be >= 1".into()));
+            return Err(err(
+                "intra_op_threads and inter_op_threads must be >= 1".into()
+            ));
         }
         let dynamic_batching = match &self.dynamic_batching {
             None => None,
@@ -148,7 +152,13 @@ impl ModelConfigFile {
             return Err(err("max_queue_size must be >= 1".into()));
         }
         let inputs = resolve_io(model, "input", &self.input, &graph.inputs, max_batch_size)?;
-        let outputs = resolve_io(model, "output", &self.output, &graph.outputs, max_batch_size)?;
+        let outputs = resolve_io(
+            model,
+            "output",
+            &self.output,
+            &graph.outputs,
+            max_batch_size,
+        )?;
         Ok(ModelConfig {
             name: model.to_string(),
             platform: self
@@ -207,8 +217,12 @@ fn resolve_io(
     }
     let mut out = Vec::with_capacity(configured.len());
     for c in configured {
-        let datatype = DataType::parse(&c.datatype)
-            .ok_or_else(|| err(format!("{kind} {}: unknown datatype {:?}", c.name, c.datatype)))?;
+        let datatype = DataType::parse(&c.datatype).ok_or_else(|| {
+            err(format!(
+                "{kind} {}: unknown datatype {:?}",
+                c.name, c.datatype
+            ))
+        })?;
         let g = graph
             .iter()
             .find(|g| g.name == c.name)
@@ -220,11 +234,17 @@ fn resolve_io(
             )));
         }
         if c.dims.iter().any(|&d| d < -1 || d == 0) {
-            return Err(err(format!("{kind} {}: dims must be positive or -1", c.name)));
+            return Err(err(format!(
+                "{kind} {}: dims must be positive or -1",
+                c.name
+            )));
         }
         let gd = graph_dims(g)?;
         let compatible = gd.len() == c.dims.len()
-            && gd.iter().zip(&c.dims).all(|(&g, &c)| g < 0 || c < 0 || g == c);
+            && gd
+                .iter()
+                .zip(&c.dims)
+                .all(|(&g, &c)| g < 0 || c < 0 || g == c);
         if !compatible {
             return Err(err(format!(
                 "{kind} {}: config dims {:?} do not match the graph's {:?}",
@@ -232,7 +252,11 @@ fn resolve_io(
             )));
         }
         // Keep the more specific of the two for every dim.
-        let dims = gd.iter().zip(&c.dims).map(|(&g, &c)| if g >= 0 { g } else { c }).collect();
+        let dims = gd
+            .iter()
+            .zip(&c.dims)
+            .map(|(&g, &c)| if g >= 0 { g } else { c })
+            .collect();
         out.push(IoSpec {
             name: c.name.clone(),
             datatype,
@@ -300,17 +324,26 @@ mod tests {
             ("max_batch_size = 4\nmax_queue_size = 0\n", "max_queue_size"),
         ];
         for (text, want) in cases {
-            let e = ModelConfigFile::parse("m", text).unwrap().resolve("m", &graph()).unwrap_err();
+            let e = ModelConfigFile::parse("m", text)
+                .unwrap()
+                .resolve("m", &graph())
+                .unwrap_err();
             assert!(e.to_string().contains(want), "{text:?} gave {e}");
         }
-        assert!(ModelConfigFile::parse("m", "bogus_key = 1").unwrap_err().to_string().contains("bogus_key"));
+        assert!(ModelConfigFile::parse("m", "bogus_key = 1")
+            .unwrap_err()
+            .to_string()
+            .contains("bogus_key"));
     }
 
     #[test]
     fn batching_needs_dynamic_first_dim() {
         let mut g = graph();
         g.inputs[0].shape = vec![1, 784];
-        let e = ModelConfigFile::parse("m", "max_batch_size = 4").unwrap().resolve("m", &g).unwrap_err();
+        let e = ModelConfigFile::parse("m", "max_batch_size = 4")
+            .unwrap()
+            .resolve("m", &g)
+            .unwrap_err();
         assert!(e.to_string().contains("dynamic first dimension"), "{e}");
     }
 }

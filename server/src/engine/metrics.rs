@@ -29,9 +29,21 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(REQUEST_SUCCESS, "Inference requests answered successfully");
     describe_counter!(REQUEST_FAILURE, "Inference requests that failed, by reason");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "End-to-end request time inside the engine");
-    describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time a request waited in its replica queue");
-    describe_histogram!(COMPUTE_DURATION, Unit::Seconds, "Time one batch spent in the backend");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "End-to-end request time inside the engine"
+    );
+    describe_histogram!(
+        QUEUE_DURATION,
+        Unit::Seconds,
+        "Time a request waited in its replica queue"
+    );
+    describe_histogram!(
+        COMPUTE_DURATION,
+        Unit::Seconds,
+        "Time one batch spent in the backend"
+    );
     describe_histogram!(BATCH_SIZE, "Rows per executed batch");
     describe_gauge!(QUEUE_DEPTH, "Requests admitted and not yet executed");
     describe_counter!(INFERENCE_COUNT, "Rows inferred (a batch of n counts n)");
@@ -54,13 +66,18 @@ pub struct ModelMetrics {
 
 impl std::fmt::Debug for ModelMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelMetrics").field("labels", &self.labels).finish()
+        f.debug_struct("ModelMetrics")
+            .field("labels", &self.labels)
+            .finish()
     }
 }
 
 impl ModelMetrics {
     pub fn new(model: &str, version: &str) -> Self {
-        let labels = vec![("model", model.to_string()), ("version", version.to_string())];
+        let labels = vec![
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
         Self {
             success: metrics::counter!(REQUEST_SUCCESS, &labels),
             request_duration: metrics::histogram!(REQUEST_DURATION, &labels),

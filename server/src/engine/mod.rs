@@ -85,11 +85,12 @@ impl Engine {
     pub fn load(repository: &Path, options: &EngineOptions) -> Result<Self, LoadError> {
         let engine = Self::new();
         for entry in repository::scan(repository)? {
-            let factory = repository::factory_for(&entry, options).map_err(|source| LoadError::Backend {
-                model: entry.name.clone(),
-                version: entry.version,
-                source,
-            })?;
+            let factory =
+                repository::factory_for(&entry, options).map_err(|source| LoadError::Backend {
+                    model: entry.name.clone(),
+                    version: entry.version,
+                    source,
+                })?;
             engine.add_version(&entry.name, entry.version, &entry.config, factory)?;
         }
         Ok(engine)
@@ -107,7 +108,12 @@ impl Engine {
         let mv = Arc::new(ModelVersion::load(name, version, file, factory)?);
         let mut table = self.inner.models.write();
         let mut next: ModelTable = (**table).clone();
-        let mut model = next.get(name).map(|m| Model { versions: m.versions.clone() }).unwrap_or_default();
+        let mut model = next
+            .get(name)
+            .map(|m| Model {
+                versions: m.versions.clone(),
+            })
+            .unwrap_or_default();
         model.versions.insert(version, mv);
         next.insert(name.to_string(), Arc::new(model));
         *table = Arc::new(next);
@@ -120,14 +126,21 @@ impl Engine {
     }
 
     /// Finds a model version; `None` or `""` means the latest.
-    pub fn model(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, EngineError> {
+    pub fn model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ModelVersion>, EngineError> {
         let table = self.models();
         let model = table
             .get(name)
             .ok_or_else(|| EngineError::NotFound(format!("unknown model {name:?}")))?;
         match version.filter(|v| !v.is_empty()) {
             None => model.latest().cloned(),
-            Some(v) => v.parse::<u64>().ok().and_then(|n| model.versions.get(&n).cloned()),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| model.versions.get(&n).cloned()),
         }
         .ok_or_else(|| {
             EngineError::NotFound(format!(

@@ -171,15 +171,21 @@ impl ModelVersion {
         let cfg = &self.core.config;
         let mut idx = Vec::with_capacity(names.len());
         for n in names {
-            let i = cfg.outputs.iter().position(|o| &o.name == n).ok_or_else(|| {
-                EngineError::invalid(format!(
-                    "unexpected output {n:?} for model {}: it has {:?}",
-                    cfg.name,
-                    names_of(&cfg.outputs)
-                ))
-            })?;
+            let i = cfg
+                .outputs
+                .iter()
+                .position(|o| &o.name == n)
+                .ok_or_else(|| {
+                    EngineError::invalid(format!(
+                        "unexpected output {n:?} for model {}: it has {:?}",
+                        cfg.name,
+                        names_of(&cfg.outputs)
+                    ))
+                })?;
             if idx.contains(&i) {
-                return Err(EngineError::invalid(format!("output {n:?} requested twice")));
+                return Err(EngineError::invalid(format!(
+                    "output {n:?} requested twice"
+                )));
             }
             idx.push(i);
         }
@@ -189,20 +195,30 @@ impl ModelVersion {
     /// Checks names, datatypes, shapes and byte sizes against the model;
     /// returns the inputs in model order, the batch rows and the shape
     /// signature that decides which requests may share a batch.
-    fn validate_inputs(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, usize, Vec<i64>), EngineError> {
+    fn validate_inputs(
+        &self,
+        inputs: Vec<Tensor>,
+    ) -> Result<(Vec<Tensor>, usize, Vec<i64>), EngineError> {
         let cfg = &self.core.config;
         let mut slots: Vec<Option<Tensor>> = (0..cfg.inputs.len()).map(|_| None).collect();
         for t in inputs {
-            let i = cfg.inputs.iter().position(|s| s.name == t.name).ok_or_else(|| {
-                EngineError::invalid(format!(
-                    "unexpected input {:?} for model {}: it takes {:?}",
-                    t.name,
-                    cfg.name,
-                    names_of(&cfg.inputs)
-                ))
-            })?;
+            let i = cfg
+                .inputs
+                .iter()
+                .position(|s| s.name == t.name)
+                .ok_or_else(|| {
+                    EngineError::invalid(format!(
+                        "unexpected input {:?} for model {}: it takes {:?}",
+                        t.name,
+                        cfg.name,
+                        names_of(&cfg.inputs)
+                    ))
+                })?;
             if slots[i].is_some() {
-                return Err(EngineError::invalid(format!("input {:?} given twice", t.name)));
+                return Err(EngineError::invalid(format!(
+                    "input {:?} given twice",
+                    t.name
+                )));
             }
             slots[i] = Some(t);
         }
@@ -211,7 +227,10 @@ impl ModelVersion {
         let mut out = Vec::with_capacity(slots.len());
         for (spec, slot) in cfg.inputs.iter().zip(slots) {
             let t = slot.ok_or_else(|| {
-                EngineError::invalid(format!("missing input {:?} for model {}", spec.name, cfg.name))
+                EngineError::invalid(format!(
+                    "missing input {:?} for model {}",
+                    spec.name, cfg.name
+                ))
             })?;
             let r = check_tensor(spec, &t, cfg.max_batch_size)?;
             if cfg.max_batch_size > 0 {
@@ -260,11 +279,17 @@ fn check_tensor(spec: &IoSpec, t: &Tensor, max_batch_size: usize) -> Result<usiz
                 "input {:?}: shape {:?} lacks the batch dimension (expected [-1{}])",
                 t.name,
                 t.shape,
-                spec.dims.iter().map(|d| format!(", {d}")).collect::<String>()
+                spec.dims
+                    .iter()
+                    .map(|d| format!(", {d}"))
+                    .collect::<String>()
             )));
         };
         if b == 0 {
-            return Err(EngineError::invalid(format!("input {:?}: empty batch (dim 0 is 0)", t.name)));
+            return Err(EngineError::invalid(format!(
+                "input {:?}: empty batch (dim 0 is 0)",
+                t.name
+            )));
         }
         if b as u64 > max_batch_size as u64 {
             return Err(EngineError::invalid(format!(
@@ -280,7 +305,9 @@ fn check_tensor(spec: &IoSpec, t: &Tensor, max_batch_size: usize) -> Result<usiz
         && dims.iter().zip(&spec.dims).all(|(&d, &s)| s < 0 || d == s);
     if !fits {
         let expected: Vec<i64> = if max_batch_size > 0 {
-            std::iter::once(-1).chain(spec.dims.iter().copied()).collect()
+            std::iter::once(-1)
+                .chain(spec.dims.iter().copied())
+                .collect()
         } else {
             spec.dims.clone()
         };

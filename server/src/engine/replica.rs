@@ -5,7 +5,7 @@ use super::batcher::{BatchPolicy, Decision, QueueView};
 use super::error::EngineError;
 use super::model::ModelCore;
 use crate::backend::{Backend, BackendError, BackendFactory, BatchInput, BatchOutput, Signature};
-use crate::tensor::{split_bytes_elements, join_bytes_elements, DataType, Tensor};
+use crate::tensor::{join_bytes_elements, split_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -35,7 +35,23 @@ pub struct Pending {
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Pending>,
+    /// Rows of all queued requests.
+    rows: usize,
     stopping: bool,
+    sleep: Sleep,
+}
+
+/// What the worker is doing, so producers wake it only when it matters:
+/// every needless wake-up of a batching replica is a context switch.
+#[derive(Default, Clone, Copy)]
+enum Sleep {
+    /// Executing or scanning; it looks at the queue again by itself.
+    #[default]
+    Busy,
+    /// Waiting for the queue to become non-empty.
+    Idle,
+    /// Waiting out a batching delay; wake early once this many rows wait.
+    Until { wake_rows: usize },
 }
 
 struct Shared {
@@ -53,13 +69,17 @@ pub struct Replica {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// What a loaded replica waits for before it serves: its model's shared
+/// core and its batching policy, or `None` when the model load is abandoned.
+type Go = Option<(Arc<ModelCore>, Box<dyn BatchPolicy>)>;
+
 /// A replica whose backend is loaded, waiting for its model to go live.
 pub struct StartingReplica {
     pub id: usize,
     pub signature: Signature,
     pub execution_provider: String,
     shared: Arc<Shared>,
-    go: mpsc::Sender<Option<(Arc<ModelCore>, Box<dyn BatchPolicy>)>>,
+    go: mpsc::Sender<Go>,
     thread: JoinHandle<()>,
 }
 
@@ -77,7 +97,7 @@ impl StartingReplica {
             load: AtomicUsize::new(0),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<Option<(Arc<ModelCore>, Box<dyn BatchPolicy>)>>();
+        let (go_tx, go_rx) = mpsc::channel::<Go>();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shoal-{model}-{id}"))
@@ -120,7 +140,9 @@ impl StartingReplica {
             }
             Err(_) => {
                 let _ = thread.join();
-                Err(BackendError::Runtime("replica thread died while loading".into()))
+                Err(BackendError::Runtime(
+                    "replica thread died while loading".into(),
+                ))
             }
         }
     }
@@ -154,15 +176,25 @@ impl Replica {
             return Err(p);
         }
         self.shared.load.fetch_add(1, Ordering::Relaxed);
+        q.rows += p.rows;
         q.items.push_back(p);
+        let wake = match q.sleep {
+            Sleep::Busy => false,
+            Sleep::Idle => true,
+            Sleep::Until { wake_rows } => q.rows >= wake_rows,
+        };
         drop(q);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         Ok(())
     }
 
     /// Stops taking requests, lets the queue drain, joins the thread.
     pub fn stop(&self) {
-        self.shared.queue.lock().stopping = true;
+        let mut q = self.shared.queue.lock();
+        q.stopping = true;
+        drop(q);
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
@@ -187,16 +219,22 @@ impl Worker {
     }
 
     /// Blocks until the policy releases a batch; `None` once stopped and drained.
-    fn next_batch(&mut self, rows: &mut Vec<usize>, picked: &mut Vec<usize>) -> Option<Vec<Pending>> {
+    fn next_batch(
+        &mut self,
+        rows: &mut Vec<usize>,
+        picked: &mut Vec<usize>,
+    ) -> Option<Vec<Pending>> {
         let mut q = self.shared.queue.lock();
         loop {
             let now = Instant::now();
-            self.purge(&mut q.items, now);
+            self.purge(&mut q, now);
             if q.items.is_empty() {
                 if q.stopping {
                     return None;
                 }
+                q.sleep = Sleep::Idle;
                 self.shared.wake.wait(&mut q);
+                q.sleep = Sleep::Busy;
                 continue;
             }
             rows.clear();
@@ -221,14 +259,20 @@ impl Worker {
                     let wake_at = self.earliest_deadline(&q.items).map_or(d, |dl| {
                         d.min(dl.saturating_duration_since(now) + Duration::from_micros(1))
                     });
+                    q.sleep = Sleep::Until {
+                        wake_rows: self.policy.wake_rows().unwrap_or(0),
+                    };
                     self.shared.wake.wait_for(&mut q, wake_at);
+                    q.sleep = Sleep::Busy;
                     continue;
                 }
             };
             let mut batch = Vec::with_capacity(n);
             // Remove back to front so earlier indexes stay valid.
             for &i in picked[..n].iter().rev() {
-                batch.push(q.items.remove(i).expect("index from this scan"));
+                let p = q.items.remove(i).expect("index from this scan");
+                q.rows -= p.rows;
+                batch.push(p);
             }
             batch.reverse();
             return Some(batch);
@@ -241,8 +285,9 @@ impl Worker {
 
     /// Drops requests that can no longer be answered usefully, before they
     /// cost compute: expired deadlines and clients that have gone away.
-    fn purge(&self, items: &mut VecDeque<Pending>, now: Instant) {
+    fn purge(&self, q: &mut Queue, now: Instant) {
         let core = &self.core;
+        let items = &mut q.items;
         let mut gone = 0;
         let mut i = 0;
         while i < items.len() {
@@ -253,13 +298,16 @@ impl Worker {
                 continue;
             }
             let p = items.remove(i).expect("index checked above");
+            q.rows -= p.rows;
             if expired {
                 // Counted by the caller, which receives this answer.
                 let _ = p.reply.send(Err(EngineError::DeadlineExceeded));
             } else {
                 // The client left; nobody else will count it.
                 core.metrics.failure("cancelled");
-                core.stats.fail.add(now.saturating_duration_since(p.enqueued));
+                core.stats
+                    .fail
+                    .add(now.saturating_duration_since(p.enqueued));
             }
             gone += 1;
         }
@@ -311,7 +359,9 @@ impl Worker {
         };
         let (result, infer_time) = result;
         self.policy.observe(total_rows, infer_time);
-        core.metrics.compute_duration.record(infer_time.as_secs_f64());
+        core.metrics
+            .compute_duration
+            .record(infer_time.as_secs_f64());
         core.metrics.batch_size.record(total_rows as f64);
         core.metrics.execution_count.increment(1);
         core.metrics.inference_count.increment(total_rows as u64);
@@ -335,7 +385,9 @@ impl Worker {
         }
         core.stats.record_execution(
             total_rows,
-            t_out.saturating_duration_since(start).saturating_sub(infer_time),
+            t_out
+                .saturating_duration_since(start)
+                .saturating_sub(infer_time),
             infer_time,
             t_out.elapsed(),
         );
@@ -377,7 +429,10 @@ fn split_outputs(
     let mut columns: Vec<std::vec::IntoIter<Tensor>> =
         per_output.into_iter().map(|v| v.into_iter()).collect();
     for (r, p) in batch.iter().enumerate() {
-        let mine: Vec<Tensor> = columns.iter_mut().map(|c| c.next().expect("one per request")).collect();
+        let mine: Vec<Tensor> = columns
+            .iter_mut()
+            .map(|c| c.next().expect("one per request"))
+            .collect();
         result[r] = match &p.outputs {
             None => mine,
             Some(sel) => sel.iter().map(|&i| mine[i].clone()).collect(),
@@ -403,20 +458,27 @@ fn split_rows(
         }
     };
     if o.datatype == DataType::Bytes {
-        let elems = split_bytes_elements(&o.data)
-            .ok_or_else(|| EngineError::Internal(format!("output {} is malformed BYTES", o.name)))?;
-        let per_row = if total_rows == 0 { 0 } else { elems.len() / total_rows };
+        let elems = split_bytes_elements(&o.data).ok_or_else(|| {
+            EngineError::Internal(format!("output {} is malformed BYTES", o.name))
+        })?;
+        let per_row = elems.len().checked_div(total_rows).unwrap_or(0);
         let mut at = 0;
         for r in rows {
             let chunk = &elems[at..at + r * per_row];
             at += r * per_row;
-            out.push(tensor(r, Bytes::from(join_bytes_elements(chunk.iter().map(|b| &b[..])))));
+            out.push(tensor(
+                r,
+                Bytes::from(join_bytes_elements(chunk.iter().map(|b| &b[..]))),
+            ));
         }
         return Ok(out);
     }
     let row_bytes = o.data.len() / total_rows.max(1);
     if row_bytes * total_rows != o.data.len() {
-        return Err(EngineError::Internal(format!("output {} does not split into {total_rows} rows", o.name)));
+        return Err(EngineError::Internal(format!(
+            "output {} does not split into {total_rows} rows",
+            o.name
+        )));
     }
     let mut at = 0;
     for r in rows {

@@ -35,7 +35,11 @@ pub fn scan(repo: &Path) -> Result<Vec<Entry>, LoadError> {
     models.sort();
     let mut out = Vec::new();
     for mdir in models {
-        let name = mdir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = mdir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         if name.starts_with('.') {
             continue;
         }
@@ -55,7 +59,10 @@ pub fn scan(repo: &Path) -> Result<Vec<Entry>, LoadError> {
             .collect();
         versions.sort();
         if versions.is_empty() {
-            return Err(repo_err(&mdir, "no numeric version directory (e.g. 1/model.onnx)"));
+            return Err(repo_err(
+                &mdir,
+                "no numeric version directory (e.g. 1/model.onnx)",
+            ));
         }
         for (version, vdir) in versions {
             let path = model_file(&vdir).ok_or_else(|| {
@@ -78,12 +85,21 @@ fn model_file(vdir: &Path) -> Option<PathBuf> {
 }
 
 /// The backend factory for a model file.
-pub fn factory_for(entry: &Entry, options: &EngineOptions) -> Result<Arc<dyn BackendFactory>, BackendError> {
-    let platform = entry.config.platform.as_deref().unwrap_or("onnxruntime_onnx");
+pub fn factory_for(
+    entry: &Entry,
+    options: &EngineOptions,
+) -> Result<Arc<dyn BackendFactory>, BackendError> {
+    let platform = entry
+        .config
+        .platform
+        .as_deref()
+        .unwrap_or("onnxruntime_onnx");
     if platform != "onnxruntime_onnx" || !crate::backend::is_onnx(&entry.path) {
         return Err(BackendError::Load {
             path: entry.path.display().to_string(),
-            reason: format!("platform {platform:?} is not supported (this build serves onnxruntime_onnx)"),
+            reason: format!(
+                "platform {platform:?} is not supported (this build serves onnxruntime_onnx)"
+            ),
         });
     }
     crate::backend::ort::init_runtime(options.ort_library.as_deref())?;

@@ -48,7 +48,13 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
-    pub fn record_execution(&self, rows: usize, input: Duration, infer: Duration, output: Duration) {
+    pub fn record_execution(
+        &self,
+        rows: usize,
+        input: Duration,
+        infer: Duration,
+        output: Duration,
+    ) {
         self.compute_input.add(input);
         self.compute_infer.add(infer);
         self.compute_output.add(output);

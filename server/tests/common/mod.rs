@@ -36,9 +36,19 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("--model-repository")
             .arg(repo)
-            .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
+            .args([
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
             .args(extra)
-            .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -54,7 +64,12 @@ impl Server {
         });
         let line = rx
             .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("shoal did not print its listening line: {:?}", child.try_wait()));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "shoal did not print its listening line: {:?}",
+                    child.try_wait()
+                )
+            });
         let field = |k: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{k}=")))
@@ -83,7 +98,10 @@ impl Server {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s.code();
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "shoal did not exit after SIGTERM");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "shoal did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -141,7 +159,10 @@ impl Server {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s.code();
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "shoal did not exit after SIGTERM");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "shoal did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: setup (idempotent), format and lint gates, the Rust
+# tests (unit, engine with a mock backend, the real binary on port 0), and
+# conformance with the unmodified tritonclient against the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHOAL_HOME="${SHOAL_HOME:-$HOME/.cache/shoal}"
+
+scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
+cargo build -p shoal --bin shoal
+SHOAL_BIN="$PWD/target/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider
