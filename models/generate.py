@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 BATCH = "batch"
-MODELS = ("ffnn", "resnet50", "types")
+MODELS = ("ffnn", "resnet50", "types", "accumulator", "trajectory")
 
 
 # --------------------------------------------------------------------------
@@ -213,6 +213,40 @@ def build_types(seed: int) -> onnx.ModelProto:
     return make_model(graph, "Identity per datatype (in_<t> -> out_<t>), for end-to-end datatype tests")
 
 
+def build_accumulator(seed: int) -> onnx.ModelProto:
+    """Keyed sequence state: h_out = h_in + x, y = h_out. The server feeds
+    h_in from the key's stored h_out, so y is the running sum of the key's x."""
+    del seed
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, 4])
+    h_in = helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [BATCH, 4])
+    h_out = helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [BATCH, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, 4])
+    nodes = [
+        helper.make_node("Add", ["h_in", "x"], ["h_out"], name="accumulate"),
+        helper.make_node("Identity", ["h_out"], ["y"], name="emit"),
+    ]
+    graph = helper.make_graph(nodes, "accumulator", [x, h_in], [y, h_out])
+    return make_model(graph, "Accumulator with keyed state: h_out = h_in + x, y = h_out")
+
+
+def build_trajectory(seed: int) -> onnx.ModelProto:
+    """The paper's trajectory step: the last 8 2-D positions of an agent
+    ([N,8,2]) to 12 future positions ([N,12,2]), one seeded linear layer."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((16, 24)) / 4.0).astype(np.float32)
+    b = (rng.standard_normal(24) / 10.0).astype(np.float32)
+    positions = helper.make_tensor_value_info("positions", TensorProto.FLOAT, [BATCH, 8, 2])
+    future = helper.make_tensor_value_info("future", TensorProto.FLOAT, [BATCH, 12, 2])
+    nodes = [
+        helper.make_node("Flatten", ["positions"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["dense"], name="dense"),
+        helper.make_node("Reshape", ["dense", "out_shape"], ["future"], name="reshape"),
+    ]
+    inits = [init("w", w), init("b", b), init("out_shape", np.array([-1, 12, 2], dtype=np.int64))]
+    graph = helper.make_graph(nodes, "trajectory", [positions], [future], inits)
+    return make_model(graph, "Trajectory: last 8 positions [N,8,2] -> next 12 positions [N,12,2]")
+
+
 # --------------------------------------------------------------------------
 # verification with onnxruntime
 # --------------------------------------------------------------------------
@@ -326,6 +360,17 @@ def main(argv=None) -> int:
         jobs.append(("resnet50/1", out / "resnet50" / "1", args.seed, build_resnet50))
     if "types" in only:
         jobs.append(("types/1", out / "types" / "1", args.seed, build_types))
+    if "accumulator" in only:
+        jobs += [
+            ("accumulator/1", out / "accumulator" / "1", args.seed, build_accumulator),
+            ("accumulator_rr/1", out / "accumulator_rr" / "1", args.seed, out / "accumulator" / "1"),
+            ("accumulator_random/1", out / "accumulator_random" / "1", args.seed, out / "accumulator" / "1"),
+        ]
+    if "trajectory" in only:
+        jobs += [
+            ("trajectory/1", out / "trajectory" / "1", args.seed, build_trajectory),
+            ("trajectory_skip/1", out / "trajectory_skip" / "1", args.seed, out / "trajectory" / "1"),
+        ]
 
     for label, vdir, seed, src in jobs:
         gen_s = None

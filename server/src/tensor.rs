@@ -176,6 +176,27 @@ pub fn join_bytes_elements<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> 
     out
 }
 
+/// One element of `dt` holding `v` (cast as `as` casts), little-endian;
+/// `None` for BYTES.
+pub fn scalar_bytes(dt: DataType, v: f64) -> Option<Vec<u8>> {
+    Some(match dt {
+        DataType::Bool => vec![(v != 0.0) as u8],
+        DataType::Uint8 => vec![v as u8],
+        DataType::Int8 => vec![v as i8 as u8],
+        DataType::Uint16 => (v as u16).to_le_bytes().to_vec(),
+        DataType::Int16 => (v as i16).to_le_bytes().to_vec(),
+        DataType::Uint32 => (v as u32).to_le_bytes().to_vec(),
+        DataType::Int32 => (v as i32).to_le_bytes().to_vec(),
+        DataType::Uint64 => (v as u64).to_le_bytes().to_vec(),
+        DataType::Int64 => (v as i64).to_le_bytes().to_vec(),
+        DataType::Fp16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+        DataType::Bf16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+        DataType::Fp32 => (v as f32).to_le_bytes().to_vec(),
+        DataType::Fp64 => v.to_le_bytes().to_vec(),
+        DataType::Bytes => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 
 use super::error::ApiError;
 use super::metadata;
-use crate::engine::{Engine, InferRequest, InferResponse};
+use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::tensor::{join_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use futures::Stream;
@@ -62,12 +62,47 @@ fn param_i64(p: &pb::InferParameter) -> Option<i64> {
     }
 }
 
-/// Decodes a protobuf request into the engine's form. `header_deadline` is
-/// the gRPC deadline from the call's metadata, if any.
+/// A parameter as a key: strings as they are, integers in decimal.
+fn param_key(p: &pb::InferParameter) -> Option<String> {
+    use pb::infer_parameter::ParameterChoice::*;
+    match p.parameter_choice.as_ref()? {
+        StringParam(s) => Some(s.clone()),
+        Int64Param(v) => Some(v.to_string()),
+        Uint64Param(v) => Some(v.to_string()),
+        _ => None,
+    }
+}
+
+fn param_bool(req: &pb::ModelInferRequest, name: &str) -> Result<bool, ApiError> {
+    use pb::infer_parameter::ParameterChoice::*;
+    match req
+        .parameters
+        .get(name)
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        None => Ok(false),
+        Some(BoolParam(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(format!(
+            "parameter {name} must be a boolean"
+        ))),
+    }
+}
+
+/// What a call's metadata adds to its request.
+#[derive(Debug, Default, Clone)]
+pub struct CallMeta {
+    /// The gRPC deadline.
+    pub deadline: Option<Instant>,
+    /// The `x-correlation-key` metadata.
+    pub correlation_key: Option<String>,
+}
+
+/// Decodes a protobuf request into the engine's form.
 pub fn decode_request(
     req: pb::ModelInferRequest,
-    header_deadline: Option<Instant>,
+    meta: CallMeta,
 ) -> Result<InferRequest, ApiError> {
+    let header_deadline = meta.deadline;
     let now = Instant::now();
     let mut deadline = header_deadline;
     if let Some(p) = req.parameters.get("timeout") {
@@ -77,6 +112,21 @@ pub fn decode_request(
         let d = now + Duration::from_micros(us as u64);
         deadline = Some(deadline.map_or(d, |h| h.min(d)));
     }
+    let explicit = |name: &str| -> Result<Option<String>, ApiError> {
+        match req.parameters.get(name) {
+            None => Ok(None),
+            Some(p) => param_key(p).map(Some).ok_or_else(|| {
+                ApiError::invalid(format!("parameter {name} must be a string or an integer"))
+            }),
+        }
+    };
+    // The explicit parameter wins over the metadata, which wins over
+    // Triton's sequence_id.
+    let correlation_key = explicit("correlation_key")?
+        .or(meta.correlation_key)
+        .or(explicit("sequence_id")?.filter(|s| s != "0"));
+    let sequence_start = param_bool(&req, "sequence_start")?;
+    let sequence_end = param_bool(&req, "sequence_end")?;
     let raw = req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
         return Err(ApiError::invalid(format!(
@@ -124,7 +174,21 @@ pub fn decode_request(
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         deadline,
+        correlation_key,
+        sequence_start,
+        sequence_end,
     })
+}
+
+fn to_param(p: Param) -> pb::InferParameter {
+    use pb::infer_parameter::ParameterChoice;
+    pb::InferParameter {
+        parameter_choice: Some(match p {
+            Param::Bool(b) => ParameterChoice::BoolParam(b),
+            Param::Int(i) => ParameterChoice::Int64Param(i),
+            Param::Str(s) => ParameterChoice::StringParam(s),
+        }),
+    }
 }
 
 /// Typed `contents` to raw little-endian bytes, checking integer ranges.
@@ -188,15 +252,29 @@ pub fn encode_response(resp: InferResponse) -> pb::ModelInferResponse {
         model_name: resp.model,
         model_version: resp.version,
         id: resp.id,
-        parameters: Default::default(),
+        parameters: resp
+            .parameters
+            .into_iter()
+            .map(|(k, v)| (k, to_param(v)))
+            .collect(),
         outputs,
         raw_output_contents: raw,
     }
 }
 
-fn header_deadline<T>(req: &Request<T>) -> Option<Instant> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    Some(Instant::now() + parse_grpc_timeout(v)?)
+fn call_meta<T>(req: &Request<T>) -> CallMeta {
+    let md = req.metadata();
+    CallMeta {
+        deadline: md
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| Instant::now() + d),
+        correlation_key: md
+            .get("x-correlation-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    }
 }
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
@@ -255,8 +333,8 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let deadline = header_deadline(&req);
-        let request = decode_request(req.into_inner(), deadline)?;
+        let meta = call_meta(&req);
+        let request = decode_request(req.into_inner(), meta)?;
         let resp = self.engine.infer(request).await.map_err(ApiError::from)?;
         Ok(Response::new(encode_response(resp)))
     }
@@ -267,11 +345,10 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let header = req
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let meta = call_meta(&req);
+        let timeout = meta
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let engine = self.engine.clone();
@@ -289,16 +366,22 @@ impl GrpcInferenceService for GrpcService {
                         break;
                     }
                 };
-                // Requests of one stream run concurrently; each answer
-                // carries its request id. Admission in the engine bounds them.
-                let engine = engine.clone();
+                // Requests of one stream are admitted in stream order (so a
+                // key's requests keep it) and then run concurrently; each
+                // answer carries its request id.
+                let id = msg.id.clone();
+                let msg_meta = CallMeta {
+                    deadline: timeout.map(|d| Instant::now() + d),
+                    correlation_key: meta.correlation_key.clone(),
+                };
+                let submitted = decode_request(msg, msg_meta).map(|r| engine.submit(r));
                 let tx = tx.clone();
-                let deadline = header.map(|d| Instant::now() + d);
                 tokio::spawn(async move {
-                    let id = msg.id.clone();
                     let outcome = async {
-                        let r = decode_request(msg, deadline)?;
-                        engine.infer(r).await.map_err(ApiError::from)
+                        match submitted {
+                            Ok(s) => s.wait().await.map_err(ApiError::from),
+                            Err(e) => Err(e),
+                        }
                     };
                     let reply = tokio::select! {
                         r = outcome => r,

@@ -4,7 +4,7 @@
 
 use super::error::ApiError;
 use super::{json, metadata};
-use crate::engine::{Engine, InferRequest, InferResponse};
+use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::tensor::{DataType, Tensor};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -399,6 +399,29 @@ fn decode_infer(
             })
             .collect::<Result<_, _>>()?,
     };
+    let key_param = |name: &str| -> Result<Option<String>, ApiError> {
+        match req.parameters.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+            Some(_) => Err(ApiError::invalid(format!(
+                "parameter {name} must be a string or an integer"
+            ))),
+        }
+    };
+    let header_key = headers
+        .get("x-correlation-key")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::invalid("x-correlation-key is not visible ASCII"))
+        })
+        .transpose()?;
+    // The explicit parameter wins over the header, which wins over
+    // Triton's sequence_id.
+    let correlation_key = key_param("correlation_key")?
+        .or(header_key)
+        .or(key_param("sequence_id")?.filter(|s| s != "0"));
     let request = InferRequest {
         model: model.to_string(),
         version,
@@ -406,6 +429,9 @@ fn decode_infer(
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         deadline,
+        correlation_key,
+        sequence_start: flag(&req.parameters, "sequence_start")?.unwrap_or(false),
+        sequence_end: flag(&req.parameters, "sequence_end")?.unwrap_or(false),
     };
     Ok((request, binary_outputs))
 }
@@ -427,6 +453,21 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Response {
         j!({"model_name": resp.model, "model_version": resp.version, "outputs": outputs});
     if !resp.id.is_empty() {
         head["id"] = Value::String(resp.id);
+    }
+    if !resp.parameters.is_empty() {
+        let params: Map<String, Value> = resp
+            .parameters
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Param::Bool(b) => Value::Bool(b),
+                    Param::Int(i) => Value::from(i),
+                    Param::Str(s) => Value::String(s),
+                };
+                (k, v)
+            })
+            .collect();
+        head["parameters"] = Value::Object(params);
     }
     let head = serde_json::to_vec(&head).expect("JSON values serialize");
     if blobs.is_empty() {

@@ -32,6 +32,102 @@ pub struct ModelConfigFile {
     pub input: Vec<IoFile>,
     #[serde(default)]
     pub output: Vec<IoFile>,
+    /// How requests are spread over replicas: `affinity` (default),
+    /// `round_robin` or `random`.
+    pub routing: Option<String>,
+    /// The key is what this matches in the request key (the explicit
+    /// `correlation_key`, else the request id).
+    pub correlation_key_regex: Option<String>,
+    pub keyed_state: Option<KeyedStateFile>,
+    #[serde(default)]
+    pub sequence_state: Vec<SequenceStateFile>,
+    pub window: Option<WindowFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyedStateFile {
+    pub max_keys: Option<usize>,
+    pub idle_timeout_s: Option<u64>,
+}
+
+/// A state output that feeds a state input of the next request of the key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceStateFile {
+    pub input: String,
+    pub output: String,
+    #[serde(default)]
+    pub initial: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowFile {
+    pub input: String,
+    pub length: usize,
+    /// `pad` (zeros before the first events) or `skip` (answer without
+    /// running until the window is full).
+    pub warmup: Option<String>,
+}
+
+/// How requests are spread over a model's replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// A key always goes to the replica rendezvous hashing picks; keyless
+    /// requests to the least-loaded replica.
+    Affinity,
+    RoundRobin,
+    Random,
+}
+
+/// Bounds on per-key bookkeeping and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyedLimits {
+    pub max_keys: usize,
+    pub idle_timeout: Duration,
+}
+
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A resolved sequence state pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateSpec {
+    pub input: String,
+    pub output: String,
+    pub datatype: DataType,
+    /// Dims of one key's state (without the batch dim), all fixed.
+    pub dims: Vec<i64>,
+    pub initial: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warmup {
+    Pad,
+    Skip,
+}
+
+/// A resolved sliding window over one input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSpec {
+    pub input: String,
+    pub length: usize,
+    pub warmup: Warmup,
+    pub datatype: DataType,
+    /// Dims of one event (without batch and window dims), all fixed.
+    pub event_dims: Vec<i64>,
+}
+
+/// Where each graph input's data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputSource {
+    /// The request's input at this index of `ModelConfig::inputs`.
+    Client(usize),
+    /// The key's stored state, `ModelConfig::states[i]`.
+    State(usize),
+    /// The key's window, built from the request input at this index.
+    Window(usize),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -79,8 +175,25 @@ pub struct ModelConfig {
     pub inter_op_threads: usize,
     pub dynamic_batching: Option<DynamicBatching>,
     pub max_queue_size: usize,
+    /// Inputs as clients send them (state inputs hidden, windowed ones as
+    /// one event).
     pub inputs: Vec<IoSpec>,
+    /// Outputs as clients see them (state outputs hidden).
     pub outputs: Vec<IoSpec>,
+    /// The backend's inputs, in graph order, with their data source.
+    pub graph_inputs: Vec<(String, InputSource)>,
+    pub routing: Routing,
+    pub correlation_key_regex: Option<String>,
+    pub keyed_limits: KeyedLimits,
+    pub states: Vec<StateSpec>,
+    pub window: Option<WindowSpec>,
+}
+
+impl ModelConfig {
+    /// True when requests of a key depend on the key's earlier requests.
+    pub fn is_stateful(&self) -> bool {
+        !self.states.is_empty() || self.window.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,14 +264,166 @@ impl ModelConfigFile {
         if max_queue_size == 0 {
             return Err(err("max_queue_size must be >= 1".into()));
         }
-        let inputs = resolve_io(model, "input", &self.input, &graph.inputs, max_batch_size)?;
-        let outputs = resolve_io(
+        let routing = match self.routing.as_deref() {
+            None | Some("affinity") => Routing::Affinity,
+            Some("round_robin") => Routing::RoundRobin,
+            Some("random") => Routing::Random,
+            Some(other) => {
+                return Err(err(format!(
+                    "routing {other:?} is not one of affinity, round_robin, random"
+                )))
+            }
+        };
+        if let Some(re) = &self.correlation_key_regex {
+            regex::Regex::new(re)
+                .map_err(|e| err(format!("invalid correlation_key_regex {re:?}: {e}")))?;
+        }
+        let keyed = self.keyed_state.clone().unwrap_or_default();
+        let keyed_limits = KeyedLimits {
+            max_keys: keyed.max_keys.unwrap_or(DEFAULT_MAX_KEYS),
+            idle_timeout: keyed
+                .idle_timeout_s
+                .map_or(DEFAULT_IDLE_TIMEOUT, Duration::from_secs),
+        };
+        if keyed_limits.max_keys == 0 || keyed_limits.idle_timeout.is_zero() {
+            return Err(err(
+                "keyed_state max_keys and idle_timeout_s must be >= 1".into()
+            ));
+        }
+        // Configured [[input]]s describe what clients send; state and
+        // window inputs are the server's to fill, so check those against
+        // the graph alone.
+        let graph_io = resolve_io(model, "input", &[], &graph.inputs, max_batch_size)?;
+        let outputs_all = resolve_io(
             model,
             "output",
             &self.output,
             &graph.outputs,
             max_batch_size,
         )?;
+        if self.is_keyed_stateful() && max_batch_size == 0 {
+            return Err(err(
+                "sequence_state and window need max_batch_size > 0 (one row per key)".into(),
+            ));
+        }
+        let mut states = Vec::new();
+        for st in &self.sequence_state {
+            let i = graph_io
+                .iter()
+                .find(|g| g.name == st.input)
+                .ok_or_else(|| {
+                    err(format!(
+                        "sequence_state input {:?} is not a graph input",
+                        st.input
+                    ))
+                })?;
+            let o = outputs_all
+                .iter()
+                .find(|g| g.name == st.output)
+                .ok_or_else(|| {
+                    err(format!(
+                        "sequence_state output {:?} is not a graph output",
+                        st.output
+                    ))
+                })?;
+            let fixed = i.dims.iter().all(|&x| x > 0);
+            let same = i.dims.len() == o.dims.len()
+                && i.dims.iter().zip(&o.dims).all(|(&a, &b)| b < 0 || a == b);
+            if i.datatype != o.datatype || i.datatype.size().is_none() || !fixed || !same {
+                return Err(err(format!(
+                    "sequence_state {} {:?} {} -> {} {:?} {}: datatypes must match and be numeric, dims equal and fixed",
+                    st.output, o.dims, o.datatype, st.input, i.dims, i.datatype
+                )));
+            }
+            states.push(StateSpec {
+                input: st.input.clone(),
+                output: st.output.clone(),
+                datatype: i.datatype,
+                dims: i.dims.clone(),
+                initial: st.initial,
+            });
+        }
+        let window = match &self.window {
+            None => None,
+            Some(w) => {
+                let g = graph_io.iter().find(|g| g.name == w.input).ok_or_else(|| {
+                    err(format!("window input {:?} is not a graph input", w.input))
+                })?;
+                if w.length == 0 || w.length > 4096 {
+                    return Err(err(format!(
+                        "window length must be 1..=4096, got {}",
+                        w.length
+                    )));
+                }
+                let fits = g
+                    .dims
+                    .first()
+                    .is_some_and(|&d| d < 0 || d as usize == w.length);
+                let event_dims = g.dims.get(1..).unwrap_or_default().to_vec();
+                if !fits || event_dims.iter().any(|&d| d <= 0) || g.datatype.size().is_none() {
+                    return Err(err(format!(
+                        "window input {:?} has dims {:?}: expected [{}, <fixed event dims>] of a numeric type",
+                        w.input, g.dims, w.length
+                    )));
+                }
+                let warmup = match w.warmup.as_deref() {
+                    None | Some("pad") => Warmup::Pad,
+                    Some("skip") => Warmup::Skip,
+                    Some(o) => return Err(err(format!("window warmup {o:?} is not pad or skip"))),
+                };
+                Some(WindowSpec {
+                    input: w.input.clone(),
+                    length: w.length,
+                    warmup,
+                    datatype: g.datatype,
+                    event_dims,
+                })
+            }
+        };
+        // What clients send: configured inputs if given, else the graph's,
+        // minus state inputs, with the window input as one event.
+        let client_candidates = if self.input.is_empty() {
+            graph_io.clone()
+        } else {
+            resolve_io(
+                model,
+                "client input",
+                &self.input,
+                &graph.inputs,
+                max_batch_size,
+            )?
+        };
+        let mut inputs = Vec::new();
+        for mut c in client_candidates {
+            if states.iter().any(|s| s.input == c.name) {
+                continue;
+            }
+            if let Some(w) = window.as_ref().filter(|w| w.input == c.name) {
+                c.dims = w.event_dims.clone();
+            }
+            inputs.push(c);
+        }
+        let mut graph_inputs = Vec::new();
+        for g in &graph_io {
+            let source = if let Some(i) = states.iter().position(|s| s.input == g.name) {
+                InputSource::State(i)
+            } else {
+                let i = inputs
+                    .iter()
+                    .position(|c| c.name == g.name)
+                    .ok_or_else(|| err(format!("config omits graph input {:?}", g.name)))?;
+                if window.as_ref().is_some_and(|w| w.input == g.name) {
+                    InputSource::Window(i)
+                } else {
+                    InputSource::Client(i)
+                }
+            };
+            graph_inputs.push((g.name.clone(), source));
+        }
+        let outputs = outputs_all
+            .into_iter()
+            .filter(|o| !states.iter().any(|s| s.output == o.name))
+            .collect();
         Ok(ModelConfig {
             name: model.to_string(),
             platform: self
@@ -173,7 +438,17 @@ impl ModelConfigFile {
             max_queue_size,
             inputs,
             outputs,
+            graph_inputs,
+            routing,
+            correlation_key_regex: self.correlation_key_regex.clone(),
+            keyed_limits,
+            states,
+            window,
         })
+    }
+
+    fn is_keyed_stateful(&self) -> bool {
+        !self.sequence_state.is_empty() || self.window.is_some()
     }
 }
 
@@ -322,6 +597,10 @@ mod tests {
             ("max_batch_size = 4\n[dynamic_batching]\npreferred_batch_sizes = [8]\n", "preferred batch size 8"),
             ("instance_count = 0\n", "instance_count"),
             ("max_batch_size = 4\nmax_queue_size = 0\n", "max_queue_size"),
+            ("correlation_key_regex = \"(unclosed\"\n", "invalid correlation_key_regex"),
+            ("routing = \"sticky\"\n", "routing \"sticky\""),
+            ("max_batch_size = 4\n[[sequence_state]]\ninput = \"nope\"\noutput = \"output\"\n", "not a graph input"),
+            ("[window]\ninput = \"input\"\nlength = 8\n", "need max_batch_size > 0"),
         ];
         for (text, want) in cases {
             let e = ModelConfigFile::parse("m", text)
@@ -334,6 +613,81 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("bogus_key"));
+    }
+
+    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn state_inputs_are_hidden_and_fed_by_the_server() {
+        let g = Signature {
+            inputs: vec![spec("x", &[-1, 4]), spec("h_in", &[-1, 4])],
+            outputs: vec![spec("y", &[-1, 4]), spec("h_out", &[-1, 4])],
+        };
+        let f = ModelConfigFile::parse(
+            "acc",
+            "max_batch_size = 8\n[[sequence_state]]\ninput = \"h_in\"\noutput = \"h_out\"\ninitial = 1.5\n",
+        )
+        .unwrap();
+        let c = f.resolve("acc", &g).unwrap();
+        assert_eq!(
+            c.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["x"]
+        );
+        assert_eq!(
+            c.outputs
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>(),
+            ["y"]
+        );
+        assert_eq!(
+            c.graph_inputs,
+            vec![
+                ("x".to_string(), InputSource::Client(0)),
+                ("h_in".to_string(), InputSource::State(0))
+            ]
+        );
+        assert_eq!(c.states[0].dims, vec![4]);
+        assert!(c.is_stateful());
+        assert_eq!(c.routing, Routing::Affinity);
+    }
+
+    #[test]
+    fn window_input_is_one_event_for_clients() {
+        let g = Signature {
+            inputs: vec![spec("positions", &[-1, 8, 2])],
+            outputs: vec![spec("future", &[-1, 12, 2])],
+        };
+        let f = ModelConfigFile::parse(
+            "t",
+            "max_batch_size = 8\nrouting = \"random\"\n[window]\ninput = \"positions\"\nlength = 8\nwarmup = \"skip\"\n",
+        )
+        .unwrap();
+        let c = f.resolve("t", &g).unwrap();
+        assert_eq!(c.inputs[0].dims, vec![2]);
+        assert_eq!(c.graph_inputs[0].1, InputSource::Window(0));
+        let w = c.window.unwrap();
+        assert_eq!(
+            (w.length, w.warmup, w.event_dims),
+            (8, Warmup::Skip, vec![2])
+        );
+        assert_eq!(c.routing, Routing::Random);
+        let bad = ModelConfigFile::parse(
+            "t",
+            "max_batch_size = 8\n[window]\ninput = \"positions\"\nlength = 5\n",
+        )
+        .unwrap();
+        assert!(bad
+            .resolve("t", &g)
+            .unwrap_err()
+            .to_string()
+            .contains("expected [5"));
     }
 
     #[test]

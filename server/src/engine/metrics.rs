@@ -15,6 +15,15 @@ pub const BATCH_SIZE: &str = "shoal_batch_size";
 pub const QUEUE_DEPTH: &str = "shoal_queue_depth";
 pub const INFERENCE_COUNT: &str = "shoal_inference_count_total";
 pub const EXECUTION_COUNT: &str = "shoal_execution_count_total";
+pub const REPLICA_REQUESTS: &str = "shoal_replica_requests_total";
+pub const REPLICA_QUEUE_DEPTH: &str = "shoal_replica_queue_depth";
+pub const REPLICA_LIVE_KEYS: &str = "shoal_replica_live_keys";
+pub const STATE_HITS: &str = "shoal_state_hits_total";
+pub const STATE_MISSES: &str = "shoal_state_misses_total";
+pub const STATE_MIGRATIONS: &str = "shoal_state_migrations_total";
+pub const STATE_EVICTIONS: &str = "shoal_state_evictions_total";
+pub const STATE_EXPIRATIONS: &str = "shoal_state_expirations_total";
+pub const STATE_BYTES: &str = "shoal_state_bytes";
 
 /// Buckets for the latency histograms, in seconds (50 µs to 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -48,6 +57,81 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Requests admitted and not yet executed");
     describe_counter!(INFERENCE_COUNT, "Rows inferred (a batch of n counts n)");
     describe_counter!(EXECUTION_COUNT, "Backend executions (a batch counts once)");
+    describe_counter!(REPLICA_REQUESTS, "Requests executed by a replica");
+    describe_gauge!(
+        REPLICA_QUEUE_DEPTH,
+        "Requests queued or running on a replica"
+    );
+    describe_gauge!(REPLICA_LIVE_KEYS, "Keys whose state a replica holds");
+    describe_counter!(STATE_HITS, "Keyed requests that found their key's state");
+    describe_counter!(
+        STATE_MISSES,
+        "Keyed requests that started their key's state"
+    );
+    describe_counter!(STATE_MIGRATIONS, "Key states moved between replicas");
+    describe_counter!(STATE_EVICTIONS, "Keys evicted to stay within max_keys");
+    describe_counter!(STATE_EXPIRATIONS, "Keys expired after idle_timeout_s");
+    describe_gauge!(STATE_BYTES, Unit::Bytes, "Bytes of keyed state held");
+}
+
+/// Handles for one replica.
+pub struct ReplicaMetrics {
+    pub requests: Counter,
+    pub queue_depth: Gauge,
+    pub live_keys: Gauge,
+}
+
+impl ReplicaMetrics {
+    pub fn new(model: &str, version: &str, replica: usize) -> Self {
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+            ("replica", replica.to_string()),
+        ];
+        Self {
+            requests: metrics::counter!(REPLICA_REQUESTS, &labels),
+            queue_depth: metrics::gauge!(REPLICA_QUEUE_DEPTH, &labels),
+            live_keys: metrics::gauge!(REPLICA_LIVE_KEYS, &labels),
+        }
+    }
+}
+
+/// Handles mirroring a model's keyed-state counters.
+pub struct StateMetrics {
+    hits: Counter,
+    misses: Counter,
+    migrations: Counter,
+    evictions: Counter,
+    expirations: Counter,
+    bytes: Gauge,
+}
+
+impl StateMetrics {
+    pub fn new(model: &str, version: &str) -> Self {
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        Self {
+            hits: metrics::counter!(STATE_HITS, &labels),
+            misses: metrics::counter!(STATE_MISSES, &labels),
+            migrations: metrics::counter!(STATE_MIGRATIONS, &labels),
+            evictions: metrics::counter!(STATE_EVICTIONS, &labels),
+            expirations: metrics::counter!(STATE_EXPIRATIONS, &labels),
+            bytes: metrics::gauge!(STATE_BYTES, &labels),
+        }
+    }
+
+    /// Copies the table's atomic counters into the exported metrics.
+    pub fn sync(&self, c: &super::state::StateCounters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.hits.absolute(c.hits.load(Relaxed));
+        self.misses.absolute(c.misses.load(Relaxed));
+        self.migrations.absolute(c.migrations.load(Relaxed));
+        self.evictions.absolute(c.evictions.load(Relaxed));
+        self.expirations.absolute(c.expirations.load(Relaxed));
+        self.bytes.set(c.bytes.load(Relaxed) as f64);
+    }
 }
 
 /// Handles for one model version.

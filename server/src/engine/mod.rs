@@ -5,17 +5,20 @@
 pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod execute;
+pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod replica;
 pub mod repository;
 pub mod request;
+pub mod state;
 pub mod stats;
 
 pub use config::{ModelConfig, ModelConfigFile};
 pub use error::{EngineError, ErrorKind};
 pub use model::{LoadError, ModelVersion};
-pub use request::{InferRequest, InferResponse};
+pub use request::{InferRequest, InferResponse, Param};
 
 use crate::backend::BackendFactory;
 use parking_lot::RwLock;
@@ -56,11 +59,11 @@ struct Inner {
     idle: tokio::sync::Notify,
 }
 
-/// Counts one `infer` call for as long as it lives (also when its future is
+/// Counts one request for as long as it lives (also when its future is
 /// dropped by a client that went away).
-struct InFlight<'a>(&'a Inner);
+struct InFlight(Arc<Inner>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
@@ -73,6 +76,78 @@ impl Drop for InFlight<'_> {
 pub struct EngineOptions {
     /// Path of libonnxruntime; `None`: `ORT_DYLIB_PATH` or known locations.
     pub ort_library: Option<std::path::PathBuf>,
+}
+
+/// A request the engine has taken; `wait` for its answer.
+pub struct Submitted {
+    state: SubmitState,
+    _guard: InFlight,
+}
+
+enum SubmitState {
+    /// No such model or version: nothing to count it against.
+    Unknown(EngineError),
+    Queued {
+        mv: Arc<ModelVersion>,
+        rx: Result<tokio::sync::oneshot::Receiver<replica::Reply>, EngineError>,
+        started: Instant,
+        deadline: Option<Instant>,
+        id: String,
+    },
+}
+
+impl Submitted {
+    /// The answer. Dropping this future cancels the request.
+    pub async fn wait(self) -> Result<InferResponse, EngineError> {
+        let (mv, rx, started, deadline, id) = match self.state {
+            SubmitState::Unknown(e) => return Err(e),
+            SubmitState::Queued {
+                mv,
+                rx,
+                started,
+                deadline,
+                id,
+            } => (mv, rx, started, deadline, id),
+        };
+        let result: Result<InferResponse, EngineError> = async {
+            let rx = rx?;
+            let reply = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), rx)
+                    .await
+                    .map_err(|_| EngineError::DeadlineExceeded)?,
+                None => rx.await,
+            };
+            let answer = reply.map_err(|_| EngineError::Internal("replica stopped".into()))??;
+            let mut parameters = Vec::new();
+            if let Some((have, need)) = answer.window_fill {
+                // The model did not run: the key's window is still filling.
+                parameters.push(("window_fill".to_string(), Param::Int(have as i64)));
+                parameters.push(("window_length".to_string(), Param::Int(need as i64)));
+            }
+            Ok(InferResponse {
+                model: mv.core.config.name.clone(),
+                version: mv.core.version.to_string(),
+                id,
+                outputs: answer.outputs,
+                parameters,
+            })
+        }
+        .await;
+        let core = &mv.core;
+        let elapsed = started.elapsed();
+        match &result {
+            Ok(_) => {
+                core.metrics.success.increment(1);
+                core.metrics.request_duration.record(elapsed.as_secs_f64());
+                core.stats.success.add(elapsed);
+            }
+            Err(e) => {
+                core.metrics.failure(e.kind().as_str());
+                core.stats.fail.add(elapsed);
+            }
+        }
+        result
+    }
 }
 
 impl Engine {
@@ -158,55 +233,45 @@ impl Engine {
     /// backend. Dropping the future before it resolves cancels the request:
     /// the replica skips it before it costs compute.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, EngineError> {
+        self.submit(request).wait().await
+    }
+
+    /// Validates, admits and queues a request now, without waiting: a
+    /// caller that submits requests one after another (a gRPC stream) fixes
+    /// their arrival order, which is each key's execution order.
+    pub fn submit(&self, request: InferRequest) -> Submitted {
         let started = Instant::now();
         self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _guard = InFlight(&self.inner);
-        let mv = self.model(&request.model, request.version.as_deref())?;
-        let result = self.infer_on(&mv, request, started).await;
-        let core = &mv.core;
-        let elapsed = started.elapsed();
-        match &result {
-            Ok(_) => {
-                core.metrics.success.increment(1);
-                core.metrics.request_duration.record(elapsed.as_secs_f64());
-                core.stats.success.add(elapsed);
-            }
+        let guard = InFlight(self.inner.clone());
+        let mv = match self.model(&request.model, request.version.as_deref()) {
+            Ok(mv) => mv,
             Err(e) => {
-                core.metrics.failure(e.kind().as_str());
-                core.stats.fail.add(elapsed);
+                return Submitted {
+                    state: SubmitState::Unknown(e),
+                    _guard: guard,
+                }
             }
-        }
-        result
-    }
-
-    async fn infer_on(
-        &self,
-        mv: &ModelVersion,
-        request: InferRequest,
-        started: Instant,
-    ) -> Result<InferResponse, EngineError> {
-        if self.inner.stopping.load(Ordering::Relaxed) {
-            return Err(EngineError::Unavailable("server is shutting down".into()));
-        }
-        if request.deadline.is_some_and(|d| d <= started) {
-            return Err(EngineError::DeadlineExceeded);
-        }
-        let rx = mv.submit(request.inputs, &request.outputs, request.deadline)?;
-        let reply = match request.deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), rx)
-                .await
-                .map_err(|_| EngineError::DeadlineExceeded)?,
-            None => rx.await,
         };
-        let outputs = reply.map_err(|_| EngineError::Internal("replica stopped".into()))??;
-        Ok(InferResponse {
-            model: mv.core.config.name.clone(),
-            version: mv.core.version.to_string(),
-            id: request.id,
-            outputs,
-        })
+        let deadline = request.deadline;
+        let id = request.id.clone();
+        let rx = if self.inner.stopping.load(Ordering::Relaxed) {
+            Err(EngineError::Unavailable("server is shutting down".into()))
+        } else if deadline.is_some_and(|d| d <= started) {
+            Err(EngineError::DeadlineExceeded)
+        } else {
+            mv.submit(request)
+        };
+        Submitted {
+            state: SubmitState::Queued {
+                mv,
+                rx,
+                started,
+                deadline,
+                id,
+            },
+            _guard: guard,
+        }
     }
-
     /// Resolves once no `infer` call is in progress.
     pub async fn wait_idle(&self) {
         loop {

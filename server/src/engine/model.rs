@@ -2,30 +2,60 @@
 //! control, request validation and routing.
 
 use super::batcher::{BatchPolicy, NoBatching, StaticBatching};
-use super::config::{IoSpec, ModelConfig, ModelConfigFile};
+use super::config::{IoSpec, ModelConfig, ModelConfigFile, Routing};
 use super::error::EngineError;
-use super::metrics::ModelMetrics;
-use super::replica::{Pending, Replica, Reply, StartingReplica};
+use super::keys::{key_hash, rendezvous, KeyExtractor};
+use super::metrics::{ModelMetrics, ReplicaMetrics, StateMetrics};
+use super::replica::{Pending, Replica, Reply, Shared, StartingReplica};
+use super::state::KeyTable;
 use super::stats::ModelStats;
+use super::InferRequest;
 use crate::backend::BackendFactory;
-use crate::tensor::{count_bytes_elements, element_count, DataType, Tensor};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::tensor::{count_bytes_elements, element_count, scalar_bytes, DataType, Tensor};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::oneshot;
 
 /// What the replicas of one version share.
-#[derive(Debug)]
 pub struct ModelCore {
     pub config: ModelConfig,
     pub version: u64,
     pub metrics: ModelMetrics,
+    pub replica_metrics: Vec<ReplicaMetrics>,
+    pub state_metrics: StateMetrics,
     pub stats: ModelStats,
+    /// Per-key order, state location and bounds.
+    pub keys: KeyTable,
+    pub extractor: KeyExtractor,
+    /// One row of each sequence state's initial value.
+    pub initial_state: Vec<Bytes>,
+    /// Every replica's wake-up, to hand a key's turn to another replica.
+    wakers: Vec<Arc<Shared>>,
     /// Requests admitted and not yet taken into a batch.
     queued: AtomicUsize,
+    /// Round-robin position, and the counter random routing hashes.
+    spread: AtomicU64,
+}
+
+impl std::fmt::Debug for ModelCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelCore")
+            .field("model", &self.config.name)
+            .field("version", &self.version)
+            .finish()
+    }
 }
 
 impl ModelCore {
+    /// Wakes a replica to rescan its queue.
+    pub fn poke(&self, replica: usize) {
+        if let Some(w) = self.wakers.get(replica) {
+            w.poke();
+        }
+    }
+
     /// Frees admission slots for requests that left the queue.
     pub fn release(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::Relaxed);
@@ -94,10 +124,42 @@ impl ModelVersion {
                 return Err(e.into());
             }
         };
+        let abort = |starting: Vec<StartingReplica>, reason: String| {
+            starting.into_iter().for_each(StartingReplica::abort);
+            LoadError::Config(super::config::ConfigError {
+                model: name.to_string(),
+                reason,
+            })
+        };
+        let extractor = match KeyExtractor::new(config.correlation_key_regex.as_deref()) {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(abort(
+                    starting,
+                    format!("invalid correlation_key_regex: {e}"),
+                ))
+            }
+        };
+        let mut initial_state = Vec::new();
+        for st in &config.states {
+            let elems = element_count(&st.dims).unwrap_or(0);
+            let one = scalar_bytes(st.datatype, st.initial).unwrap_or_default();
+            initial_state.push(Bytes::from(one.repeat(elems)));
+        }
+        let v = version.to_string();
         let core = Arc::new(ModelCore {
-            metrics: ModelMetrics::new(name, &version.to_string()),
+            metrics: ModelMetrics::new(name, &v),
+            replica_metrics: (0..count)
+                .map(|r| ReplicaMetrics::new(name, &v, r))
+                .collect(),
+            state_metrics: StateMetrics::new(name, &v),
             stats: ModelStats::default(),
+            keys: KeyTable::new(config.keyed_limits, count),
+            extractor,
+            initial_state,
+            wakers: starting.iter().map(StartingReplica::shared).collect(),
             queued: AtomicUsize::new(0),
+            spread: AtomicU64::new(0),
             version,
             config,
         });
@@ -121,16 +183,33 @@ impl ModelVersion {
         &self.core.config
     }
 
-    /// Validates, admits and enqueues a request; the receiver gets the answer.
-    pub fn submit(
-        &self,
-        inputs: Vec<Tensor>,
-        outputs: &[String],
-        deadline: Option<Instant>,
-    ) -> Result<oneshot::Receiver<Reply>, EngineError> {
-        let (inputs, rows, signature) = self.validate_inputs(inputs)?;
-        let outputs = self.select_outputs(outputs)?;
+    /// Validates, admits, routes and enqueues a request; the receiver gets
+    /// the answer.
+    pub fn submit(&self, req: InferRequest) -> Result<oneshot::Receiver<Reply>, EngineError> {
         let cfg = &self.core.config;
+        let (inputs, rows, signature) = self.validate_inputs(req.inputs)?;
+        let outputs = self.select_outputs(&req.outputs)?;
+        let key = self
+            .core
+            .extractor
+            .extract(req.correlation_key.as_deref(), &req.id);
+        if cfg.is_stateful() {
+            if key.is_none() {
+                return Err(EngineError::invalid(format!(
+                    "model {} keeps state per key: give a correlation key (parameter correlation_key, header x-correlation-key, or sequence_id){}",
+                    cfg.name,
+                    cfg.correlation_key_regex
+                        .as_ref()
+                        .map_or(String::new(), |re| format!(" matching {re:?}"))
+                )));
+            }
+            if rows != 1 {
+                return Err(EngineError::invalid(format!(
+                    "model {} keeps state per key: a request carries one row (one step of its key), not {rows}",
+                    cfg.name
+                )));
+            }
+        }
         // Admission: a full model answers at once, never blocks or grows.
         let prev = self.core.queued.fetch_add(1, Ordering::Relaxed);
         if prev >= cfg.max_queue_size {
@@ -138,30 +217,71 @@ impl ModelVersion {
             return Err(EngineError::Overloaded(cfg.name.clone()));
         }
         self.core.metrics.queue_depth.increment(1.0);
+        let n = self.replicas.len();
+        let spread = || self.core.spread.fetch_add(1, Ordering::Relaxed);
+        let (replica, ticket) = match &key {
+            None => {
+                let r = match cfg.routing {
+                    Routing::Affinity => self.least_loaded(),
+                    Routing::RoundRobin => (spread() % n as u64) as usize,
+                    Routing::Random => (mix(spread()) % n as u64) as usize,
+                };
+                (r, 0)
+            }
+            Some(k) => {
+                let choose = || match cfg.routing {
+                    Routing::Affinity => {
+                        rendezvous(key_hash(k), 0..n).expect("a model has replicas")
+                    }
+                    Routing::RoundRobin => (spread() % n as u64) as usize,
+                    Routing::Random => (mix(spread()) % n as u64) as usize,
+                };
+                match self.core.keys.admit(k, Instant::now(), choose) {
+                    Ok(t) => (t.replica, t.number),
+                    Err(_) => {
+                        self.core.release(1);
+                        return Err(EngineError::Overloaded(format!(
+                            "{}: all {} tracked keys have requests in flight",
+                            cfg.name, cfg.keyed_limits.max_keys
+                        )));
+                    }
+                }
+            }
+        };
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
+            key,
+            ticket,
+            sequence_start: req.sequence_start,
+            sequence_end: req.sequence_end,
             inputs,
             rows,
             signature,
             outputs,
             enqueued: Instant::now(),
-            deadline,
+            deadline: req.deadline,
             reply: tx,
         };
-        // Keyless requests go to the least-loaded replica.
-        let replica = self
-            .replicas
-            .iter()
-            .min_by_key(|r| r.load())
-            .expect("a model has at least one replica");
-        if replica.enqueue(pending).is_err() {
+        if let Err(p) = self.replicas[replica].enqueue(pending) {
             self.core.release(1);
+            if let Some(k) = &p.key {
+                self.core.keys.finish(k, p.ticket, replica, None);
+            }
             return Err(EngineError::Unavailable(format!(
                 "model {} is shutting down",
                 cfg.name
             )));
         }
         Ok(rx)
+    }
+
+    fn least_loaded(&self) -> usize {
+        self.replicas
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, r)| r.load())
+            .map(|(i, _)| i)
+            .expect("a model has at least one replica")
     }
 
     fn select_outputs(&self, names: &[String]) -> Result<Option<Vec<usize>>, EngineError> {
@@ -253,6 +373,15 @@ impl ModelVersion {
         }
         Ok((out, rows.unwrap_or(1), signature))
     }
+}
+
+/// splitmix64's finalizer: a counter through it is a cheap, lock-free
+/// uniform spread for `random` routing.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn names_of(specs: &[IoSpec]) -> Vec<&str> {

@@ -3,10 +3,10 @@
 
 use super::batcher::{BatchPolicy, Decision, QueueView};
 use super::error::EngineError;
+use super::keys::Key;
 use super::model::ModelCore;
-use crate::backend::{Backend, BackendError, BackendFactory, BatchInput, BatchOutput, Signature};
-use crate::tensor::{join_bytes_elements, split_bytes_elements, DataType, Tensor};
-use bytes::Bytes;
+use crate::backend::{Backend, BackendError, BackendFactory, Signature};
+use crate::tensor::Tensor;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,10 +15,24 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-pub type Reply = Result<Vec<Tensor>, EngineError>;
+/// A request's successful answer from its replica.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub outputs: Vec<Tensor>,
+    /// Events in the key's window and its length, when a skip-warmup
+    /// window was not full and the model did not run.
+    pub window_fill: Option<(usize, usize)>,
+}
+
+pub type Reply = Result<Answer, EngineError>;
 
 /// A validated request waiting in a replica queue.
 pub struct Pending {
+    /// The correlation key and its ticket in the key's order.
+    pub key: Option<Key>,
+    pub ticket: u64,
+    pub sequence_start: bool,
+    pub sequence_end: bool,
     /// Inputs in the model's input order.
     pub inputs: Vec<Tensor>,
     /// Rows along the batch dimension (1 for a model without batching).
@@ -37,6 +51,8 @@ struct Queue {
     items: VecDeque<Pending>,
     /// Rows of all queued requests.
     rows: usize,
+    /// Queued requests that carry a key (their order needs the key table).
+    keyed: usize,
     stopping: bool,
     sleep: Sleep,
 }
@@ -54,11 +70,20 @@ enum Sleep {
     Until { wake_rows: usize },
 }
 
-struct Shared {
+/// The part of a replica other threads touch: its queue and its wake-up.
+pub struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     /// Requests queued or executing here: the router's load signal.
     load: AtomicUsize,
+}
+
+impl Shared {
+    /// Wakes the worker to rescan its queue (a key it waits on was freed).
+    pub fn poke(&self) {
+        let _q = self.queue.lock();
+        self.wake.notify_one();
+    }
 }
 
 /// Handle to a running replica.
@@ -84,6 +109,11 @@ pub struct StartingReplica {
 }
 
 impl StartingReplica {
+    /// Its wake-up handle, for the model's other replicas.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// Starts the replica thread and loads its backend there; returns once
     /// the backend is ready (or failed).
     pub fn spawn(
@@ -116,6 +146,7 @@ impl StartingReplica {
                 }
                 if let Ok(Some((core, policy))) = go_rx.recv() {
                     Worker {
+                        id,
                         core,
                         shared: thread_shared,
                         backend,
@@ -170,13 +201,15 @@ impl Replica {
         self.shared.load.load(Ordering::Relaxed)
     }
 
-    pub fn enqueue(&self, p: Pending) -> Result<(), Pending> {
+    /// Queues a request; a stopping replica hands it back.
+    pub fn enqueue(&self, p: Pending) -> Result<(), Box<Pending>> {
         let mut q = self.shared.queue.lock();
         if q.stopping {
-            return Err(p);
+            return Err(Box::new(p));
         }
         self.shared.load.fetch_add(1, Ordering::Relaxed);
         q.rows += p.rows;
+        q.keyed += p.key.is_some() as usize;
         q.items.push_back(p);
         let wake = match q.sleep {
             Sleep::Busy => false,
@@ -203,10 +236,17 @@ impl Replica {
 }
 
 struct Worker {
+    id: usize,
     core: Arc<ModelCore>,
     shared: Arc<Shared>,
     backend: Box<dyn Backend>,
     policy: Box<dyn BatchPolicy>,
+}
+
+/// A batch taken from the queue, with where each keyed request's state is.
+pub struct Taken {
+    pub requests: Vec<Pending>,
+    pub owners: Vec<Option<usize>>,
 }
 
 impl Worker {
@@ -214,7 +254,19 @@ impl Worker {
         let mut rows = Vec::new();
         let mut picked = Vec::new();
         while let Some(batch) = self.next_batch(&mut rows, &mut picked) {
-            self.execute(batch);
+            let n = batch.requests.len();
+            super::execute::execute(
+                self.id,
+                &self.core,
+                self.backend.as_mut(),
+                self.policy.as_mut(),
+                batch,
+            );
+            let load = self.shared.load.fetch_sub(n, Ordering::Relaxed) - n;
+            self.core.replica_metrics[self.id]
+                .queue_depth
+                .set(load as f64);
+            self.core.state_metrics.sync(&self.core.keys.counters);
         }
     }
 
@@ -222,12 +274,19 @@ impl Worker {
     fn next_batch(
         &mut self,
         rows: &mut Vec<usize>,
-        picked: &mut Vec<usize>,
-    ) -> Option<Vec<Pending>> {
+        picked: &mut Vec<(usize, Option<usize>)>,
+    ) -> Option<Taken> {
         let mut q = self.shared.queue.lock();
         loop {
             let now = Instant::now();
-            self.purge(&mut q, now);
+            let pokes = self.purge(&mut q, now);
+            if !pokes.is_empty() {
+                // Never hold our queue while taking another replica's.
+                parking_lot::MutexGuard::unlocked(&mut q, || {
+                    pokes.iter().for_each(|&r| self.core.poke(r))
+                });
+                continue;
+            }
             if q.items.is_empty() {
                 if q.stopping {
                     return None;
@@ -239,16 +298,41 @@ impl Worker {
             }
             rows.clear();
             picked.clear();
-            let head_sig = &q.items[0].signature;
-            for (i, p) in q.items.iter().enumerate() {
-                if p.signature == *head_sig {
+            // A keyed request may run only when it is its key's next ticket
+            // (the previous one finished, on whichever replica), and its
+            // state's location decides a migration. One table lock per scan.
+            let mut checks: Vec<(Option<&Key>, u64, Option<usize>, bool)> = Vec::new();
+            if q.keyed > 0 {
+                checks.extend(
+                    q.items
+                        .iter()
+                        .map(|p| (p.key.as_ref(), p.ticket, None, false)),
+                );
+                self.core.keys.check(&mut checks);
+            }
+            let eligible = |i: usize| checks.get(i).is_none_or(|c| c.3);
+            let Some(head) = (0..q.items.len()).find(|&i| eligible(i)) else {
+                // Every request waits on a key busy elsewhere; the replica
+                // that finishes it pokes us.
+                if q.stopping && q.items.iter().all(|p| p.key.is_none()) {
+                    return None;
+                }
+                q.sleep = Sleep::Idle;
+                self.shared.wake.wait_for(&mut q, Duration::from_millis(50));
+                q.sleep = Sleep::Busy;
+                continue;
+            };
+            let head_sig = &q.items[head].signature;
+            for (i, p) in q.items.iter().enumerate().skip(head) {
+                if p.signature == *head_sig && eligible(i) {
                     rows.push(p.rows);
-                    picked.push(i);
+                    picked.push((i, checks.get(i).and_then(|c| c.2)));
                 }
             }
+            drop(checks);
             let view = QueueView {
                 rows,
-                oldest_wait: now.saturating_duration_since(q.items[0].enqueued),
+                oldest_wait: now.saturating_duration_since(q.items[head].enqueued),
                 more_incompatible: picked.len() < q.items.len(),
             };
             let n = match self.policy.decide(view) {
@@ -267,15 +351,19 @@ impl Worker {
                     continue;
                 }
             };
-            let mut batch = Vec::with_capacity(n);
+            let mut requests = Vec::with_capacity(n);
+            let mut owners = Vec::with_capacity(n);
             // Remove back to front so earlier indexes stay valid.
-            for &i in picked[..n].iter().rev() {
+            for &(i, owner) in picked[..n].iter().rev() {
                 let p = q.items.remove(i).expect("index from this scan");
                 q.rows -= p.rows;
-                batch.push(p);
+                q.keyed -= p.key.is_some() as usize;
+                requests.push(p);
+                owners.push(owner);
             }
-            batch.reverse();
-            return Some(batch);
+            requests.reverse();
+            owners.reverse();
+            return Some(Taken { requests, owners });
         }
     }
 
@@ -285,20 +373,22 @@ impl Worker {
 
     /// Drops requests that can no longer be answered usefully, before they
     /// cost compute: expired deadlines and clients that have gone away.
-    fn purge(&self, q: &mut Queue, now: Instant) {
+    /// Returns the replicas to wake because a key they wait on is free.
+    fn purge(&self, q: &mut Queue, now: Instant) -> Vec<usize> {
         let core = &self.core;
-        let items = &mut q.items;
+        let mut pokes = Vec::new();
         let mut gone = 0;
         let mut i = 0;
-        while i < items.len() {
-            let p = &items[i];
+        while i < q.items.len() {
+            let p = &q.items[i];
             let expired = p.deadline.is_some_and(|d| d <= now);
             if !expired && !p.reply.is_closed() {
                 i += 1;
                 continue;
             }
-            let p = items.remove(i).expect("index checked above");
+            let p = q.items.remove(i).expect("index checked above");
             q.rows -= p.rows;
+            q.keyed -= p.key.is_some() as usize;
             if expired {
                 // Counted by the caller, which receives this answer.
                 let _ = p.reply.send(Err(EngineError::DeadlineExceeded));
@@ -309,181 +399,16 @@ impl Worker {
                     .fail
                     .add(now.saturating_duration_since(p.enqueued));
             }
+            if let Some(key) = &p.key {
+                // Its key's next request must not wait for it forever.
+                pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
+            }
             gone += 1;
         }
         if gone > 0 {
             self.shared.load.fetch_sub(gone, Ordering::Relaxed);
             core.release(gone);
         }
+        pokes
     }
-
-    fn execute(&mut self, batch: Vec<Pending>) {
-        let core = self.core.clone();
-        let start = Instant::now();
-        for p in &batch {
-            let waited = start.saturating_duration_since(p.enqueued);
-            core.metrics.queue_duration.record(waited.as_secs_f64());
-            core.stats.queue.add(waited);
-        }
-        core.release(batch.len());
-        let total_rows: usize = batch.iter().map(|p| p.rows).sum();
-        let batched = core.config.max_batch_size > 0;
-
-        let result = {
-            let inputs: Vec<BatchInput<'_>> = core
-                .config
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(i, spec)| {
-                    let first = &batch[0].inputs[i];
-                    let shape = if batched {
-                        let mut s = Vec::with_capacity(first.shape.len());
-                        s.push(total_rows as i64);
-                        s.extend_from_slice(&first.shape[1..]);
-                        s
-                    } else {
-                        first.shape.clone()
-                    };
-                    BatchInput {
-                        name: &spec.name,
-                        datatype: spec.datatype,
-                        shape,
-                        parts: batch.iter().map(|p| &p.inputs[i].data[..]).collect(),
-                    }
-                })
-                .collect();
-            let t0 = Instant::now();
-            let r = self.backend.run(&inputs);
-            (r, t0.elapsed())
-        };
-        let (result, infer_time) = result;
-        self.policy.observe(total_rows, infer_time);
-        core.metrics
-            .compute_duration
-            .record(infer_time.as_secs_f64());
-        core.metrics.batch_size.record(total_rows as f64);
-        core.metrics.execution_count.increment(1);
-        core.metrics.inference_count.increment(total_rows as u64);
-
-        let t_out = Instant::now();
-        let replies = result
-            .map_err(|e| EngineError::Internal(e.to_string()))
-            .and_then(|outs| split_outputs(&outs, &batch, batched, total_rows));
-        let n = batch.len();
-        match replies {
-            Ok(per_request) => {
-                for (p, outs) in batch.into_iter().zip(per_request) {
-                    let _ = p.reply.send(Ok(outs));
-                }
-            }
-            Err(e) => {
-                for p in batch {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
-            }
-        }
-        core.stats.record_execution(
-            total_rows,
-            t_out
-                .saturating_duration_since(start)
-                .saturating_sub(infer_time),
-            infer_time,
-            t_out.elapsed(),
-        );
-        self.shared.load.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
-/// Splits batch outputs back along dim 0 into each request's rows and
-/// selects the outputs each request asked for. Fixed-size outputs are
-/// zero-copy slices of the batch buffer.
-fn split_outputs(
-    outs: &[BatchOutput],
-    batch: &[Pending],
-    batched: bool,
-    total_rows: usize,
-) -> Result<Vec<Vec<Tensor>>, EngineError> {
-    let mut per_output: Vec<Vec<Tensor>> = Vec::with_capacity(outs.len());
-    for o in outs {
-        if !batched {
-            per_output.push(vec![Tensor {
-                name: o.name.clone(),
-                datatype: o.datatype,
-                shape: o.shape.clone(),
-                data: o.data.clone(),
-            }]);
-            continue;
-        }
-        if o.shape.first().copied() != Some(total_rows as i64) {
-            return Err(EngineError::Internal(format!(
-                "output {} has shape {:?}; expected {total_rows} rows along dim 0",
-                o.name, o.shape
-            )));
-        }
-        let parts = split_rows(o, batch.iter().map(|p| p.rows), total_rows)?;
-        per_output.push(parts);
-    }
-    let mut result: Vec<Vec<Tensor>> = (0..batch.len()).map(|_| Vec::new()).collect();
-    // Transpose output-major to request-major, honouring each selection.
-    let mut columns: Vec<std::vec::IntoIter<Tensor>> =
-        per_output.into_iter().map(|v| v.into_iter()).collect();
-    for (r, p) in batch.iter().enumerate() {
-        let mine: Vec<Tensor> = columns
-            .iter_mut()
-            .map(|c| c.next().expect("one per request"))
-            .collect();
-        result[r] = match &p.outputs {
-            None => mine,
-            Some(sel) => sel.iter().map(|&i| mine[i].clone()).collect(),
-        };
-    }
-    Ok(result)
-}
-
-fn split_rows(
-    o: &BatchOutput,
-    rows: impl Iterator<Item = usize>,
-    total_rows: usize,
-) -> Result<Vec<Tensor>, EngineError> {
-    let mut out = Vec::new();
-    let tensor = |shape0: usize, data: Bytes| {
-        let mut shape = o.shape.clone();
-        shape[0] = shape0 as i64;
-        Tensor {
-            name: o.name.clone(),
-            datatype: o.datatype,
-            shape,
-            data,
-        }
-    };
-    if o.datatype == DataType::Bytes {
-        let elems = split_bytes_elements(&o.data).ok_or_else(|| {
-            EngineError::Internal(format!("output {} is malformed BYTES", o.name))
-        })?;
-        let per_row = elems.len().checked_div(total_rows).unwrap_or(0);
-        let mut at = 0;
-        for r in rows {
-            let chunk = &elems[at..at + r * per_row];
-            at += r * per_row;
-            out.push(tensor(
-                r,
-                Bytes::from(join_bytes_elements(chunk.iter().map(|b| &b[..]))),
-            ));
-        }
-        return Ok(out);
-    }
-    let row_bytes = o.data.len() / total_rows.max(1);
-    if row_bytes * total_rows != o.data.len() {
-        return Err(EngineError::Internal(format!(
-            "output {} does not split into {total_rows} rows",
-            o.name
-        )));
-    }
-    let mut at = 0;
-    for r in rows {
-        out.push(tensor(r, o.data.slice(at..at + r * row_bytes)));
-        at += r * row_bytes;
-    }
-    Ok(out)
 }

@@ -16,6 +16,22 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
     /// The request fails with DeadlineExceeded rather than run after this.
     pub deadline: Option<Instant>,
+    /// The explicit correlation key (parameter `correlation_key`, header
+    /// `x-correlation-key`, or Triton's `sequence_id`). A model's regex may
+    /// refine it, or find the key in `id` when this is absent.
+    pub correlation_key: Option<String>,
+    /// Reset the key's state before this request (Triton's `sequence_start`).
+    pub sequence_start: bool,
+    /// Free the key's state after this request (Triton's `sequence_end`).
+    pub sequence_end: bool,
+}
+
+/// A response parameter value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Bool(bool),
+    Int(i64),
+    Str(String),
 }
 
 /// The answer to one request.
@@ -25,4 +41,6 @@ pub struct InferResponse {
     pub version: String,
     pub id: String,
     pub outputs: Vec<Tensor>,
+    /// E.g. `window_fill` while a skip-warmup window is not yet full.
+    pub parameters: Vec<(String, Param)>,
 }

@@ -1,0 +1,389 @@
+//! Running one batch on a replica: assemble the backend's inputs from the
+//! requests (and, for stateful models, from each key's state or window),
+//! run, split the outputs back along dim 0, store the keys' new state,
+//! answer every request, and let each key's next request go.
+
+use super::batcher::BatchPolicy;
+use super::config::{InputSource, Warmup};
+use super::error::EngineError;
+use super::model::ModelCore;
+use super::replica::{Answer, Pending, Taken};
+use super::state::KeyState;
+use crate::backend::{Backend, BatchInput, BatchOutput};
+use crate::tensor::{join_bytes_elements, split_bytes_elements, DataType, Tensor};
+use bytes::Bytes;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A request of the batch with its key's state, taken out of the store
+/// for the duration of the run.
+struct Slot {
+    p: Pending,
+    state: Option<KeyState>,
+    /// State bytes when taken, for the held-bytes gauge.
+    bytes_before: usize,
+}
+
+pub fn execute(
+    replica: usize,
+    core: &Arc<ModelCore>,
+    backend: &mut dyn Backend,
+    policy: &mut dyn BatchPolicy,
+    taken: Taken,
+) {
+    let start = Instant::now();
+    let cfg = &core.config;
+    let n = taken.requests.len();
+    for p in &taken.requests {
+        let waited = start.saturating_duration_since(p.enqueued);
+        core.metrics.queue_duration.record(waited.as_secs_f64());
+        core.stats.queue.add(waited);
+    }
+    core.release(n);
+    core.replica_metrics[replica].requests.increment(n as u64);
+
+    // Bring each key's state here; a key whose state lives on another
+    // replica moves (a migration, only under non-affinity routing).
+    let stateful = cfg.is_stateful();
+    let store = core.keys.store(replica);
+    let counters = &core.keys.counters;
+    let mut slots: Vec<Slot> = Vec::with_capacity(n);
+    for (p, owner) in taken.requests.into_iter().zip(taken.owners) {
+        let state = match (&p.key, stateful) {
+            (Some(key), true) => {
+                let found = match owner {
+                    Some(o) if o != replica => {
+                        counters.migrations.fetch_add(1, Relaxed);
+                        core.keys.store(o).take(key)
+                    }
+                    _ => store.take(key),
+                };
+                if found.is_some() {
+                    counters.hits.fetch_add(1, Relaxed);
+                } else {
+                    counters.misses.fetch_add(1, Relaxed);
+                }
+                Some(found.unwrap_or_default())
+            }
+            _ => None,
+        };
+        let bytes_before = state.as_ref().map_or(0, KeyState::bytes);
+        let mut slot = Slot {
+            p,
+            state,
+            bytes_before,
+        };
+        if slot.p.sequence_start {
+            if let Some(s) = slot.state.as_mut() {
+                *s = KeyState::default();
+            }
+        }
+        slots.push(slot);
+    }
+
+    // Windows: append this request's event; under `skip` a window that is
+    // not yet full answers at once, without running the model.
+    let mut pokes = Vec::new();
+    if let Some(w) = &cfg.window {
+        let ci = cfg
+            .inputs
+            .iter()
+            .position(|s| s.name == w.input)
+            .expect("window input is a client input");
+        let mut kept = Vec::with_capacity(slots.len());
+        for mut slot in slots {
+            let state = slot.state.as_mut().expect("window models are keyed");
+            state
+                .window
+                .push_back(Bytes::copy_from_slice(&slot.p.inputs[ci].data));
+            while state.window.len() > w.length {
+                state.window.pop_front();
+            }
+            if w.warmup == Warmup::Skip && state.window.len() < w.length {
+                let fill = (state.window.len(), w.length);
+                pokes.extend(store_and_finish(core, replica, &mut slot));
+                let _ = slot.p.reply.send(Ok(Answer {
+                    outputs: Vec::new(),
+                    window_fill: Some(fill),
+                }));
+                continue;
+            }
+            kept.push(slot);
+        }
+        slots = kept;
+    }
+    if slots.is_empty() {
+        poke_all(core, pokes);
+        return;
+    }
+
+    let total_rows: usize = slots.iter().map(|s| s.p.rows).sum();
+    let batched = cfg.max_batch_size > 0;
+    // Owned bytes the state and window inputs point into during the run.
+    let window_rows: Vec<Vec<u8>> = match &cfg.window {
+        None => Vec::new(),
+        Some(w) => {
+            let event =
+                w.event_dims.iter().product::<i64>() as usize * w.datatype.size().unwrap_or(0);
+            slots
+                .iter()
+                .map(|s| {
+                    let win = &s.state.as_ref().expect("keyed").window;
+                    let mut buf = vec![0u8; event * (w.length - win.len())];
+                    for e in win {
+                        buf.extend_from_slice(e);
+                    }
+                    buf
+                })
+                .collect()
+        }
+    };
+    let result = {
+        let inputs: Vec<BatchInput<'_>> = cfg
+            .graph_inputs
+            .iter()
+            .map(|(name, source)| match *source {
+                InputSource::Client(i) => {
+                    let first = &slots[0].p.inputs[i];
+                    let shape = if batched {
+                        std::iter::once(total_rows as i64)
+                            .chain(first.shape[1..].iter().copied())
+                            .collect()
+                    } else {
+                        first.shape.clone()
+                    };
+                    BatchInput {
+                        name,
+                        datatype: cfg.inputs[i].datatype,
+                        shape,
+                        parts: slots.iter().map(|s| &s.p.inputs[i].data[..]).collect(),
+                    }
+                }
+                InputSource::State(j) => {
+                    let spec = &cfg.states[j];
+                    BatchInput {
+                        name,
+                        datatype: spec.datatype,
+                        shape: std::iter::once(total_rows as i64)
+                            .chain(spec.dims.iter().copied())
+                            .collect(),
+                        parts: slots
+                            .iter()
+                            .map(|s| {
+                                let st = s.state.as_ref().expect("stateful requests are keyed");
+                                st.sequence
+                                    .get(j)
+                                    .map_or(&core.initial_state[j][..], |b| &b[..])
+                            })
+                            .collect(),
+                    }
+                }
+                InputSource::Window(_) => {
+                    let w = cfg.window.as_ref().expect("window source has a window");
+                    BatchInput {
+                        name,
+                        datatype: w.datatype,
+                        shape: [total_rows as i64, w.length as i64]
+                            .into_iter()
+                            .chain(w.event_dims.iter().copied())
+                            .collect(),
+                        parts: window_rows.iter().map(|b| &b[..]).collect(),
+                    }
+                }
+            })
+            .collect();
+        let t0 = Instant::now();
+        let r = backend.run(&inputs);
+        (r, t0.elapsed())
+    };
+    let (result, infer_time) = result;
+    policy.observe(total_rows, infer_time);
+    core.metrics
+        .compute_duration
+        .record(infer_time.as_secs_f64());
+    core.metrics.batch_size.record(total_rows as f64);
+    core.metrics.execution_count.increment(1);
+    core.metrics.inference_count.increment(total_rows as u64);
+
+    let t_out = Instant::now();
+    let split = result
+        .map_err(|e| EngineError::Internal(e.to_string()))
+        .and_then(|outs| split_outputs(&outs, &slots, batched, total_rows).map(|per| (outs, per)));
+    // Answers are sent after the statistics are recorded, so a client that
+    // reads statistics after its answer sees its own execution counted.
+    let mut answers: Vec<(Slot, Result<Answer, EngineError>)> = Vec::with_capacity(slots.len());
+    match split {
+        Ok((outs, per_output)) => {
+            // Output-major to request-major.
+            let mut columns: Vec<std::vec::IntoIter<Tensor>> =
+                per_output.into_iter().map(|v| v.into_iter()).collect();
+            let client_index: Vec<Option<usize>> = cfg
+                .outputs
+                .iter()
+                .map(|o| outs.iter().position(|b| b.name == o.name))
+                .collect();
+            let state_index: Vec<Option<usize>> = cfg
+                .states
+                .iter()
+                .map(|s| outs.iter().position(|b| b.name == s.output))
+                .collect();
+            for mut slot in slots {
+                let mine: Vec<Tensor> = columns
+                    .iter_mut()
+                    .map(|c| c.next().expect("one per request"))
+                    .collect();
+                if let Some(st) = slot.state.as_mut() {
+                    st.sequence.resize(cfg.states.len(), Bytes::new());
+                    for (j, idx) in state_index.iter().enumerate() {
+                        if let Some(i) = idx {
+                            // A copy: a slice would pin the whole batch buffer.
+                            st.sequence[j] = Bytes::copy_from_slice(&mine[*i].data);
+                        }
+                    }
+                }
+                let outputs = match &slot.p.outputs {
+                    None => client_index
+                        .iter()
+                        .flatten()
+                        .map(|&i| mine[i].clone())
+                        .collect(),
+                    Some(sel) => sel
+                        .iter()
+                        .filter_map(|&c| client_index[c])
+                        .map(|i| mine[i].clone())
+                        .collect(),
+                };
+                answers.push((
+                    slot,
+                    Ok(Answer {
+                        outputs,
+                        window_fill: None,
+                    }),
+                ));
+            }
+        }
+        Err(e) => answers.extend(slots.into_iter().map(|s| (s, Err(e.clone())))),
+    }
+    core.stats.record_execution(
+        total_rows,
+        t_out
+            .saturating_duration_since(start)
+            .saturating_sub(infer_time),
+        infer_time,
+        t_out.elapsed(),
+    );
+    for (mut slot, answer) in answers {
+        pokes.extend(store_and_finish(core, replica, &mut slot));
+        let _ = slot.p.reply.send(answer);
+    }
+    poke_all(core, pokes);
+    core.replica_metrics[replica]
+        .live_keys
+        .set(core.keys.store(replica).live_keys.load(Relaxed) as f64);
+}
+
+/// Puts a key's state back on this replica (or frees it at the end of its
+/// sequence) and lets the key's next request go. Returns the replica to
+/// wake when that request waits elsewhere.
+fn store_and_finish(core: &ModelCore, replica: usize, slot: &mut Slot) -> Option<usize> {
+    let key = slot.p.key.as_ref()?;
+    let holds = match slot.state.take() {
+        None => None,
+        Some(state) if slot.p.sequence_end => {
+            drop(state);
+            core.keys.account(slot.bytes_before, 0);
+            Some(false)
+        }
+        Some(state) => {
+            core.keys.account(slot.bytes_before, state.bytes());
+            core.keys.store(replica).put(key.clone(), state);
+            Some(true)
+        }
+    };
+    core.keys.finish(key, slot.p.ticket, replica, holds)
+}
+
+fn poke_all(core: &ModelCore, pokes: Vec<usize>) {
+    for r in pokes {
+        core.poke(r);
+    }
+}
+
+/// Splits every backend output along dim 0 into each request's rows
+/// (output-major). Fixed-size outputs are zero-copy slices of the batch
+/// buffer.
+fn split_outputs(
+    outs: &[BatchOutput],
+    slots: &[Slot],
+    batched: bool,
+    total_rows: usize,
+) -> Result<Vec<Vec<Tensor>>, EngineError> {
+    let mut per_output: Vec<Vec<Tensor>> = Vec::with_capacity(outs.len());
+    for o in outs {
+        if !batched {
+            per_output.push(vec![Tensor {
+                name: o.name.clone(),
+                datatype: o.datatype,
+                shape: o.shape.clone(),
+                data: o.data.clone(),
+            }]);
+            continue;
+        }
+        if o.shape.first().copied() != Some(total_rows as i64) {
+            return Err(EngineError::Internal(format!(
+                "output {} has shape {:?}; expected {total_rows} rows along dim 0",
+                o.name, o.shape
+            )));
+        }
+        per_output.push(split_rows(o, slots.iter().map(|s| s.p.rows), total_rows)?);
+    }
+    Ok(per_output)
+}
+
+fn split_rows(
+    o: &BatchOutput,
+    rows: impl Iterator<Item = usize>,
+    total_rows: usize,
+) -> Result<Vec<Tensor>, EngineError> {
+    let mut out = Vec::new();
+    let tensor = |shape0: usize, data: Bytes| {
+        let mut shape = o.shape.clone();
+        shape[0] = shape0 as i64;
+        Tensor {
+            name: o.name.clone(),
+            datatype: o.datatype,
+            shape,
+            data,
+        }
+    };
+    if o.datatype == DataType::Bytes {
+        let elems = split_bytes_elements(&o.data).ok_or_else(|| {
+            EngineError::Internal(format!("output {} is malformed BYTES", o.name))
+        })?;
+        let per_row = elems.len().checked_div(total_rows).unwrap_or(0);
+        let mut at = 0;
+        for r in rows {
+            let chunk = &elems[at..at + r * per_row];
+            at += r * per_row;
+            out.push(tensor(
+                r,
+                Bytes::from(join_bytes_elements(chunk.iter().map(|b| &b[..]))),
+            ));
+        }
+        return Ok(out);
+    }
+    let row_bytes = o.data.len() / total_rows.max(1);
+    if row_bytes * total_rows != o.data.len() {
+        return Err(EngineError::Internal(format!(
+            "output {} does not split into {total_rows} rows",
+            o.name
+        )));
+    }
+    let mut at = 0;
+    for r in rows {
+        out.push(tensor(r, o.data.slice(at..at + r * row_bytes)));
+        at += r * row_bytes;
+    }
+    Ok(out)
+}
