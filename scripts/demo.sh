@@ -8,7 +8,7 @@ scripts/setup.sh
 cargo build --release -p shoal --bin shoal
 
 out=$(mktemp)
-target/release/shoal --model-repository model_repository \
+"${CARGO_TARGET_DIR:-target}/release/shoal" --model-repository model_repository \
   --http-port 0 --grpc-port 0 --metrics-port 0 >"$out" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true; rm -f "$out"' EXIT

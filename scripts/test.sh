@@ -11,4 +11,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 cargo build -p shoal --bin shoal
-SHOAL_BIN="$PWD/target/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider
+SHOAL_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider

@@ -301,17 +301,21 @@ impl Worker {
             // A keyed request may run only when it is its key's next ticket
             // (the previous one finished, on whichever replica), and its
             // state's location decides a migration. One table lock per scan.
+            // Only the front of the queue is scanned: a batch never needs
+            // more, and a deep backlog must not make every dispatch slower.
+            let window = q.items.len().min(self.scan_limit());
             let mut checks: Vec<(Option<&Key>, u64, Option<usize>, bool)> = Vec::new();
             if q.keyed > 0 {
                 checks.extend(
                     q.items
                         .iter()
+                        .take(window)
                         .map(|p| (p.key.as_ref(), p.ticket, None, false)),
                 );
                 self.core.keys.check(&mut checks);
             }
             let eligible = |i: usize| checks.get(i).is_none_or(|c| c.3);
-            let Some(head) = (0..q.items.len()).find(|&i| eligible(i)) else {
+            let Some(head) = (0..window).find(|&i| eligible(i)) else {
                 // Every request waits on a key busy elsewhere; the replica
                 // that finishes it pokes us.
                 if q.stopping && q.items.iter().all(|p| p.key.is_none()) {
@@ -323,7 +327,7 @@ impl Worker {
                 continue;
             };
             let head_sig = &q.items[head].signature;
-            for (i, p) in q.items.iter().enumerate().skip(head) {
+            for (i, p) in q.items.iter().enumerate().take(window).skip(head) {
                 if p.signature == *head_sig && eligible(i) {
                     rows.push(p.rows);
                     picked.push((i, checks.get(i).and_then(|c| c.2)));
@@ -367,6 +371,11 @@ impl Worker {
         }
     }
 
+    /// How many queued requests one dispatch looks at.
+    fn scan_limit(&self) -> usize {
+        (4 * self.core.config.max_batch_size).max(64)
+    }
+
     fn earliest_deadline(&self, items: &VecDeque<Pending>) -> Option<Instant> {
         items.iter().filter_map(|p| p.deadline).min()
     }
@@ -379,7 +388,11 @@ impl Worker {
         let mut pokes = Vec::new();
         let mut gone = 0;
         let mut i = 0;
-        while i < q.items.len() {
+        // The front window only, as for dispatch: a request deeper in the
+        // queue is dropped when it gets there (its client already has its
+        // answer from the deadline timer, or is gone).
+        let limit = self.scan_limit();
+        while i < q.items.len() && i < limit {
             let p = &q.items[i];
             let expired = p.deadline.is_some_and(|d| d <= now);
             if !expired && !p.reply.is_closed() {
