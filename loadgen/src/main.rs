@@ -1,0 +1,100 @@
+//! The `shoal-loadgen` binary.
+
+use anyhow::Context;
+use clap::Parser;
+use shoal_loadgen::{analyze, experiment, report, scorer_for, sustain, Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let ok = match cli.command {
+        Command::Run(o) => {
+            let load = o.load().map_err(anyhow::Error::msg)?;
+            let setup = scorer_for(o.mode, &o.model).await?;
+            let exp = experiment(&o.model, o.mp, o.duration, load);
+            eprintln!(
+                "running {} for {:.0} s, mp={}, model {} ({:?} x {})",
+                o.mode.as_str(),
+                o.duration,
+                exp.mp,
+                o.model.model,
+                o.model.isz,
+                o.model.bsz
+            );
+            let result =
+                shoal_loadgen::pipeline::run_on(&exp, setup.scorer.clone(), &o.model.transport())
+                    .await?;
+            let s = analyze::summarize(&result, o.model.warmup);
+            println!("{}", report::summary_table(&s));
+            println!(
+                "end time: {}",
+                match s.end_time {
+                    shoal_loadgen::pipeline::EndTime::LogAppendTime => "the broker's LogAppendTime",
+                    shoal_loadgen::pipeline::EndTime::SinkReceive => "the sink's receive time",
+                }
+            );
+            println!("{}", s.reconciliation_line());
+            if let Some(dir) = &o.model.out {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join("report.json");
+                std::fs::write(&path, serde_json::to_vec_pretty(&s)?)
+                    .with_context(|| path.display().to_string())?;
+                eprintln!("report: {}", path.display());
+            }
+            s.reconciled
+        }
+        Command::Compare(o) => {
+            let mut rows = Vec::new();
+            let mut reconciled = true;
+            for &mode in &o.modes {
+                let setup = scorer_for(mode, &o.model).await?;
+                for &mp in &o.mp {
+                    let base = experiment(
+                        &o.model,
+                        mp,
+                        o.probe_seconds,
+                        shoal_loadgen::pipeline::Load::Closed,
+                    );
+                    let found = sustain::search_on(
+                        &base,
+                        &setup.scorer,
+                        &sustain::Search::default(),
+                        &o.model.transport(),
+                    )
+                    .await?;
+                    eprintln!(
+                        "{} mp={mp}: sustainable {:.0} ev/s after {} probes",
+                        mode.as_str(),
+                        found.rate,
+                        found.probes.len()
+                    );
+                    if let Some(s) = &found.at_rate {
+                        reconciled &= s.reconciled;
+                    }
+                    rows.push(report::CompareRow {
+                        mode: mode.as_str().to_string(),
+                        mp,
+                        sustainable_rate: found.rate,
+                        summary: found.at_rate,
+                    });
+                }
+            }
+            println!("{}", report::compare_table(&rows));
+            if let Some(dir) = &o.model.out {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join("compare.json"), serde_json::to_vec_pretty(&rows)?)?;
+            }
+            reconciled
+        }
+    };
+    if !ok {
+        anyhow::bail!("reconciliation failed: produced != scored + failed");
+    }
+    Ok(())
+}

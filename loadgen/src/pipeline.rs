@@ -1,0 +1,443 @@
+//! One experiment through Crayfish's pipeline: producer → input topic →
+//! processor (`mp` tasks, each scoring its partition's events in order) →
+//! output topic → sink, which stamps each event's end time.
+
+use crate::event::{Event, Outcome, Output};
+use crate::schedule::Schedule;
+use crate::scorer::Scorer;
+use crate::transport::{topic, Message, SendError, TopicSender};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the producer sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Load {
+    /// Open loop: sends at the schedule's times, whatever the system does.
+    Open(Schedule),
+    /// One event in flight at a time, for latency at low load.
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    pub load: Load,
+    pub duration: Duration,
+    /// Processor parallelism (and input partitions).
+    pub mp: usize,
+    /// Data points per event (`bsz`).
+    pub rows: u32,
+    /// f32 values per data point (the product of `isz`).
+    pub point_len: usize,
+    /// Key space for keyed workloads; `None`: keyless.
+    pub keys: Option<u64>,
+    pub seed: u64,
+    /// Input partition buffer; a full one rejects (counted), never blocks.
+    pub partition_capacity: usize,
+}
+
+/// One event's fate: when it was scheduled, its latency, its outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Record {
+    pub scheduled_ns: u64,
+    pub latency_ns: u64,
+    pub outcome: Outcome,
+}
+
+/// Where an event's end time came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndTime {
+    /// The broker's LogAppendTime of the output message.
+    LogAppendTime,
+    /// The sink's clock when it received the output message.
+    SinkReceive,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub produced: u64,
+    /// Events the producer could not hand to the input topic.
+    pub input_rejected: u64,
+    /// Events the input topic accepted locally but the broker refused.
+    pub input_lost: u64,
+    /// Events a processor could not decode.
+    pub malformed: u64,
+    pub end_time: EndTime,
+    /// Every event that reached the sink.
+    pub records: Vec<Record>,
+    pub duration: Duration,
+    /// The offered rate, events/s (for open loop).
+    pub offered_rate: f64,
+}
+
+impl RunResult {
+    /// A run that produced nothing.
+    pub fn empty() -> Self {
+        Self {
+            produced: 0,
+            input_rejected: 0,
+            input_lost: 0,
+            malformed: 0,
+            end_time: EndTime::SinkReceive,
+            records: Vec::new(),
+            duration: Duration::from_secs(1),
+            offered_rate: 0.0,
+        }
+    }
+}
+
+/// xorshift64*: seeded and allocation-free.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A pool of distinct seeded payloads the producer cycles through.
+fn payloads(exp: &Experiment) -> Vec<Bytes> {
+    let mut rng = Rng::new(exp.seed);
+    (0..16)
+        .map(|_| {
+            let v: Vec<f32> = (0..exp.rows as usize * exp.point_len)
+                .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+                .collect();
+            Bytes::copy_from_slice(bytemuck::cast_slice(&v))
+        })
+        .collect()
+}
+
+/// Where the topics live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// In-memory channels: nothing else needed.
+    Memory,
+    /// A Kafka-protocol broker, e.g. `127.0.0.1:9092`.
+    Kafka { brokers: String },
+}
+
+enum InputSide {
+    Memory(TopicSender),
+    Kafka(crate::kafka::SyncSender),
+}
+
+impl InputSide {
+    fn partitions(&self) -> usize {
+        match self {
+            InputSide::Memory(t) => t.partitions(),
+            InputSide::Kafka(k) => k.partitions(),
+        }
+    }
+    fn try_send(&self, m: Message, partition: Option<usize>) -> Result<(), SendError> {
+        match (self, partition) {
+            (InputSide::Memory(t), None) => t.try_send(m),
+            (InputSide::Memory(t), Some(p)) => t.try_send_to(p, m),
+            (InputSide::Kafka(k), p) => k.try_send(m, p),
+        }
+    }
+    /// Messages accepted locally that never reached the broker.
+    fn finish(&self) -> u64 {
+        match self {
+            InputSide::Memory(_) => 0,
+            InputSide::Kafka(k) => {
+                k.flush();
+                k.failed.load(Relaxed)
+            }
+        }
+    }
+}
+
+enum PartitionRx {
+    Memory(tokio::sync::mpsc::Receiver<Message>),
+    Kafka(crate::kafka::Receiver),
+}
+
+impl PartitionRx {
+    async fn recv(&mut self) -> Option<(Message, Option<i64>)> {
+        match self {
+            PartitionRx::Memory(r) => r.recv().await.map(|m| (m, None)),
+            PartitionRx::Kafka(r) => r.recv().await,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum OutputSide {
+    Memory(TopicSender),
+    Kafka(Arc<crate::kafka::AsyncSender>),
+}
+
+impl OutputSide {
+    async fn send(&self, m: Message) -> Result<(), SendError> {
+        match self {
+            OutputSide::Memory(t) => t.send(m).await,
+            OutputSide::Kafka(k) => k.send(m).await,
+        }
+    }
+}
+
+/// An empty payload marks the end of a partition's stream: events and
+/// outputs are never empty. Kafka topics do not close, so the producer ends
+/// every partition with one, each processor forwards one, and the sink
+/// stops after one per processor.
+fn eos() -> Message {
+    Message {
+        key: None,
+        payload: Bytes::new(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaSetupError),
+}
+
+/// Runs the experiment on in-memory topics.
+pub async fn run(exp: &Experiment, scorer: Scorer) -> RunResult {
+    run_on(exp, scorer, &Transport::Memory)
+        .await
+        .expect("in-memory topics cannot fail to set up")
+}
+
+/// Runs the experiment to the end: every produced event is scored, fails
+/// with a reason, or is counted as failed at the input.
+pub async fn run_on(
+    exp: &Experiment,
+    scorer: Scorer,
+    transport: &Transport,
+) -> Result<RunResult, RunError> {
+    let mp = exp.mp.max(1);
+    let (input, partitions, output, sink_rx, kafka_topics) = match transport {
+        Transport::Memory => {
+            let (input, partitions) = topic(mp, exp.partition_capacity);
+            let (output, mut outputs) = topic(1, 1 << 16);
+            let sink_rx = PartitionRx::Memory(outputs.pop().expect("one partition"));
+            let partitions: Vec<PartitionRx> =
+                partitions.into_iter().map(PartitionRx::Memory).collect();
+            (
+                InputSide::Memory(input),
+                partitions,
+                OutputSide::Memory(output),
+                sink_rx,
+                None,
+            )
+        }
+        Transport::Kafka { brokers } => {
+            static RUN: AtomicU64 = AtomicU64::new(0);
+            let tag = format!(
+                "{}-{}-{}",
+                std::process::id(),
+                exp.seed,
+                RUN.fetch_add(1, Relaxed)
+            );
+            let t = crate::kafka::Topics::create(brokers, mp, &tag).await?;
+            let partitions = (0..mp)
+                .map(|p| t.receiver(&t.input, p).map(PartitionRx::Kafka))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sink_rx = PartitionRx::Kafka(t.receiver(&t.output, 0)?);
+            let output = OutputSide::Kafka(Arc::new(t.output_sender()?));
+            (
+                InputSide::Kafka(t.input_sender()?),
+                partitions,
+                output,
+                sink_rx,
+                Some(t),
+            )
+        }
+    };
+    let t0 = Instant::now() + Duration::from_millis(10);
+    let t0_wall_ns = (std::time::SystemTime::now() + Duration::from_millis(10))
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+
+    // Closed loop: the sink tells the producer when an event is done.
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
+    let closed = exp.load == Load::Closed;
+    let mut sink_rx = sink_rx;
+    let sink = tokio::spawn(async move {
+        let mut records = Vec::new();
+        let mut ended = 0;
+        let mut log_append_used = false;
+        while let Some((m, log_append_ms)) = sink_rx.recv().await {
+            let end = Instant::now();
+            if m.payload.is_empty() {
+                ended += 1;
+                if ended == mp {
+                    break;
+                }
+                continue;
+            }
+            let Ok(o) = Output::decode(m.payload) else {
+                continue;
+            };
+            let latency_ns = match log_append_ms {
+                // The broker's own append time, when it really gives one.
+                Some(ms) => {
+                    log_append_used = true;
+                    (ms as i128 * 1_000_000 - (t0_wall_ns + o.scheduled_ns as i128)).max(0) as u64
+                }
+                None => {
+                    let scheduled = t0 + Duration::from_nanos(o.scheduled_ns);
+                    end.saturating_duration_since(scheduled).as_nanos() as u64
+                }
+            };
+            records.push(Record {
+                scheduled_ns: o.scheduled_ns,
+                latency_ns,
+                outcome: o.outcome,
+            });
+            if closed {
+                let _ = ack_tx.send(o.seq);
+            }
+        }
+        (records, log_append_used)
+    });
+
+    let malformed = Arc::new(AtomicU64::new(0));
+    let mut processors = Vec::new();
+    for mut rx in partitions {
+        let output = output.clone();
+        let mut scorer = scorer.clone();
+        let malformed = malformed.clone();
+        processors.push(tokio::spawn(async move {
+            while let Some((m, _)) = rx.recv().await {
+                if m.payload.is_empty() {
+                    break;
+                }
+                let Ok(e) = Event::decode(m.payload) else {
+                    malformed.fetch_add(1, Relaxed);
+                    continue;
+                };
+                let outcome = scorer.score(&e).await;
+                let out = Output {
+                    seq: e.seq,
+                    scheduled_ns: e.scheduled_ns,
+                    outcome,
+                };
+                if output
+                    .send(Message {
+                        key: e.key,
+                        payload: out.encode(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = output.send(eos()).await;
+        }));
+    }
+    drop(output);
+
+    // The producer has an OS thread of its own, so it keeps its schedule
+    // whatever the runtime is doing.
+    let rejected = Arc::new(AtomicU64::new(0));
+    let exp2 = exp.clone();
+    let rej = rejected.clone();
+    let producer = std::thread::spawn(move || {
+        let pool = payloads(&exp2);
+        let mut rng = Rng::new(exp2.seed ^ 0x5eed);
+        let offsets = match &exp2.load {
+            Load::Open(s) => s.offsets(exp2.duration),
+            Load::Closed => Vec::new(),
+        };
+        let mut seq = 0u64;
+        let mut send = |scheduled: Duration, seq: u64| {
+            let key = exp2
+                .keys
+                .map(|n| format!("key-{}", rng.next_u64() % n.max(1)));
+            let e = Event {
+                seq,
+                scheduled_ns: scheduled.as_nanos() as u64,
+                key: key.clone(),
+                rows: exp2.rows,
+                payload: pool[seq as usize % pool.len()].clone(),
+            };
+            match input.try_send(
+                Message {
+                    key,
+                    payload: e.encode(),
+                },
+                None,
+            ) {
+                Ok(()) => true,
+                Err(SendError::Full) | Err(SendError::Closed) => {
+                    rej.fetch_add(1, Relaxed);
+                    false
+                }
+            }
+        };
+        match &exp2.load {
+            Load::Open(_) => {
+                for off in offsets {
+                    let at = t0 + off;
+                    let now = Instant::now();
+                    if at > now + Duration::from_micros(50) {
+                        std::thread::sleep(at - now);
+                    }
+                    send(off, seq);
+                    seq += 1;
+                }
+            }
+            Load::Closed => {
+                while t0.elapsed() < exp2.duration {
+                    let off = Instant::now().saturating_duration_since(t0);
+                    if send(off, seq) && ack_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                        break;
+                    }
+                    seq += 1;
+                }
+            }
+        }
+        // End every partition's stream; these markers wait for room.
+        for p in 0..input.partitions() {
+            while let Err(SendError::Full) = input.try_send(eos(), Some(p)) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let lost = input.finish();
+        (seq, lost)
+    });
+    let (produced, lost_at_input) =
+        tokio::task::spawn_blocking(move || producer.join().expect("producer thread"))
+            .await
+            .expect("join");
+    for p in processors {
+        let _ = p.await;
+    }
+    let (records, log_append_used) = sink.await.expect("sink task");
+    if let Some(t) = kafka_topics {
+        t.delete().await;
+    }
+    let offered_rate = match &exp.load {
+        Load::Open(_) => produced as f64 / exp.duration.as_secs_f64(),
+        Load::Closed => records.len() as f64 / exp.duration.as_secs_f64(),
+    };
+    Ok(RunResult {
+        produced,
+        input_rejected: rejected.load(Relaxed),
+        input_lost: lost_at_input,
+        malformed: malformed.load(Relaxed),
+        records,
+        duration: exp.duration,
+        offered_rate,
+        end_time: if log_append_used {
+            EndTime::LogAppendTime
+        } else {
+            EndTime::SinkReceive
+        },
+    })
+}

@@ -1,0 +1,172 @@
+//! The pipeline end to end, in memory: every processor mode with the real
+//! engine and the real FFNN, exact reconciliation, the sustainable-rate
+//! search against a processor of known capacity, and a stall that shows in
+//! the open-loop latency of every event scheduled during it.
+
+use shoal_loadgen::analyze::summarize;
+use shoal_loadgen::pipeline::{run, Experiment, Load};
+use shoal_loadgen::schedule::Schedule;
+use shoal_loadgen::scorer::Scorer;
+use shoal_loadgen::sustain::{search, Search};
+use shoal_loadgen::{experiment, scorer_for, Mode, ModelOpts};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn model_opts() -> ModelOpts {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model_repository");
+    assert!(
+        repo.join("ffnn/1/model.onnx").exists(),
+        "run scripts/setup.sh to generate the models"
+    );
+    ModelOpts {
+        model: "ffnn".into(),
+        input: "input".into(),
+        isz: vec![784],
+        bsz: 2,
+        model_repository: repo,
+        server: None,
+        shoal_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadgen")).with_file_name("shoal")),
+        keys: Some(50),
+        seed: 7,
+        warmup: 0.25,
+        out: None,
+        brokers: None,
+    }
+}
+
+#[tokio::test]
+async fn every_mode_scores_every_event_with_the_real_ffnn() {
+    let m = model_opts();
+    assert!(
+        m.shoal_bin.as_ref().unwrap().exists(),
+        "the shoal binary is built beside shoal-loadgen (cargo build --workspace)"
+    );
+    for mode in [Mode::Embedded, Mode::Grpc, Mode::Rest] {
+        let setup = scorer_for(mode, &m).await.unwrap();
+        let exp = experiment(&m, 2, 2.0, Load::Open(Schedule::Constant { rate: 300.0 }));
+        let r = run(&exp, setup.scorer.clone()).await;
+        let s = summarize(&r, 0.25);
+        assert!(s.reconciled, "{mode:?}: {}", s.reconciliation_line());
+        assert_eq!(
+            s.scored,
+            r.produced,
+            "{mode:?}: {}",
+            s.reconciliation_line()
+        );
+        assert!(
+            (590..=610).contains(&r.produced),
+            "{mode:?} produced {}",
+            r.produced
+        );
+        assert!(s.p50_us > 0.0 && s.p99_us < 1_000_000.0, "{mode:?}: {s:?}");
+    }
+}
+
+#[tokio::test]
+async fn closed_loop_keeps_one_event_in_flight() {
+    let exp = Experiment {
+        load: Load::Closed,
+        duration: Duration::from_secs(1),
+        mp: 2,
+        rows: 1,
+        point_len: 4,
+        keys: None,
+        seed: 1,
+        partition_capacity: 16,
+    };
+    let r = run(&exp, Scorer::Synthetic(Duration::from_millis(5))).await;
+    let s = summarize(&r, 0.0);
+    assert!(s.reconciled);
+    // 5 ms per event, one at a time: about 200 in a second, not 2 x 200.
+    assert!((150..=205).contains(&r.produced), "{}", r.produced);
+}
+
+#[tokio::test]
+async fn the_search_finds_a_known_capacity_within_ten_percent() {
+    // Two tasks, 5 ms per event each: capacity 400 events/s.
+    let base = Experiment {
+        load: Load::Closed,
+        duration: Duration::from_secs(3),
+        mp: 2,
+        rows: 1,
+        point_len: 4,
+        keys: None,
+        seed: 3,
+        partition_capacity: 1 << 16,
+    };
+    let s = Search {
+        start_rate: 50.0,
+        ..Search::default()
+    };
+    let found = search(&base, &Scorer::Synthetic(Duration::from_millis(5)), &s).await;
+    assert!(
+        (360.0..=440.0).contains(&found.rate),
+        "found {} after {:?}",
+        found.rate,
+        found.probes
+    );
+}
+
+#[tokio::test]
+async fn a_stall_shows_in_every_event_scheduled_during_it() {
+    // 200 ev/s on one task, 1 ms each; event 200 (t = 1 s) stalls 1 s.
+    let exp = Experiment {
+        load: Load::Open(Schedule::Constant { rate: 200.0 }),
+        duration: Duration::from_secs(3),
+        mp: 1,
+        rows: 1,
+        point_len: 4,
+        keys: None,
+        seed: 5,
+        partition_capacity: 1 << 16,
+    };
+    let stall = Duration::from_secs(1);
+    let r = run(
+        &exp,
+        Scorer::Stall {
+            service: Duration::from_millis(1),
+            at_seq: 200,
+            stall,
+        },
+    )
+    .await;
+    assert!(summarize(&r, 0.0).reconciled);
+    let start = 1_000_000_000u64;
+    let end = start + stall.as_nanos() as u64;
+    let during: Vec<_> = r
+        .records
+        .iter()
+        .filter(|x| x.scheduled_ns >= start && x.scheduled_ns < end)
+        .collect();
+    assert!(during.len() >= 190, "{}", during.len());
+    for rec in during {
+        // Each waits at least until the stall is over.
+        let remaining = end - rec.scheduled_ns;
+        assert!(
+            rec.latency_ns + 2_000_000 >= remaining,
+            "event at {} ns waited only {} ns",
+            rec.scheduled_ns,
+            rec.latency_ns
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_full_input_topic_rejects_and_the_books_still_balance() {
+    let exp = Experiment {
+        load: Load::Open(Schedule::Constant { rate: 2000.0 }),
+        duration: Duration::from_secs(1),
+        mp: 1,
+        rows: 1,
+        point_len: 4,
+        keys: None,
+        seed: 9,
+        partition_capacity: 8,
+    };
+    let r = run(&exp, Scorer::Synthetic(Duration::from_millis(10))).await;
+    let s = summarize(&r, 0.0);
+    assert!(r.input_rejected > 0);
+    assert!(s.reconciled, "{}", s.reconciliation_line());
+    assert_eq!(s.failed["rejected_at_input"], r.input_rejected);
+    assert!(!s.sustainable());
+}
