@@ -31,6 +31,17 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
+# tansu: a Kafka-protocol broker written in Rust (crates.io), for the load
+# generator's Kafka tests. Built once per machine (about 17 minutes on 2
+# cores) and cached outside the clone.
+TANSU="$SHOAL_HOME/tansu/bin/tansu"
+if [ ! -x "$TANSU" ]; then
+  echo "building tansu (once per machine) ..."
+  cargo install tansu --locked --no-default-features --features dynostore \
+    --root "$SHOAL_HOME/tansu" >"$SHOAL_HOME/tansu-build.log" 2>&1 \
+    || { tail -20 "$SHOAL_HOME/tansu-build.log"; exit 1; }
+fi
+
 "$VENV/bin/python" models/generate.py --out model_repository
 
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1* | head -n1)

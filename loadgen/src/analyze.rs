@@ -139,6 +139,84 @@ pub fn summarize(r: &RunResult, warmup_fraction: f64) -> Summary {
     }
 }
 
+/// How one burst went: the p99 before it, and how long after its end the
+/// p99 took to come back to that level (Crayfish's burst recovery time).
+#[derive(Debug, Clone, Serialize)]
+pub struct BurstRecovery {
+    pub burst_start_s: f64,
+    pub burst_end_s: f64,
+    pub baseline_p99_us: f64,
+    /// `None`: latency had not recovered before the next burst or the end.
+    pub recovery_s: Option<f64>,
+}
+
+/// Width of the windows latency is followed in.
+const WINDOW_NS: u64 = 100_000_000;
+
+/// Burst recovery per burst of a `Bursts` schedule: windows of 100 ms by
+/// scheduled time; the baseline is the p99 of the second before the burst;
+/// recovered at the first window from the burst's end whose p99 is within
+/// 20% (or 1 ms) of the baseline.
+pub fn burst_recovery(r: &RunResult, schedule: &crate::schedule::Schedule) -> Vec<BurstRecovery> {
+    let crate::schedule::Schedule::Bursts {
+        burst_len, period, ..
+    } = *schedule
+    else {
+        return Vec::new();
+    };
+    let dur = r.duration.as_nanos() as u64;
+    let windows = dur.div_ceil(WINDOW_NS) as usize;
+    let mut per_window: Vec<Histogram<u64>> = (0..windows).map(|_| hist()).collect();
+    for rec in r.records.iter().filter(|x| x.outcome == Outcome::Scored) {
+        if let Some(h) = per_window.get_mut((rec.scheduled_ns / WINDOW_NS) as usize) {
+            let _ = h.record((rec.latency_ns / 1_000).max(1));
+        }
+    }
+    let p99 = |from: u64, to: u64| {
+        let mut h = hist();
+        let (a, b) = (
+            (from / WINDOW_NS) as usize,
+            ((to / WINDOW_NS) as usize).min(windows),
+        );
+        for w in per_window.get(a..b).unwrap_or_default() {
+            let _ = h.add(w);
+        }
+        (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64)
+    };
+    let period_ns = period.as_nanos() as u64;
+    let mut out = Vec::new();
+    let mut k = 0u64;
+    loop {
+        let start = k * period_ns + (period - burst_len).as_nanos() as u64;
+        let end = (k + 1) * period_ns;
+        if end > dur {
+            break;
+        }
+        k += 1;
+        let Some(baseline) = p99(start.saturating_sub(1_000_000_000), start) else {
+            continue;
+        };
+        let limit = (baseline * 1.2).max(baseline + 1_000.0);
+        let next_start = start + period_ns;
+        let mut recovery = None;
+        let mut w = end;
+        while w + WINDOW_NS <= dur.min(next_start) {
+            if p99(w, w + WINDOW_NS).is_some_and(|p| p <= limit) {
+                recovery = Some((w - end) as f64 / 1e9);
+                break;
+            }
+            w += WINDOW_NS;
+        }
+        out.push(BurstRecovery {
+            burst_start_s: start as f64 / 1e9,
+            burst_end_s: end as f64 / 1e9,
+            baseline_p99_us: baseline,
+            recovery_s: recovery,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

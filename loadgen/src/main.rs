@@ -40,12 +40,42 @@ async fn main() -> anyhow::Result<()> {
                 }
             );
             println!("{}", s.reconciliation_line());
+            let bursts = match &exp.load {
+                shoal_loadgen::pipeline::Load::Open(schedule) => {
+                    analyze::burst_recovery(&result, schedule)
+                }
+                _ => Vec::new(),
+            };
+            for b in &bursts {
+                println!(
+                    "burst {:.1}-{:.1} s: p99 before {:.3} ms, recovered {}",
+                    b.burst_start_s,
+                    b.burst_end_s,
+                    b.baseline_p99_us / 1e3,
+                    b.recovery_s
+                        .map_or("not before the next burst".to_string(), |t| format!(
+                            "{t:.1} s after it"
+                        ))
+                );
+            }
             if let Some(dir) = &o.model.out {
                 std::fs::create_dir_all(dir)?;
                 let path = dir.join("report.json");
-                std::fs::write(&path, serde_json::to_vec_pretty(&s)?)
+                let json = serde_json::json!({"summary": s, "bursts": bursts});
+                std::fs::write(&path, serde_json::to_vec_pretty(&json)?)
                     .with_context(|| path.display().to_string())?;
-                eprintln!("report: {}", path.display());
+                let csv = dir.join("latencies.csv");
+                let mut text = String::from("scheduled_ns,latency_ns,outcome\n");
+                for r in &result.records {
+                    text.push_str(&format!(
+                        "{},{},{}\n",
+                        r.scheduled_ns,
+                        r.latency_ns,
+                        r.outcome.as_str()
+                    ));
+                }
+                std::fs::write(&csv, text).with_context(|| csv.display().to_string())?;
+                eprintln!("report: {} and {}", path.display(), csv.display());
             }
             s.reconciled
         }
