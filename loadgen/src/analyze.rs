@@ -75,6 +75,7 @@ pub fn summarize(r: &RunResult, warmup_fraction: f64) -> Summary {
     for (reason, n) in [
         ("rejected_at_input", r.input_rejected),
         ("transport_error_at_input", r.input_lost),
+        ("transport_error_at_output", r.output_lost),
         ("malformed", r.malformed),
     ] {
         if n > 0 {
@@ -228,6 +229,7 @@ mod tests {
             produced,
             input_rejected: rejected,
             input_lost: 0,
+            output_lost: 0,
             malformed: 0,
             end_time: crate::pipeline::EndTime::SinkReceive,
             records,

@@ -133,6 +133,7 @@ impl Topics {
         Ok(AsyncSender {
             producer,
             topic: self.output.clone(),
+            failed: Default::default(),
         })
     }
 
@@ -223,20 +224,42 @@ impl SyncSender {
 pub struct AsyncSender {
     producer: FutureProducer,
     topic: String,
+    /// Outputs the broker refused after they were queued.
+    pub failed: Arc<AtomicU64>,
 }
 
 impl AsyncSender {
+    /// Queues a message without waiting for the broker's acknowledgement
+    /// (a processor that waited for each would be bound by the round
+    /// trip); a refused delivery is counted.
     pub async fn send(&self, m: Message) -> Result<(), SendError> {
-        let mut r: FutureRecord<'_, str, [u8]> =
-            FutureRecord::to(&self.topic).payload(&m.payload[..]);
-        if let Some(k) = m.key.as_deref() {
-            r = r.key(k);
+        loop {
+            let mut r: FutureRecord<'_, str, [u8]> =
+                FutureRecord::to(&self.topic).payload(&m.payload[..]);
+            if let Some(k) = m.key.as_deref() {
+                r = r.key(k);
+            }
+            match self.producer.send_result(r) {
+                Ok(delivery) => {
+                    let failed = self.failed.clone();
+                    tokio::spawn(async move {
+                        if !matches!(delivery.await, Ok(Ok(_))) {
+                            failed.fetch_add(1, Relaxed);
+                        }
+                    });
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(_) => return Err(SendError::Closed),
+            }
         }
-        self.producer
-            .send(r, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|_| SendError::Closed)
+    }
+
+    /// Waits until every queued output is delivered or failed.
+    pub fn flush(&self) {
+        let _ = self.producer.flush(Duration::from_secs(30));
     }
 }
 

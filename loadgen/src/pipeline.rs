@@ -62,6 +62,8 @@ pub struct RunResult {
     pub input_rejected: u64,
     /// Events the input topic accepted locally but the broker refused.
     pub input_lost: u64,
+    /// Scored events whose output the broker refused.
+    pub output_lost: u64,
     /// Events a processor could not decode.
     pub malformed: u64,
     pub end_time: EndTime,
@@ -79,6 +81,7 @@ impl RunResult {
             produced: 0,
             input_rejected: 0,
             input_lost: 0,
+            output_lost: 0,
             malformed: 0,
             end_time: EndTime::SinkReceive,
             records: Vec::new(),
@@ -340,6 +343,10 @@ pub async fn run_on(
             let _ = output.send(eos()).await;
         }));
     }
+    let output_failures = match &output {
+        OutputSide::Kafka(k) => Some(k.clone()),
+        OutputSide::Memory(_) => None,
+    };
     drop(output);
 
     // The producer has an OS thread of its own, so it keeps its schedule
@@ -419,6 +426,10 @@ pub async fn run_on(
         let _ = p.await;
     }
     let (records, log_append_used) = sink.await.expect("sink task");
+    let output_lost = output_failures.map_or(0, |k| {
+        k.flush();
+        k.failed.load(Relaxed)
+    });
     if let Some(t) = kafka_topics {
         t.delete().await;
     }
@@ -430,6 +441,7 @@ pub async fn run_on(
         produced,
         input_rejected: rejected.load(Relaxed),
         input_lost: lost_at_input,
+        output_lost,
         malformed: malformed.load(Relaxed),
         records,
         duration: exp.duration,
