@@ -2,21 +2,18 @@
 //! runs, for the external modes when no server is given; stops it with
 //! SIGTERM when dropped.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot start {bin}: {source} (build it with `cargo build --release -p shoal` or pass --shoal-bin)")]
-    Spawn { bin: String, source: std::io::Error },
-    #[error("shoal exited before it listened: {0}")]
-    NoListen(String),
+    #[error("{0} (build it with `cargo build --release -p shoal` or pass --shoal-bin)")]
+    Launch(#[from] shoal::launch::LaunchError),
 }
 
+/// A `shoal` started for the run; SIGTERM, then kill, when dropped.
 pub struct Sidecar {
-    child: Child,
+    inner: shoal::launch::Launched,
     pub http: String,
     pub grpc: String,
 }
@@ -40,66 +37,20 @@ pub fn default_binary() -> PathBuf {
 
 impl Sidecar {
     pub fn start(bin: &Path, repository: &Path) -> Result<Self, ServerError> {
-        let mut child = Command::new(bin)
-            .arg("--model-repository")
-            .arg(repository)
-            .args([
-                "--http-port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
-            .env(
-                "RUST_LOG",
-                std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| ServerError::Spawn {
-                bin: bin.display().to_string(),
-                source,
-            })?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("shoal listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(120)).map_err(|_| {
-            let status = child.try_wait().ok().flatten();
-            ServerError::NoListen(format!("{status:?}"))
-        })?;
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap_or_default()
-                .to_string()
-        };
+        let log = std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into());
+        let inner = shoal::launch::Launched::start(bin, repository, &[], &log)?;
         Ok(Self {
-            http: format!("http://{}", field("http")),
-            grpc: format!("http://{}", field("grpc")),
-            child,
+            http: inner.http.clone(),
+            grpc: inner.grpc.clone(),
+            inner,
         })
     }
 }
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        for _ in 0..300 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // In-flight requests drain on SIGTERM; the launcher kills it if not.
+        self.inner.sigterm();
+        let _ = self.inner.wait_exit(Duration::from_secs(3));
     }
 }

@@ -12,9 +12,7 @@ use shoal::tensor::{DataType, Tensor};
 use shoal::InferRequest;
 use shoal_proto as pb;
 use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -222,32 +220,14 @@ async fn engine_cell(
     .await
 }
 
-fn start_server(repo: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .arg("--model-repository")
-        .arg(repo)
-        .args([
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn shoal");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let grpc = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .expect("listening line")
-        .to_string();
-    (child, format!("http://{grpc}"))
+fn start_server(repo: &std::path::Path) -> shoal::launch::Launched {
+    shoal::launch::Launched::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_shoal")),
+        repo,
+        &[],
+        "warn",
+    )
+    .expect("start shoal")
 }
 
 fn main() {
@@ -266,8 +246,9 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let repo = repo();
-        let (mut child, grpc) = start_server(&repo);
-        let server_pid = child.id();
+        let server = start_server(&repo);
+        let grpc = server.grpc.clone();
+        let server_pid = server.child.id();
         let engine = {
             let repo = repo.clone();
             tokio::task::spawn_blocking(move || Engine::load(&repo, &EngineOptions::default()))
@@ -317,10 +298,8 @@ fn main() {
                 .await,
             );
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let _ = child.wait();
+        server.sigterm();
+        drop(server);
         engine.shutdown();
 
         println!("\n| cell | concurrency | rows/s | p50 µs | p99 µs | server CPU µs/req | client CPU µs/req | errors |");

@@ -1,10 +1,8 @@
 //! Starts the real `shoal` binary on port 0 and stops it with SIGTERM.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -20,8 +18,10 @@ pub fn model_repository() -> PathBuf {
     p
 }
 
+/// The real binary on port 0, stopped with SIGTERM by the tests that
+/// check its exit, killed otherwise.
 pub struct Server {
-    pub child: Child,
+    inner: shoal::launch::Launched,
     pub http: String,
     pub grpc: String,
     pub metrics: String,
@@ -33,84 +33,37 @@ impl Server {
     }
 
     pub fn start_with_repo(repo: &std::path::Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("--model-repository")
-            .arg(repo)
-            .args([
-                "--http-port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn shoal");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("shoal listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "shoal did not print its listening line: {:?}",
-                    child.try_wait()
-                )
-            });
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap()
-                .to_string()
-        };
+        let log = std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let inner = shoal::launch::Launched::start(
+            Path::new(env!("CARGO_BIN_EXE_shoal")),
+            repo,
+            extra,
+            &log,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         Self {
-            http: format!("http://{}", field("http")),
-            grpc: format!("http://{}", field("grpc")),
-            metrics: format!("http://{}", field("metrics")),
-            child,
+            http: inner.http.clone(),
+            grpc: inner.grpc.clone(),
+            metrics: inner.metrics.clone(),
+            inner,
         }
     }
 
     pub fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(ok.success());
+        self.inner.sigterm();
     }
 
     /// Sends SIGTERM and returns the exit code.
-    pub fn stop(mut self) -> Option<i32> {
+    pub fn stop(self) -> Option<i32> {
         self.sigterm();
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "shoal did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.stop_after_signal()
     }
-}
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Waits for an exit already requested with [`Server::sigterm`].
+    pub fn stop_after_signal(mut self) -> Option<i32> {
+        self.inner
+            .wait_exit(Duration::from_secs(30))
+            .expect("shoal did not exit after SIGTERM")
     }
 }
 
@@ -148,22 +101,5 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((g - w).abs() <= tol, "element {i}: {g} vs {w}");
-    }
-}
-
-impl Server {
-    /// Waits for an exit already requested with [`Server::sigterm`].
-    pub fn stop_after_signal(mut self) -> Option<i32> {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "shoal did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }

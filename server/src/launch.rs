@@ -1,0 +1,134 @@
+//! Starts the `shoal` binary as a child process with every port 0 and
+//! reads the bound addresses from its listening line. Tests, benchmarks and
+//! the load generator's sidecar all start servers this way.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `shoal` child; killed when dropped unless it already exited.
+pub struct Launched {
+    pub child: Child,
+    /// `http://` URLs of the REST, gRPC and admin listeners.
+    pub http: String,
+    pub grpc: String,
+    pub metrics: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start {bin}: {source}")]
+    Spawn { bin: String, source: std::io::Error },
+    #[error("shoal did not print its listening line within {0:?} (exit status {1:?})")]
+    NoListen(Duration, Option<std::process::ExitStatus>),
+}
+
+/// The `http=… grpc=… metrics=…` addresses of a listening line.
+pub fn parse_listening(line: &str) -> Option<(String, String, String)> {
+    let rest = line.strip_prefix("shoal listening ")?;
+    let field = |k: &str| {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .map(|a| format!("http://{a}"))
+    };
+    Some((field("http")?, field("grpc")?, field("metrics")?))
+}
+
+impl Launched {
+    /// Starts `bin` on `repository` with `extra` flags; `log` is its
+    /// RUST_LOG. Waits up to two minutes for the listening line.
+    pub fn start(
+        bin: &Path,
+        repository: &Path,
+        extra: &[&str],
+        log: &str,
+    ) -> Result<Self, LaunchError> {
+        let mut child = Command::new(bin)
+            .arg("--model-repository")
+            .arg(repository)
+            .args([
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| LaunchError::Spawn {
+                bin: bin.display().to_string(),
+                source,
+            })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addrs) = parse_listening(&line) {
+                    let _ = tx.send(addrs);
+                }
+            }
+        });
+        let wait = Duration::from_secs(120);
+        let (http, grpc, metrics) = rx
+            .recv_timeout(wait)
+            .map_err(|_| LaunchError::NoListen(wait, child.try_wait().ok().flatten()))?;
+        Ok(Self {
+            child,
+            http,
+            grpc,
+            metrics,
+        })
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the child to exit; `None` if it did not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s.code());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_listening_line() {
+        let l = "shoal listening http=127.0.0.1:1 grpc=127.0.0.1:2 metrics=[::1]:3";
+        assert_eq!(
+            parse_listening(l),
+            Some((
+                "http://127.0.0.1:1".into(),
+                "http://127.0.0.1:2".into(),
+                "http://[::1]:3".into()
+            ))
+        );
+        assert_eq!(parse_listening("shoal listening http=a"), None);
+        assert_eq!(parse_listening("something else"), None);
+    }
+}
