@@ -140,6 +140,20 @@ pub fn summarize(r: &RunResult, warmup_fraction: f64) -> Summary {
     }
 }
 
+/// Mean and sample standard deviation.
+pub fn spread(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
 /// How one burst went: the p99 before it, and how long after its end the
 /// p99 took to come back to that level (Crayfish's burst recovery time).
 #[derive(Debug, Clone, Serialize)]
@@ -236,6 +250,14 @@ mod tests {
             duration: Duration::from_secs(4),
             offered_rate: produced as f64 / 4.0,
         }
+    }
+
+    #[test]
+    fn spread_is_mean_and_sample_deviation() {
+        assert_eq!(spread(&[]), (0.0, 0.0));
+        assert_eq!(spread(&[3.0]), (3.0, 0.0));
+        let (m, sd) = spread(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
+        assert!((m - 5.0).abs() < 1e-12 && (sd - 2.138_089_935).abs() < 1e-6);
     }
 
     #[test]

@@ -95,9 +95,13 @@ pub struct ModelOpts {
     /// The `shoal` binary to start (default: next to this one).
     #[arg(long, env = "LOADGEN_SHOAL_BIN")]
     pub shoal_bin: Option<PathBuf>,
-    /// Key space of a keyed workload (uniform); keyless when absent.
+    /// Key space of a keyed workload; keyless when absent. Keys become the
+    /// Kafka message key and the request's correlation key.
     #[arg(long, env = "LOADGEN_KEYS")]
     pub keys: Option<u64>,
+    /// Zipf exponent of the keys (e.g. 1.0); uniform when absent.
+    #[arg(long, env = "LOADGEN_ZIPF")]
+    pub zipf: Option<f64>,
     #[arg(long, env = "LOADGEN_SEED", default_value_t = 42)]
     pub seed: u64,
     /// Fraction of the run discarded as warm-up.
@@ -143,6 +147,9 @@ pub struct RunOpts {
     /// Processor parallelism (`mp`).
     #[arg(long, env = "LOADGEN_MP", default_value_t = 1)]
     pub mp: usize,
+    /// Repeat the run this many times and report mean and spread.
+    #[arg(long, env = "LOADGEN_REPEAT", default_value_t = 1)]
+    pub repeat: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -209,6 +216,7 @@ pub fn experiment(
         rows: m.bsz.max(1),
         point_len: m.isz.iter().product::<i64>().max(1) as usize,
         keys: m.keys,
+        zipf: m.zipf,
         seed: m.seed,
         partition_capacity: 1 << 20,
     }

@@ -27,10 +27,43 @@ async fn main() -> anyhow::Result<()> {
                 o.model.isz,
                 o.model.bsz
             );
+            // Earlier repetitions only feed the spread; the last one is
+            // reported in full.
+            let mut summaries = Vec::new();
+            for i in 1..o.repeat.max(1) {
+                let r = shoal_loadgen::pipeline::run_on(
+                    &exp,
+                    setup.scorer.clone(),
+                    &o.model.transport(),
+                )
+                .await?;
+                let s = analyze::summarize(&r, o.model.warmup);
+                println!(
+                    "run {i}: throughput {:.0} ev/s, p50 {:.3} ms, p99 {:.3} ms, reconciled {}",
+                    s.throughput,
+                    s.p50_us / 1e3,
+                    s.p99_us / 1e3,
+                    s.reconciled
+                );
+                summaries.push(s);
+            }
             let result =
                 shoal_loadgen::pipeline::run_on(&exp, setup.scorer.clone(), &o.model.transport())
                     .await?;
             let s = analyze::summarize(&result, o.model.warmup);
+            summaries.push(s.clone());
+            if summaries.len() > 1 {
+                let col = |f: fn(&analyze::Summary) -> f64| {
+                    analyze::spread(&summaries.iter().map(f).collect::<Vec<_>>())
+                };
+                let (t, ts) = col(|s| s.throughput);
+                let (p50, p50s) = col(|s| s.p50_us / 1e3);
+                let (p99, p99s) = col(|s| s.p99_us / 1e3);
+                println!(
+                    "over {} runs: throughput {t:.0} ± {ts:.0} ev/s, p50 {p50:.3} ± {p50s:.3} ms, p99 {p99:.3} ± {p99s:.3} ms",
+                    summaries.len()
+                );
+            }
             println!("{}", report::summary_table(&s));
             println!(
                 "end time: {}",
@@ -77,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::write(&csv, text).with_context(|| csv.display().to_string())?;
                 eprintln!("report: {} and {}", path.display(), csv.display());
             }
-            s.reconciled
+            summaries.iter().all(|s| s.reconciled)
         }
         Command::Compare(o) => {
             let mut rows = Vec::new();

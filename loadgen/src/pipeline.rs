@@ -32,6 +32,8 @@ pub struct Experiment {
     pub point_len: usize,
     /// Key space for keyed workloads; `None`: keyless.
     pub keys: Option<u64>,
+    /// Zipf exponent of the key distribution; uniform when absent.
+    pub zipf: Option<f64>,
     pub seed: u64,
     /// Input partition buffer; a full one rejects (counted), never blocks.
     pub partition_capacity: usize,
@@ -104,6 +106,43 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Draws keys `0..n`, uniformly or Zipf-distributed (key 0 the hottest).
+#[derive(Debug, Clone)]
+pub struct KeySampler {
+    n: u64,
+    /// Cumulative probabilities, for Zipf.
+    cdf: Option<Vec<f64>>,
+}
+
+impl KeySampler {
+    pub fn new(n: u64, zipf: Option<f64>) -> Self {
+        let n = n.max(1);
+        let cdf = zipf.map(|s| {
+            let weights: Vec<f64> = (1..=n).map(|k| 1.0 / (k as f64).powf(s)).collect();
+            let total: f64 = weights.iter().sum();
+            let mut acc = 0.0;
+            weights
+                .iter()
+                .map(|w| {
+                    acc += w / total;
+                    acc
+                })
+                .collect()
+        });
+        Self { n, cdf }
+    }
+
+    pub fn sample(&self, rng: &mut Rng) -> u64 {
+        match &self.cdf {
+            None => rng.next_u64() % self.n,
+            Some(cdf) => {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                (cdf.partition_point(|&c| c < u) as u64).min(self.n - 1)
+            }
+        }
     }
 }
 
@@ -362,10 +401,11 @@ pub async fn run_on(
             Load::Closed => Vec::new(),
         };
         let mut seq = 0u64;
+        let sampler = exp2.keys.map(|n| KeySampler::new(n, exp2.zipf));
         let mut send = |scheduled: Duration, seq: u64| {
-            let key = exp2
-                .keys
-                .map(|n| format!("key-{}", rng.next_u64() % n.max(1)));
+            let key = sampler
+                .as_ref()
+                .map(|k| format!("key-{}", k.sample(&mut rng)));
             let e = Event {
                 seq,
                 scheduled_ns: scheduled.as_nanos() as u64,
@@ -452,4 +492,35 @@ pub async fn run_on(
             EndTime::SinkReceive
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_keys_follow_their_law() {
+        let n = 100;
+        let k = KeySampler::new(n, Some(1.0));
+        let mut rng = Rng::new(1);
+        let draws = 200_000;
+        let mut counts = vec![0u64; n as usize];
+        for _ in 0..draws {
+            counts[k.sample(&mut rng) as usize] += 1;
+        }
+        let h: f64 = (1..=n).map(|i| 1.0 / i as f64).sum();
+        for (i, &c) in counts.iter().enumerate().take(5) {
+            let want = draws as f64 / ((i + 1) as f64 * h);
+            assert!(
+                (c as f64 / want - 1.0).abs() < 0.05,
+                "key {i}: {c} vs {want}"
+            );
+        }
+        let uniform = KeySampler::new(n, None);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5_000 {
+            seen.insert(uniform.sample(&mut rng));
+        }
+        assert_eq!(seen.len(), n as usize);
+    }
 }

@@ -87,6 +87,7 @@ async fn events_go_through_kafka_and_the_books_balance() {
         rows: 1,
         point_len: 784,
         keys: Some(20),
+        zipf: None,
         seed: 11,
         partition_capacity: 1 << 16,
     };

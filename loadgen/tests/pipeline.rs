@@ -27,6 +27,7 @@ fn model_opts() -> ModelOpts {
         server: None,
         shoal_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadgen")).with_file_name("shoal")),
         keys: Some(50),
+        zipf: None,
         seed: 7,
         warmup: 0.25,
         out: None,
@@ -71,6 +72,7 @@ async fn closed_loop_keeps_one_event_in_flight() {
         rows: 1,
         point_len: 4,
         keys: None,
+        zipf: None,
         seed: 1,
         partition_capacity: 16,
     };
@@ -91,6 +93,7 @@ async fn the_search_finds_a_known_capacity_within_ten_percent() {
         rows: 1,
         point_len: 4,
         keys: None,
+        zipf: None,
         seed: 3,
         partition_capacity: 1 << 16,
     };
@@ -117,6 +120,7 @@ async fn a_stall_shows_in_every_event_scheduled_during_it() {
         rows: 1,
         point_len: 4,
         keys: None,
+        zipf: None,
         seed: 5,
         partition_capacity: 1 << 16,
     };
@@ -160,6 +164,7 @@ async fn a_full_input_topic_rejects_and_the_books_still_balance() {
         rows: 1,
         point_len: 4,
         keys: None,
+        zipf: None,
         seed: 9,
         partition_capacity: 8,
     };
@@ -189,6 +194,7 @@ async fn burst_recovery_matches_the_backlog_arithmetic() {
         rows: 1,
         point_len: 4,
         keys: None,
+        zipf: None,
         seed: 13,
         partition_capacity: 1 << 16,
     };
