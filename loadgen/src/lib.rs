@@ -8,6 +8,7 @@ pub mod analyze;
 pub mod event;
 pub mod kafka;
 pub mod pipeline;
+pub mod plot;
 pub mod report;
 pub mod schedule;
 pub mod scorer;

@@ -108,7 +108,17 @@ async fn main() -> anyhow::Result<()> {
                     ));
                 }
                 std::fs::write(&csv, text).with_context(|| csv.display().to_string())?;
-                eprintln!("report: {} and {}", path.display(), csv.display());
+                let schedule = match &exp.load {
+                    shoal_loadgen::pipeline::Load::Open(s) => Some(s),
+                    _ => None,
+                };
+                let plots = shoal_loadgen::plot::write_plots(dir, &result, schedule)?;
+                eprintln!(
+                    "report: {}, {} and {} plots",
+                    path.display(),
+                    csv.display(),
+                    plots.len()
+                );
             }
             summaries.iter().all(|s| s.reconciled)
         }
