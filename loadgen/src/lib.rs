@@ -9,6 +9,7 @@ pub mod event;
 pub mod kafka;
 pub mod pipeline;
 pub mod plot;
+pub mod progress;
 pub mod report;
 pub mod schedule;
 pub mod scorer;

@@ -4,6 +4,38 @@ use anyhow::Context;
 use clap::Parser;
 use shoal_loadgen::{analyze, experiment, report, scorer_for, sustain, Cli, Command};
 
+/// Draws a progress bar on stderr (only when it is a terminal) with the
+/// run's rate, backlog and recent p99, until aborted.
+fn progress_bar(
+    secs: f64,
+    live: std::sync::Arc<shoal_loadgen::progress::Live>,
+) -> tokio::task::JoinHandle<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new((secs * 10.0) as u64);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {elapsed}/{len} {msg}") {
+        bar.set_style(style.with_key(
+            "len",
+            move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{secs:.0}s");
+            },
+        ));
+    }
+    tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let elapsed = start.elapsed();
+            let snap = live.snapshot(elapsed);
+            bar.set_position((elapsed.as_secs_f64() * 10.0) as u64);
+            bar.set_message(shoal_loadgen::progress::Live::message(&snap));
+            if elapsed.as_secs_f64() > secs + 60.0 {
+                break;
+            }
+        }
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -47,9 +79,16 @@ async fn main() -> anyhow::Result<()> {
                 );
                 summaries.push(s);
             }
-            let result =
-                shoal_loadgen::pipeline::run_on(&exp, setup.scorer.clone(), &o.model.transport())
-                    .await?;
+            let live = std::sync::Arc::new(shoal_loadgen::progress::Live::default());
+            let bar = progress_bar(o.duration, live.clone());
+            let result = shoal_loadgen::pipeline::run_live(
+                &exp,
+                setup.scorer.clone(),
+                &o.model.transport(),
+                Some(live),
+            )
+            .await?;
+            bar.abort();
             let s = analyze::summarize(&result, o.model.warmup);
             summaries.push(s.clone());
             if summaries.len() > 1 {

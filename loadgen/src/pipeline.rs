@@ -259,7 +259,18 @@ pub async fn run_on(
     scorer: Scorer,
     transport: &Transport,
 ) -> Result<RunResult, RunError> {
+    run_live(exp, scorer, transport, None).await
+}
+
+/// Like [`run_on`], keeping `live` figures up to date for a progress bar.
+pub async fn run_live(
+    exp: &Experiment,
+    scorer: Scorer,
+    transport: &Transport,
+    live: Option<Arc<crate::progress::Live>>,
+) -> Result<RunResult, RunError> {
     let mp = exp.mp.max(1);
+    let sink_live = live.clone();
     let (input, partitions, output, sink_rx, kafka_topics) = match transport {
         Transport::Memory => {
             let (input, partitions) = topic(mp, exp.partition_capacity);
@@ -340,6 +351,9 @@ pub async fn run_on(
                 latency_ns,
                 outcome: o.outcome,
             });
+            if let Some(l) = &sink_live {
+                l.done(latency_ns);
+            }
             if closed {
                 let _ = ack_tx.send(o.seq);
             }
@@ -420,7 +434,12 @@ pub async fn run_on(
                 },
                 None,
             ) {
-                Ok(()) => true,
+                Ok(()) => {
+                    if let Some(l) = &live {
+                        l.sent();
+                    }
+                    true
+                }
                 Err(SendError::Full) | Err(SendError::Closed) => {
                     rej.fetch_add(1, Relaxed);
                     false
