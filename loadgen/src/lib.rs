@@ -7,6 +7,7 @@
 pub mod analyze;
 pub mod event;
 pub mod kafka;
+pub mod npy;
 pub mod pipeline;
 pub mod plot;
 pub mod progress;
@@ -101,6 +102,10 @@ pub struct ModelOpts {
     /// Kafka message key and the request's correlation key.
     #[arg(long, env = "LOADGEN_KEYS")]
     pub keys: Option<u64>,
+    /// Input data points from a `.npy` file (float32/64, shape [N, isz...])
+    /// instead of seeded synthetic ones.
+    #[arg(long, env = "LOADGEN_NPY")]
+    pub npy: Option<PathBuf>,
     /// Zipf exponent of the keys (e.g. 1.0); uniform when absent.
     #[arg(long, env = "LOADGEN_ZIPF")]
     pub zipf: Option<f64>,
@@ -221,6 +226,7 @@ pub fn experiment(
         zipf: m.zipf,
         seed: m.seed,
         partition_capacity: 1 << 20,
+        data: None,
     }
 }
 

@@ -49,7 +49,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(o) => {
             let load = o.load().map_err(anyhow::Error::msg)?;
             let setup = scorer_for(o.mode, &o.model).await?;
-            let exp = experiment(&o.model, o.mp, o.duration, load);
+            let mut exp = experiment(&o.model, o.mp, o.duration, load);
+            if let Some(path) = &o.model.npy {
+                let data = shoal_loadgen::npy::payloads(path, &o.model.isz, o.model.bsz)?;
+                exp.data = Some(std::sync::Arc::new(data));
+            }
             eprintln!(
                 "running {} for {:.0} s, mp={}, model {} ({:?} x {})",
                 o.mode.as_str(),
@@ -164,15 +168,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Compare(o) => {
             let mut rows = Vec::new();
             let mut reconciled = true;
+            let data = match &o.model.npy {
+                Some(path) => Some(std::sync::Arc::new(shoal_loadgen::npy::payloads(
+                    path,
+                    &o.model.isz,
+                    o.model.bsz,
+                )?)),
+                None => None,
+            };
             for &mode in &o.modes {
                 let setup = scorer_for(mode, &o.model).await?;
                 for &mp in &o.mp {
-                    let base = experiment(
+                    let mut base = experiment(
                         &o.model,
                         mp,
                         o.probe_seconds,
                         shoal_loadgen::pipeline::Load::Closed,
                     );
+                    base.data = data.clone();
                     let found = sustain::search_on(
                         &base,
                         &setup.scorer,

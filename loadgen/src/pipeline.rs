@@ -37,6 +37,9 @@ pub struct Experiment {
     pub seed: u64,
     /// Input partition buffer; a full one rejects (counted), never blocks.
     pub partition_capacity: usize,
+    /// Event payloads to cycle through (from a `.npy` file); seeded
+    /// synthetic data when absent.
+    pub data: Option<Arc<Vec<Bytes>>>,
 }
 
 /// One event's fate: when it was scheduled, its latency, its outcome.
@@ -148,6 +151,9 @@ impl KeySampler {
 
 /// A pool of distinct seeded payloads the producer cycles through.
 fn payloads(exp: &Experiment) -> Vec<Bytes> {
+    if let Some(d) = exp.data.as_ref().filter(|d| !d.is_empty()) {
+        return d.as_ref().clone();
+    }
     let mut rng = Rng::new(exp.seed);
     (0..16)
         .map(|_| {

@@ -90,6 +90,7 @@ async fn events_go_through_kafka_and_the_books_balance() {
         zipf: None,
         seed: 11,
         partition_capacity: 1 << 16,
+        data: None,
     };
     let r = run_on(
         &exp,

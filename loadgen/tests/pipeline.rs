@@ -32,6 +32,7 @@ fn model_opts() -> ModelOpts {
         warmup: 0.25,
         out: None,
         brokers: None,
+        npy: None,
     }
 }
 
@@ -75,6 +76,7 @@ async fn closed_loop_keeps_one_event_in_flight() {
         zipf: None,
         seed: 1,
         partition_capacity: 16,
+        data: None,
     };
     let r = run(&exp, Scorer::Synthetic(Duration::from_millis(5))).await;
     let s = summarize(&r, 0.0);
@@ -96,6 +98,7 @@ async fn the_search_finds_a_known_capacity_within_ten_percent() {
         zipf: None,
         seed: 3,
         partition_capacity: 1 << 16,
+        data: None,
     };
     let s = Search {
         start_rate: 50.0,
@@ -123,6 +126,7 @@ async fn a_stall_shows_in_every_event_scheduled_during_it() {
         zipf: None,
         seed: 5,
         partition_capacity: 1 << 16,
+        data: None,
     };
     let stall = Duration::from_secs(1);
     let r = run(
@@ -167,6 +171,7 @@ async fn a_full_input_topic_rejects_and_the_books_still_balance() {
         zipf: None,
         seed: 9,
         partition_capacity: 8,
+        data: None,
     };
     let r = run(&exp, Scorer::Synthetic(Duration::from_millis(10))).await;
     let s = summarize(&r, 0.0);
@@ -197,6 +202,7 @@ async fn burst_recovery_matches_the_backlog_arithmetic() {
         zipf: None,
         seed: 13,
         partition_capacity: 1 << 16,
+        data: None,
     };
     let r = run(&exp, Scorer::Synthetic(Duration::from_millis(5))).await;
     assert!(summarize(&r, 0.0).reconciled);
@@ -208,4 +214,26 @@ async fn burst_recovery_matches_the_backlog_arithmetic() {
             .unwrap_or_else(|| panic!("no recovery: {rec:?}"));
         assert!((1.3..=3.0).contains(&t), "recovery {t} s: {rec:?}");
     }
+}
+
+#[tokio::test]
+async fn npy_data_points_are_scored_by_the_real_ffnn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("points.npy");
+    let values: Vec<f32> = (0..5 * 784).map(|i| (i % 97) as f32 / 97.0).collect();
+    shoal_loadgen::npy::write_f32(&path, &[5, 784], &values).unwrap();
+    let mut m = model_opts();
+    m.keys = None;
+    let setup = scorer_for(Mode::Embedded, &m).await.unwrap();
+    let mut exp = experiment(&m, 1, 1.0, Load::Open(Schedule::Constant { rate: 200.0 }));
+    let data = shoal_loadgen::npy::payloads(&path, &[784], 2).unwrap();
+    assert_eq!(data.len(), 3);
+    exp.data = Some(std::sync::Arc::new(data));
+    let r = run(&exp, setup.scorer.clone()).await;
+    let s = summarize(&r, 0.0);
+    assert!(
+        s.reconciled && s.scored == r.produced && r.produced >= 190,
+        "{}",
+        s.reconciliation_line()
+    );
 }

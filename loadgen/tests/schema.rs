@@ -84,6 +84,7 @@ async fn report_json_follows_its_schema() {
         zipf: None,
         seed: 17,
         partition_capacity: 1 << 16,
+        data: None,
     };
     let r = run(&exp, Scorer::Synthetic(Duration::from_millis(2))).await;
     let s = summarize(&r, 0.25);
