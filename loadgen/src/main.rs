@@ -155,13 +155,20 @@ async fn main() -> anyhow::Result<()> {
                     shoal_loadgen::pipeline::Load::Open(s) => Some(s),
                     _ => None,
                 };
-                let plots = shoal_loadgen::plot::write_plots(dir, &result, schedule)?;
-                eprintln!(
-                    "report: {}, {} and {} plots",
-                    path.display(),
-                    csv.display(),
-                    plots.len()
-                );
+                match shoal_loadgen::plot::write_plots(dir, &result, schedule) {
+                    Ok(plots) => eprintln!(
+                        "report: {}, {} and {} plots",
+                        path.display(),
+                        csv.display(),
+                        plots.len()
+                    ),
+                    // The figures and the report stand without pictures.
+                    Err(e) => eprintln!(
+                        "report: {} and {}; no plots: {e}",
+                        path.display(),
+                        csv.display()
+                    ),
+                }
             }
             summaries.iter().all(|s| s.reconciled)
         }

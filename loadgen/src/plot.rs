@@ -1,5 +1,7 @@
-//! Pictures of a run (SVG): latency over time, throughput over time with
-//! the input rate overlaid, and the latency CDF.
+//! Pictures of a run, as SVG and PNG: latency over time, throughput over
+//! time with the input rate overlaid, and the latency CDF. Text needs a
+//! TrueType font: DejaVu Sans from Debian's fonts-dejavu-core, which
+//! scripts/setup.sh installs.
 
 use crate::event::Outcome;
 use crate::pipeline::RunResult;
@@ -101,39 +103,62 @@ fn max_y(series: &[&Series]) -> f64 {
         * 1.1
 }
 
-fn line_chart(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    lines: &[(&str, &Series, RGBColor)],
-) -> Result<(), PlotError> {
-    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(path, e))?;
-    let x_max = lines
+/// DejaVu Sans, where Debian puts it.
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers the font once; false when it is not installed.
+fn font() -> bool {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READY.get_or_init(|| match std::fs::read(FONT) {
+        // plotters keeps fonts for the process's life: leaking is the API.
+        Ok(bytes) => plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            Box::leak(bytes.into_boxed_slice()),
+        )
+        .is_ok(),
+        Err(_) => false,
+    })
+}
+
+struct Chart<'a> {
+    title: &'a str,
+    x_label: &'a str,
+    y_label: &'a str,
+    lines: &'a [(&'a str, &'a Series, RGBColor)],
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    c: &Chart<'_>,
+) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let x_max = c
+        .lines
         .iter()
         .flat_map(|(_, s, _)| s.iter().map(|p| p.0))
         .fold(0.0f64, f64::max)
         .max(1e-3);
-    let y_max = max_y(&lines.iter().map(|(_, s, _)| *s).collect::<Vec<_>>());
+    let y_max = max_y(&c.lines.iter().map(|(_, s, _)| *s).collect::<Vec<_>>());
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
+        .caption(c.title, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| err(path, e))?;
+        .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_desc(c.x_label)
+        .y_desc(c.y_label)
         .draw()
-        .map_err(|e| err(path, e))?;
-    for (name, s, color) in lines {
+        .map_err(|x| e(&x))?;
+    for (name, s, color) in c.lines {
         let color = *color;
         chart
             .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(path, e))?
+            .map_err(|x| e(&x))?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
@@ -142,26 +167,48 @@ fn line_chart(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| err(path, e))?;
-    root.present().map_err(|e| err(path, e))
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))
 }
 
-/// Writes `latency.svg`, `throughput.svg` and `cdf.svg` into `dir`.
+/// Draws one chart as `<stem>.svg` and `<stem>.png`.
+fn line_chart(
+    dir: &Path,
+    stem: &str,
+    c: &Chart<'_>,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), PlotError> {
+    let svg = dir.join(format!("{stem}.svg"));
+    draw(SVGBackend::new(&svg, (900, 500)).into_drawing_area(), c).map_err(|e| err(&svg, e))?;
+    out.push(svg);
+    let png = dir.join(format!("{stem}.png"));
+    draw(BitMapBackend::new(&png, (900, 500)).into_drawing_area(), c).map_err(|e| err(&png, e))?;
+    out.push(png);
+    Ok(())
+}
+
+/// Writes `latency`, `throughput` and `cdf` charts into `dir`, each as SVG
+/// and PNG; returns the files written.
 pub fn write_plots(
     dir: &Path,
     r: &RunResult,
     schedule: Option<&Schedule>,
 ) -> Result<Vec<PathBuf>, PlotError> {
+    if !font() {
+        return Err(err(
+            Path::new(FONT),
+            "font missing: install Debian's fonts-dejavu-core (scripts/setup.sh does)",
+        ));
+    }
+    let mut out = Vec::new();
     let (p50, p99) = latency_series(r);
-    let latency = dir.join("latency.svg");
-    line_chart(
-        &latency,
-        "latency over time (by scheduled send time)",
-        "time (s)",
-        "latency (ms)",
-        &[("p50", &p50, BLUE), ("p99", &p99, RED)],
-    )?;
-    let throughput = dir.join("throughput.svg");
+    let chart = Chart {
+        title: "latency over time (by scheduled send time)",
+        x_label: "time (s)",
+        y_label: "latency (ms)",
+        lines: &[("p50", &p50, BLUE), ("p99", &p99, RED)],
+    };
+    line_chart(dir, "latency", &chart, &mut out)?;
     let served = throughput_series(r);
     let input: Series = schedule
         .map(|s| {
@@ -177,22 +224,22 @@ pub fn write_plots(
     if !input.is_empty() {
         lines.push(("input rate ev/s", &input, RED));
     }
-    line_chart(
-        &throughput,
-        "throughput over time (by end time)",
-        "time (s)",
-        "events/s",
-        &lines,
-    )?;
-    let cdf = dir.join("cdf.svg");
-    line_chart(
-        &cdf,
-        "latency CDF",
-        "latency (ms)",
-        "fraction of events",
-        &[("scored", &cdf_series(r), BLUE)],
-    )?;
-    Ok(vec![latency, throughput, cdf])
+    let chart = Chart {
+        title: "throughput over time (by end time)",
+        x_label: "time (s)",
+        y_label: "events/s",
+        lines: &lines,
+    };
+    line_chart(dir, "throughput", &chart, &mut out)?;
+    let cdf = cdf_series(r);
+    let chart = Chart {
+        title: "latency CDF",
+        x_label: "latency (ms)",
+        y_label: "fraction of events",
+        lines: &[("scored", &cdf, BLUE)],
+    };
+    line_chart(dir, "cdf", &chart, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -201,7 +248,7 @@ mod tests {
     use crate::pipeline::Record;
 
     #[test]
-    fn draws_three_svgs() {
+    fn draws_three_charts_as_svg_and_png() {
         let records: Vec<Record> = (0..2000u64)
             .map(|i| Record {
                 scheduled_ns: i * 1_000_000,
@@ -215,12 +262,22 @@ mod tests {
         r.duration = Duration::from_secs(2);
         let dir = tempfile::tempdir().unwrap();
         let s = Schedule::Constant { rate: 1000.0 };
+        assert!(
+            Path::new(FONT).exists(),
+            "{FONT} is missing: run scripts/setup.sh (Debian fonts-dejavu-core)"
+        );
         let files = write_plots(dir.path(), &r, Some(&s)).unwrap();
-        assert_eq!(files.len(), 3);
+        assert_eq!(files.len(), 6, "{files:?}");
         for f in files {
-            let text = std::fs::read_to_string(&f).unwrap();
-            assert!(text.starts_with("<svg"), "{}", f.display());
-            assert!(text.contains("<polyline"), "{} has no line", f.display());
+            let bytes = std::fs::read(&f).unwrap();
+            if f.extension().is_some_and(|e| e == "png") {
+                assert!(bytes.starts_with(b"\x89PNG"), "{}", f.display());
+                assert!(bytes.len() > 5_000, "{} is nearly empty", f.display());
+            } else {
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(text.starts_with("<svg"), "{}", f.display());
+                assert!(text.contains("<polyline"), "{} has no line", f.display());
+            }
         }
     }
 }
