@@ -209,6 +209,22 @@ async fn main() -> anyhow::Result<()> {
                     if let Some(s) = &found.at_rate {
                         reconciled &= s.reconciled;
                     }
+                    // Each configuration's run at its sustainable rate gets
+                    // its own report and plots.
+                    if let (Some(dir), Some(run), Some(s)) =
+                        (&o.model.out, &found.run, &found.at_rate)
+                    {
+                        let sub = dir.join(format!("{}-mp{mp}", mode.as_str()));
+                        std::fs::create_dir_all(&sub)?;
+                        let json = serde_json::json!({"summary": s, "bursts": []});
+                        std::fs::write(sub.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
+                        let schedule =
+                            shoal_loadgen::schedule::Schedule::Constant { rate: found.rate };
+                        if let Err(e) = shoal_loadgen::plot::write_plots(&sub, run, Some(&schedule))
+                        {
+                            eprintln!("no plots for {}: {e}", sub.display());
+                        }
+                    }
                     rows.push(report::CompareRow {
                         mode: mode.as_str().to_string(),
                         mp,

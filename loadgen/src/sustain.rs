@@ -37,6 +37,8 @@ pub struct Found {
     pub rate: f64,
     /// The summary of the run at `rate`.
     pub at_rate: Option<Summary>,
+    /// That run's events, for its report and plots.
+    pub run: Option<crate::pipeline::RunResult>,
     pub probes: Vec<(f64, bool)>,
 }
 
@@ -60,47 +62,50 @@ pub async fn search_on(
         let warm = s.warmup_fraction;
         async move {
             let r = run_on(&exp, scorer, transport).await?;
-            Ok::<_, RunError>(summarize(&r, warm))
+            Ok::<_, RunError>((summarize(&r, warm), r))
         }
     };
-    let mut lo: Option<(f64, Summary)> = None;
+    let mut lo: Option<(f64, Summary, crate::pipeline::RunResult)> = None;
     let mut hi = None;
     let mut rate = s.start_rate;
     while rate <= s.max_rate {
-        let sum = probe(rate).await?;
+        let (sum, r) = probe(rate).await?;
         let ok = sum.sustainable();
         probes.push((rate, ok));
         if !ok {
             hi = Some(rate);
             break;
         }
-        lo = Some((rate, sum));
+        lo = Some((rate, sum, r));
         rate *= 2.0;
     }
     let Some(mut hi) = hi else {
-        let (rate, sum) = lo.expect("at least one probe");
+        let (rate, sum, r) = lo.expect("at least one probe");
         return Ok(Found {
             rate,
             at_rate: Some(sum),
+            run: Some(r),
             probes,
         });
     };
-    let mut lo = lo.unwrap_or((0.0, summarize(&crate::pipeline::RunResult::empty(), 0.0)));
+    let empty = crate::pipeline::RunResult::empty();
+    let mut lo = lo.unwrap_or_else(|| (0.0, summarize(&empty, 0.0), empty));
     while hi - lo.0 > s.tolerance * hi {
         let mid = (lo.0 + hi) / 2.0;
-        let sum = probe(mid).await?;
+        let (sum, r) = probe(mid).await?;
         let ok = sum.sustainable();
         probes.push((mid, ok));
         if ok {
-            lo = (mid, sum);
+            lo = (mid, sum, r);
         } else {
             hi = mid;
         }
     }
-    let at_rate = (lo.0 > 0.0).then_some(lo.1);
+    let found = lo.0 > 0.0;
     Ok(Found {
         rate: lo.0,
-        at_rate,
+        at_rate: found.then_some(lo.1),
+        run: found.then_some(lo.2),
         probes,
     })
 }
