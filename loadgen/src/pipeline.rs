@@ -193,6 +193,13 @@ impl InputSide {
             (InputSide::Kafka(k), p) => k.try_send(m, p),
         }
     }
+    /// Waits until queued messages are with the broker.
+    fn flush(&self) {
+        if let InputSide::Kafka(k) = self {
+            k.flush();
+        }
+    }
+
     /// Messages accepted locally that never reached the broker.
     fn finish(&self) -> u64 {
         match self {
@@ -234,6 +241,48 @@ impl OutputSide {
     }
 }
 
+/// A one-byte payload marks the warm-up message (events and outputs are
+/// longer).
+fn ready() -> Message {
+    Message {
+        key: None,
+        payload: Bytes::from_static(&[0xff]),
+    }
+}
+
+/// Sends a marker through every input partition, forwards it to the output
+/// topic and reads it back, so that every consumer is assigned and fetching.
+async fn warm_up(
+    input: &InputSide,
+    partitions: &mut [PartitionRx],
+    output: &OutputSide,
+    sink: &mut PartitionRx,
+) -> Result<(), RunError> {
+    let timeout = Duration::from_secs(30);
+    let stuck = |what: &str| RunError::WarmUp(format!("{what} did not arrive within {timeout:?}"));
+    for p in 0..partitions.len() {
+        input
+            .try_send(ready(), Some(p))
+            .map_err(|e| RunError::WarmUp(format!("{e:?}")))?;
+    }
+    input.flush();
+    for rx in partitions.iter_mut() {
+        tokio::time::timeout(timeout, rx.recv())
+            .await
+            .map_err(|_| stuck("an input marker"))?;
+        output
+            .send(ready())
+            .await
+            .map_err(|e| RunError::WarmUp(format!("{e:?}")))?;
+    }
+    for _ in 0..partitions.len() {
+        tokio::time::timeout(timeout, sink.recv())
+            .await
+            .map_err(|_| stuck("an output marker"))?;
+    }
+    Ok(())
+}
+
 /// An empty payload marks the end of a partition's stream: events and
 /// outputs are never empty. Kafka topics do not close, so the producer ends
 /// every partition with one, each processor forwards one, and the sink
@@ -249,6 +298,8 @@ fn eos() -> Message {
 pub enum RunError {
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaSetupError),
+    #[error("topics did not come up: {0}")]
+    WarmUp(String),
 }
 
 /// Runs the experiment on in-memory topics.
@@ -315,6 +366,14 @@ pub async fn run_live(
             )
         }
     };
+    let (mut partitions, mut sink_rx) = (partitions, sink_rx);
+    if kafka_topics.is_some() {
+        // Fresh topics: consumers join, get assigned and make their first
+        // fetch lazily, which takes about a second. Push one marker through
+        // every partition and the output before the clock starts, so that
+        // start-up is not measured as latency.
+        warm_up(&input, &mut partitions, &output, &mut sink_rx).await?;
+    }
     let t0 = Instant::now() + Duration::from_millis(10);
     let t0_wall_ns = (std::time::SystemTime::now() + Duration::from_millis(10))
         .duration_since(std::time::UNIX_EPOCH)
@@ -324,7 +383,6 @@ pub async fn run_live(
     // Closed loop: the sink tells the producer when an event is done.
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
     let closed = exp.load == Load::Closed;
-    let mut sink_rx = sink_rx;
     let sink = tokio::spawn(async move {
         let mut records = Vec::new();
         let mut ended = 0;
