@@ -217,36 +217,34 @@ impl ModelVersion {
             return Err(EngineError::Overloaded(cfg.name.clone()));
         }
         self.core.metrics.queue_depth.increment(1.0);
+        // One routing rule for keyed and keyless requests; the key's hash is
+        // computed here, outside the key table's lock.
+        let hash = key.as_deref().map(key_hash);
         let n = self.replicas.len();
-        let spread = || self.core.spread.fetch_add(1, Ordering::Relaxed);
+        let pick = || match cfg.routing {
+            Routing::Affinity => match hash {
+                Some(h) => rendezvous(h, 0..n).expect("a model has replicas"),
+                None => self.least_loaded(),
+            },
+            Routing::RoundRobin => {
+                (self.core.spread.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
+            }
+            Routing::Random => {
+                (mix(self.core.spread.fetch_add(1, Ordering::Relaxed)) % n as u64) as usize
+            }
+        };
         let (replica, ticket) = match &key {
-            None => {
-                let r = match cfg.routing {
-                    Routing::Affinity => self.least_loaded(),
-                    Routing::RoundRobin => (spread() % n as u64) as usize,
-                    Routing::Random => (mix(spread()) % n as u64) as usize,
-                };
-                (r, 0)
-            }
-            Some(k) => {
-                let choose = || match cfg.routing {
-                    Routing::Affinity => {
-                        rendezvous(key_hash(k), 0..n).expect("a model has replicas")
-                    }
-                    Routing::RoundRobin => (spread() % n as u64) as usize,
-                    Routing::Random => (mix(spread()) % n as u64) as usize,
-                };
-                match self.core.keys.admit(k, Instant::now(), choose) {
-                    Ok(t) => (t.replica, t.number),
-                    Err(_) => {
-                        self.core.release(1);
-                        return Err(EngineError::Overloaded(format!(
-                            "{}: all {} tracked keys have requests in flight",
-                            cfg.name, cfg.keyed_limits.max_keys
-                        )));
-                    }
+            None => (pick(), 0),
+            Some(k) => match self.core.keys.admit(k, Instant::now(), pick) {
+                Ok(t) => (t.replica, t.number),
+                Err(_) => {
+                    self.core.release(1);
+                    return Err(EngineError::Overloaded(format!(
+                        "{}: all {} tracked keys have requests in flight",
+                        cfg.name, cfg.keyed_limits.max_keys
+                    )));
                 }
-            }
+            },
         };
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
@@ -375,13 +373,10 @@ impl ModelVersion {
     }
 }
 
-/// splitmix64's finalizer: a counter through it is a cheap, lock-free
-/// uniform spread for `random` routing.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+/// A counter through splitmix64 is a cheap, lock-free uniform spread for
+/// `random` routing.
+fn mix(z: u64) -> u64 {
+    super::keys::mix(z.wrapping_add(0x9e37_79b9_7f4a_7c15))
 }
 
 fn names_of(specs: &[IoSpec]) -> Vec<&str> {
