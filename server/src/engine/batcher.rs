@@ -1,31 +1,43 @@
 //! Batching policies: given what waits in a replica's queue, decide whether
-//! to run now and how many requests to take. Pure functions of a queue view,
-//! so the replica loop stays simple and the policy can be swapped (the
-//! adaptive controller plugs in here).
+//! to run now and how many requests to take. Pure functions of a queue view
+//! (time included), so the replica loop stays simple, the policy can be
+//! swapped, and a policy can be driven by a simulated clock in tests.
 
 use super::config::DynamicBatching;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// What a policy sees: the rows of the requests that could join a batch
-/// headed by the oldest waiting request, in queue order, and how long that
-/// oldest request has waited.
+/// What a policy sees: the requests that could join a batch headed by the
+/// most urgent waiting request, in dispatch order (arrival order, or
+/// earliest deadline first when the policy asks for it).
 #[derive(Debug, Clone, Copy)]
 pub struct QueueView<'a> {
+    pub now: Instant,
+    /// Rows of each candidate.
     pub rows: &'a [usize],
+    /// How long each candidate has waited.
+    pub waits: &'a [Duration],
+    /// Time left before each candidate's own deadline, if it has one.
+    pub slack: &'a [Option<Duration>],
+    /// How long the head has waited (`waits[0]`).
     pub oldest_wait: Duration,
     /// True when requests incompatible with the head also wait: the head's
     /// batch cannot grow past them in arrival order forever, so waiting
     /// for more is pointless once nothing compatible remains.
     pub more_incompatible: bool,
+    /// Rows ever queued on this replica: arrival rates come from it.
+    pub arrived_rows: u64,
 }
 
 /// What to do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Run a batch of the first `n` candidate requests now.
     Dispatch(usize),
     /// Wait at most this long for more requests, then decide again.
     Wait(Duration),
+    /// Reject these candidates (indexes into the view, ascending): they
+    /// can no longer be answered in time. Then decide again.
+    Shed(Vec<usize>),
 }
 
 /// A batching policy. `observe` reports each executed batch so adaptive
@@ -38,7 +50,15 @@ pub trait BatchPolicy: Send + 'static {
     fn wake_rows(&self) -> Option<usize> {
         None
     }
-    fn observe(&mut self, _rows: usize, _exec: Duration) {}
+    fn observe(&mut self, _rows: usize, _exec: Duration, _now: Instant) {}
+    /// One answered request's queue + compute time.
+    fn observe_latency(&mut self, _latency: Duration) {}
+    /// `Some(objective)`: candidates come earliest deadline first, a
+    /// request without its own deadline due `objective` after it arrived.
+    /// `None`: arrival order, as Triton's batcher.
+    fn deadline_order(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// One request per execution: the model runs without dynamic batching.
@@ -126,9 +146,13 @@ mod tests {
 
     fn view(rows: &[usize], waited_us: u64) -> QueueView<'_> {
         QueueView {
+            now: Instant::now(),
             rows,
+            waits: &[],
+            slack: &[],
             oldest_wait: Duration::from_micros(waited_us),
             more_incompatible: false,
+            arrived_rows: 0,
         }
     }
 

@@ -24,8 +24,18 @@ pub struct ModelConfigFile {
     /// Threads ONNX Runtime may use inside one operator, per replica.
     pub intra_op_threads: Option<usize>,
     pub inter_op_threads: Option<usize>,
-    /// Present: requests are merged along dim 0 into batches.
+    /// Triton's dynamic batcher with fixed knobs. Without it (and without
+    /// an objective) a batching model merges whatever queued while its
+    /// replica was busy, with no added delay.
     pub dynamic_batching: Option<DynamicBatchingFile>,
+    /// The p99 of queue + compute time the model should stay under; turns
+    /// on adaptive batching (batch size and wait chosen online).
+    pub latency_objective_ms: Option<f64>,
+    /// With an objective: reject, before they cost compute, the requests
+    /// that can no longer meet it (default true).
+    pub shed_late: Option<bool>,
+    /// `none`: one request per execution, never merged.
+    pub batching: Option<String>,
     /// Bound on queued requests when no `[dynamic_batching]` is given.
     pub max_queue_size: Option<usize>,
     #[serde(default)]
@@ -149,7 +159,7 @@ pub struct IoFile {
 }
 
 /// Batching knobs after validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DynamicBatching {
     pub max_queue_delay: Duration,
     pub preferred_batch_sizes: Vec<usize>,
@@ -164,6 +174,14 @@ pub struct IoSpec {
     pub dims: Vec<i64>,
 }
 
+/// Adaptive batching: the controller chooses batch size and wait online to
+/// keep queue + compute time under `objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptiveBatching {
+    pub objective: Duration,
+    pub shed_late: bool,
+}
+
 /// A model version's configuration, validated and completed from its graph.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -173,7 +191,10 @@ pub struct ModelConfig {
     pub instance_count: usize,
     pub intra_op_threads: usize,
     pub inter_op_threads: usize,
+    /// The fixed-knob batcher; with `adaptive`, the knobs it reports (no
+    /// delay, no preferred sizes). `None`: no batching.
     pub dynamic_batching: Option<DynamicBatching>,
+    pub adaptive: Option<AdaptiveBatching>,
     pub max_queue_size: usize,
     /// Inputs as clients send them (state inputs hidden, windowed ones as
     /// one event).
@@ -231,29 +252,23 @@ impl ModelConfigFile {
                 "intra_op_threads and inter_op_threads must be >= 1".into()
             ));
         }
-        let dynamic_batching = match &self.dynamic_batching {
-            None => None,
-            Some(_) if max_batch_size == 0 => {
-                return Err(err("[dynamic_batching] needs max_batch_size > 0".into()))
-            }
-            Some(db) => {
-                let mut preferred = Vec::new();
-                for &p in &db.preferred_batch_sizes {
-                    let p = p as usize;
-                    if p == 0 || p > max_batch_size {
-                        return Err(err(format!(
-                            "preferred batch size {p} must be in 1..=max_batch_size ({max_batch_size})"
-                        )));
-                    }
-                    preferred.push(p);
+        let dynamic_batching = self.resolve_batching(max_batch_size).map_err(err)?;
+        let adaptive = match self.latency_objective_ms {
+            None => {
+                if self.shed_late.is_some() {
+                    return Err(err("shed_late needs latency_objective_ms".into()));
                 }
-                preferred.sort_unstable();
-                preferred.dedup();
-                Some(DynamicBatching {
-                    max_queue_delay: Duration::from_micros(db.max_queue_delay_us),
-                    preferred_batch_sizes: preferred,
-                })
+                None
             }
+            Some(ms) if !(ms.is_finite() && ms > 0.0 && ms <= 3_600_000.0) => {
+                return Err(err(format!(
+                    "latency_objective_ms must be a positive number of milliseconds, got {ms}"
+                )))
+            }
+            Some(ms) => Some(AdaptiveBatching {
+                objective: Duration::from_secs_f64(ms / 1e3),
+                shed_late: self.shed_late.unwrap_or(true),
+            }),
         };
         let max_queue_size = self
             .dynamic_batching
@@ -435,6 +450,7 @@ impl ModelConfigFile {
             intra_op_threads: intra,
             inter_op_threads: inter,
             dynamic_batching,
+            adaptive,
             max_queue_size,
             inputs,
             outputs,
@@ -445,6 +461,61 @@ impl ModelConfigFile {
             states,
             window,
         })
+    }
+
+    /// The batcher's knobs. Without `[dynamic_batching]` a batching model
+    /// gets Triton's `dynamic_batching {}`: no delay, batches are what
+    /// queued while every replica was busy. At low load that is exactly
+    /// no batching (the queue is empty when the replica frees up); at high
+    /// load batches grow with the backlog, which only raises throughput.
+    /// `batching = "none"` opts out.
+    fn resolve_batching(&self, max_batch_size: usize) -> Result<Option<DynamicBatching>, String> {
+        let adaptive = self.latency_objective_ms.is_some();
+        match self.batching.as_deref() {
+            None => {}
+            Some("none") => {
+                if self.dynamic_batching.is_some() || adaptive {
+                    return Err(
+                        "batching = \"none\" excludes [dynamic_batching] and latency_objective_ms"
+                            .into(),
+                    );
+                }
+                return Ok(None);
+            }
+            Some(other) => {
+                return Err(format!(
+                    "batching must be \"none\" or absent, got {other:?}"
+                ))
+            }
+        }
+        let Some(db) = &self.dynamic_batching else {
+            return Ok((max_batch_size > 0).then(DynamicBatching::default));
+        };
+        if max_batch_size == 0 {
+            return Err("[dynamic_batching] needs max_batch_size > 0".into());
+        }
+        if adaptive && (db.max_queue_delay_us > 0 || !db.preferred_batch_sizes.is_empty()) {
+            return Err(
+                "latency_objective_ms chooses batch sizes and delays itself: drop max_queue_delay_us and preferred_batch_sizes (max_queue_size stays)"
+                    .into(),
+            );
+        }
+        let mut preferred = Vec::new();
+        for &p in &db.preferred_batch_sizes {
+            let p = p as usize;
+            if p == 0 || p > max_batch_size {
+                return Err(format!(
+                    "preferred batch size {p} must be in 1..=max_batch_size ({max_batch_size})"
+                ));
+            }
+            preferred.push(p);
+        }
+        preferred.sort_unstable();
+        preferred.dedup();
+        Ok(Some(DynamicBatching {
+            max_queue_delay: Duration::from_micros(db.max_queue_delay_us),
+            preferred_batch_sizes: preferred,
+        }))
     }
 
     fn is_keyed_stateful(&self) -> bool {
@@ -588,6 +659,35 @@ mod tests {
     }
 
     #[test]
+    fn batching_default_objective_and_opt_out() {
+        let resolve = |text: &str| {
+            ModelConfigFile::parse("m", text)
+                .unwrap()
+                .resolve("m", &graph())
+                .unwrap()
+        };
+        // A batching model with no knobs merges what queued, with no delay.
+        let c = resolve("max_batch_size = 8\n");
+        assert_eq!(c.dynamic_batching, Some(DynamicBatching::default()));
+        assert_eq!(c.adaptive, None);
+        assert_eq!(
+            resolve("max_batch_size = 8\nbatching = \"none\"\n").dynamic_batching,
+            None
+        );
+        let c = resolve("max_batch_size = 8\nlatency_objective_ms = 2.5\n[dynamic_batching]\nmax_queue_size = 7\n");
+        assert_eq!(
+            c.adaptive,
+            Some(AdaptiveBatching {
+                objective: Duration::from_micros(2500),
+                shed_late: true
+            })
+        );
+        assert_eq!(c.max_queue_size, 7);
+        let c = resolve("max_batch_size = 8\nlatency_objective_ms = 1\nshed_late = false\n");
+        assert!(!c.adaptive.unwrap().shed_late);
+    }
+
+    #[test]
     fn rejects_mismatches_with_clear_reasons() {
         let cases = [
             ("max_batch_size = 4\n[[input]]\nname = \"input\"\ndatatype = \"INT64\"\ndims = [784]\n", "graph says FP32"),
@@ -601,6 +701,13 @@ mod tests {
             ("routing = \"sticky\"\n", "routing \"sticky\""),
             ("max_batch_size = 4\n[[sequence_state]]\ninput = \"nope\"\noutput = \"output\"\n", "not a graph input"),
             ("[window]\ninput = \"input\"\nlength = 8\n", "need max_batch_size > 0"),
+            ("max_batch_size = 4\nlatency_objective_ms = 0\n", "positive number"),
+            ("max_batch_size = 4\nlatency_objective_ms = -2.5\n", "positive number"),
+            ("max_batch_size = 4\nlatency_objective_ms = nan\n", "positive number"),
+            ("max_batch_size = 4\nshed_late = false\n", "shed_late needs"),
+            ("max_batch_size = 4\nlatency_objective_ms = 5\n[dynamic_batching]\nmax_queue_delay_us = 100\n", "drop max_queue_delay_us"),
+            ("max_batch_size = 4\nbatching = \"none\"\nlatency_objective_ms = 5\n", "excludes"),
+            ("max_batch_size = 4\nbatching = \"sometimes\"\n", "batching must be"),
         ];
         for (text, want) in cases {
             let e = ModelConfigFile::parse("m", text)

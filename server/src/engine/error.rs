@@ -36,6 +36,10 @@ pub enum EngineError {
     NotFound(String),
     #[error("model {0} is overloaded: its queue is full")]
     Overloaded(String),
+    /// Rejected by the adaptive batcher: it could no longer meet the
+    /// model's latency objective.
+    #[error("{0}")]
+    Shed(String),
     #[error("deadline exceeded before the request could run")]
     DeadlineExceeded,
     #[error("{0}")]
@@ -51,7 +55,7 @@ impl EngineError {
         match self {
             EngineError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             EngineError::NotFound(_) => ErrorKind::NotFound,
-            EngineError::Overloaded(_) => ErrorKind::Overloaded,
+            EngineError::Overloaded(_) | EngineError::Shed(_) => ErrorKind::Overloaded,
             EngineError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             EngineError::Unavailable(_) => ErrorKind::Unavailable,
             EngineError::Cancelled => ErrorKind::Cancelled,

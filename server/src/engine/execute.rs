@@ -198,7 +198,7 @@ pub fn execute(
         (r, t0.elapsed())
     };
     let (result, infer_time) = result;
-    policy.observe(total_rows, infer_time);
+    policy.observe(total_rows, infer_time, Instant::now());
     core.metrics
         .compute_duration
         .record(infer_time.as_secs_f64());
@@ -273,7 +273,16 @@ pub fn execute(
         infer_time,
         t_out.elapsed(),
     );
+    let done = Instant::now();
+    let objective = cfg.adaptive.map(|a| a.objective);
     for (mut slot, answer) in answers {
+        if answer.is_ok() {
+            let latency = done.saturating_duration_since(slot.p.enqueued);
+            policy.observe_latency(latency);
+            if objective.is_some_and(|o| latency > o) {
+                core.metrics.objective_missed.increment(1);
+            }
+        }
         pokes.extend(store_and_finish(core, replica, &mut slot));
         let _ = slot.p.reply.send(answer);
     }

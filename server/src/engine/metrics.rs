@@ -24,6 +24,13 @@ pub const STATE_MIGRATIONS: &str = "shoal_state_migrations_total";
 pub const STATE_EVICTIONS: &str = "shoal_state_evictions_total";
 pub const STATE_EXPIRATIONS: &str = "shoal_state_expirations_total";
 pub const STATE_BYTES: &str = "shoal_state_bytes";
+pub const OBJECTIVE_MISSED: &str = "shoal_objective_missed_total";
+pub const OBJECTIVE_SHED: &str = "shoal_objective_shed_total";
+pub const BATCH_TARGET: &str = "shoal_batch_target_size";
+pub const BATCH_TARGET_WAIT: &str = "shoal_batch_target_wait_seconds";
+pub const BATCH_COST_FIXED: &str = "shoal_batch_cost_fixed_seconds";
+pub const BATCH_COST_PER_ROW: &str = "shoal_batch_cost_per_row_seconds";
+pub const OBJECTIVE_MARGIN: &str = "shoal_objective_margin_ratio";
 
 /// Buckets for the latency histograms, in seconds (50 µs to 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -72,6 +79,63 @@ pub fn describe() {
     describe_counter!(STATE_EVICTIONS, "Keys evicted to stay within max_keys");
     describe_counter!(STATE_EXPIRATIONS, "Keys expired after idle_timeout_s");
     describe_gauge!(STATE_BYTES, Unit::Bytes, "Bytes of keyed state held");
+    describe_counter!(
+        OBJECTIVE_MISSED,
+        "Responses whose queue + compute time exceeded the latency objective"
+    );
+    describe_counter!(
+        OBJECTIVE_SHED,
+        "Requests rejected before running because they could no longer meet the latency objective or their deadline"
+    );
+    describe_gauge!(
+        BATCH_TARGET,
+        "Rows the adaptive batcher aims for on a replica at its last decision"
+    );
+    describe_gauge!(
+        BATCH_TARGET_WAIT,
+        Unit::Seconds,
+        "Wait for more requests the adaptive batcher chose at its last decision"
+    );
+    describe_gauge!(
+        BATCH_COST_FIXED,
+        Unit::Seconds,
+        "Learned cost of a batch on a replica: fixed part (a in a + b*rows)"
+    );
+    describe_gauge!(
+        BATCH_COST_PER_ROW,
+        Unit::Seconds,
+        "Learned cost of a batch on a replica: per-row part (b in a + b*rows)"
+    );
+    describe_gauge!(
+        OBJECTIVE_MARGIN,
+        "Fraction of the latency objective the adaptive batcher plans with (its p99 correction)"
+    );
+}
+
+/// Gauges of one replica's adaptive batcher.
+pub struct ControllerMetrics {
+    pub target: Gauge,
+    pub wait: Gauge,
+    pub cost_fixed: Gauge,
+    pub cost_per_row: Gauge,
+    pub margin: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn new(model: &str, version: &str, replica: usize) -> Self {
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+            ("replica", replica.to_string()),
+        ];
+        Self {
+            target: metrics::gauge!(BATCH_TARGET, &labels),
+            wait: metrics::gauge!(BATCH_TARGET_WAIT, &labels),
+            cost_fixed: metrics::gauge!(BATCH_COST_FIXED, &labels),
+            cost_per_row: metrics::gauge!(BATCH_COST_PER_ROW, &labels),
+            margin: metrics::gauge!(OBJECTIVE_MARGIN, &labels),
+        }
+    }
 }
 
 /// Handles for one replica.
@@ -145,6 +209,8 @@ pub struct ModelMetrics {
     pub queue_depth: Gauge,
     pub inference_count: Counter,
     pub execution_count: Counter,
+    pub objective_missed: Counter,
+    pub objective_shed: Counter,
     failures: parking_lot::Mutex<HashMap<&'static str, Counter>>,
 }
 
@@ -171,6 +237,8 @@ impl ModelMetrics {
             queue_depth: metrics::gauge!(QUEUE_DEPTH, &labels),
             inference_count: metrics::counter!(INFERENCE_COUNT, &labels),
             execution_count: metrics::counter!(EXECUTION_COUNT, &labels),
+            objective_missed: metrics::counter!(OBJECTIVE_MISSED, &labels),
+            objective_shed: metrics::counter!(OBJECTIVE_SHED, &labels),
             failures: parking_lot::Mutex::new(HashMap::new()),
             labels,
         }

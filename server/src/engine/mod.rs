@@ -2,6 +2,7 @@
 //! protocol, so the load generator embeds it in-process and the API layer
 //! only decodes, calls [`Engine::infer`], and encodes.
 
+pub mod adaptive;
 pub mod batcher;
 pub mod config;
 pub mod error;

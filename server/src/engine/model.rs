@@ -1,11 +1,12 @@
 //! A loaded model version: its resolved config, its replicas, admission
 //! control, request validation and routing.
 
+use super::adaptive::{AdaptiveBatching, ControllerStatus};
 use super::batcher::{BatchPolicy, NoBatching, StaticBatching};
 use super::config::{IoSpec, ModelConfig, ModelConfigFile, Routing};
 use super::error::EngineError;
 use super::keys::{key_hash, rendezvous, KeyExtractor};
-use super::metrics::{ModelMetrics, ReplicaMetrics, StateMetrics};
+use super::metrics::{ControllerMetrics, ModelMetrics, ReplicaMetrics, StateMetrics};
 use super::replica::{Pending, Replica, Reply, Shared, StartingReplica};
 use super::state::KeyTable;
 use super::stats::ModelStats;
@@ -67,6 +68,8 @@ impl ModelCore {
 pub struct ModelVersion {
     pub core: Arc<ModelCore>,
     pub replicas: Vec<Replica>,
+    /// Each replica's adaptive batcher, when the model has an objective.
+    pub controllers: Vec<Arc<ControllerStatus>>,
 }
 
 impl std::fmt::Debug for ModelVersion {
@@ -163,20 +166,37 @@ impl ModelVersion {
             version,
             config,
         });
+        let mut controllers = Vec::new();
         let replicas = starting
             .into_iter()
             .map(|r| {
-                let policy: Box<dyn BatchPolicy> = match &core.config.dynamic_batching {
-                    Some(db) => Box::new(StaticBatching {
-                        max_batch_size: core.config.max_batch_size,
+                let cfg = &core.config;
+                let policy: Box<dyn BatchPolicy> = match (&cfg.adaptive, &cfg.dynamic_batching) {
+                    (Some(a), _) => {
+                        let p = AdaptiveBatching::new(
+                            format!("{name}/{v}/{}", r.id),
+                            cfg.max_batch_size.max(1),
+                            a.objective,
+                            a.shed_late,
+                        )
+                        .with_metrics(ControllerMetrics::new(name, &v, r.id));
+                        controllers.push(p.status());
+                        Box::new(p)
+                    }
+                    (None, Some(db)) => Box::new(StaticBatching {
+                        max_batch_size: cfg.max_batch_size,
                         config: db.clone(),
                     }),
-                    None => Box::new(NoBatching),
+                    (None, None) => Box::new(NoBatching),
                 };
                 r.start(core.clone(), policy)
             })
             .collect();
-        Ok(Self { core, replicas })
+        Ok(Self {
+            core,
+            replicas,
+            controllers,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {

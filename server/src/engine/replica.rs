@@ -53,6 +53,8 @@ struct Queue {
     rows: usize,
     /// Queued requests that carry a key (their order needs the key table).
     keyed: usize,
+    /// Rows ever queued here: the policy's arrival rate.
+    arrived_rows: u64,
     stopping: bool,
     sleep: Sleep,
 }
@@ -209,6 +211,7 @@ impl Replica {
         }
         self.shared.load.fetch_add(1, Ordering::Relaxed);
         q.rows += p.rows;
+        q.arrived_rows += p.rows as u64;
         q.keyed += p.key.is_some() as usize;
         q.items.push_back(p);
         let wake = match q.sleep {
@@ -243,6 +246,25 @@ struct Worker {
     policy: Box<dyn BatchPolicy>,
 }
 
+/// Buffers one dispatch decision reuses.
+#[derive(Default)]
+struct Scratch {
+    /// Candidates in dispatch order: queue index and state owner.
+    picked: Vec<(usize, Option<usize>)>,
+    rows: Vec<usize>,
+    waits: Vec<Duration>,
+    slack: Vec<Option<Duration>>,
+}
+
+impl Scratch {
+    fn clear(&mut self) {
+        self.picked.clear();
+        self.rows.clear();
+        self.waits.clear();
+        self.slack.clear();
+    }
+}
+
 /// A batch taken from the queue, with where each keyed request's state is.
 pub struct Taken {
     pub requests: Vec<Pending>,
@@ -251,9 +273,8 @@ pub struct Taken {
 
 impl Worker {
     fn run(mut self) {
-        let mut rows = Vec::new();
-        let mut picked = Vec::new();
-        while let Some(batch) = self.next_batch(&mut rows, &mut picked) {
+        let mut scratch = Scratch::default();
+        while let Some(batch) = self.next_batch(&mut scratch) {
             let n = batch.requests.len();
             super::execute::execute(
                 self.id,
@@ -271,11 +292,7 @@ impl Worker {
     }
 
     /// Blocks until the policy releases a batch; `None` once stopped and drained.
-    fn next_batch(
-        &mut self,
-        rows: &mut Vec<usize>,
-        picked: &mut Vec<(usize, Option<usize>)>,
-    ) -> Option<Taken> {
+    fn next_batch(&mut self, sc: &mut Scratch) -> Option<Taken> {
         let mut q = self.shared.queue.lock();
         loop {
             let now = Instant::now();
@@ -296,8 +313,7 @@ impl Worker {
                 q.sleep = Sleep::Busy;
                 continue;
             }
-            rows.clear();
-            picked.clear();
+            sc.clear();
             // A keyed request may run only when it is its key's next ticket
             // (the previous one finished, on whichever replica), and its
             // state's location decides a migration. One table lock per scan.
@@ -315,7 +331,23 @@ impl Worker {
                 self.core.keys.check(&mut checks);
             }
             let eligible = |i: usize| checks.get(i).is_none_or(|c| c.3);
-            let Some(head) = (0..window).find(|&i| eligible(i)) else {
+            // Earliest deadline first when the policy asks for it: a request
+            // without its own deadline is due one objective after it came.
+            // Per-key order still holds: only a key's next ticket is eligible.
+            let order = self.policy.deadline_order();
+            let due = |p: &Pending| {
+                order.map(|o| {
+                    let by_objective = p.enqueued + o;
+                    p.deadline.map_or(by_objective, |d| d.min(by_objective))
+                })
+            };
+            let head = match order {
+                None => (0..window).find(|&i| eligible(i)),
+                Some(_) => (0..window)
+                    .filter(|&i| eligible(i))
+                    .min_by_key(|&i| (due(&q.items[i]), i)),
+            };
+            let Some(head) = head else {
                 // Every request waits on a key busy elsewhere; the replica
                 // that finishes it pokes us.
                 if q.stopping && q.items.iter().all(|p| p.key.is_none()) {
@@ -327,22 +359,36 @@ impl Worker {
                 continue;
             };
             let head_sig = &q.items[head].signature;
-            for (i, p) in q.items.iter().enumerate().take(window).skip(head) {
+            let first = if order.is_some() { 0 } else { head };
+            for (i, p) in q.items.iter().enumerate().take(window).skip(first) {
                 if p.signature == *head_sig && eligible(i) {
-                    rows.push(p.rows);
-                    picked.push((i, checks.get(i).and_then(|c| c.2)));
+                    sc.picked.push((i, checks.get(i).and_then(|c| c.2)));
                 }
             }
+            if order.is_some() {
+                sc.picked.sort_by_key(|&(i, _)| (due(&q.items[i]), i));
+            }
             drop(checks);
+            for &(i, _) in sc.picked.iter() {
+                let p = &q.items[i];
+                sc.rows.push(p.rows);
+                sc.waits.push(now.saturating_duration_since(p.enqueued));
+                sc.slack
+                    .push(p.deadline.map(|d| d.saturating_duration_since(now)));
+            }
             let view = QueueView {
-                rows,
-                oldest_wait: now.saturating_duration_since(q.items[head].enqueued),
-                more_incompatible: picked.len() < q.items.len(),
+                now,
+                rows: &sc.rows,
+                waits: &sc.waits,
+                slack: &sc.slack,
+                oldest_wait: sc.waits[0],
+                more_incompatible: sc.picked.len() < q.items.len(),
+                arrived_rows: q.arrived_rows,
             };
             let n = match self.policy.decide(view) {
-                Decision::Dispatch(n) => n.clamp(1, picked.len()),
+                Decision::Dispatch(n) => n.clamp(1, sc.picked.len()),
                 // Shutting down: nothing more will arrive, do not wait.
-                Decision::Wait(_) if q.stopping => picked.len(),
+                Decision::Wait(_) if q.stopping => sc.picked.len(),
                 Decision::Wait(d) => {
                     let wake_at = self.earliest_deadline(&q.items).map_or(d, |dl| {
                         d.min(dl.saturating_duration_since(now) + Duration::from_micros(1))
@@ -354,11 +400,27 @@ impl Worker {
                     q.sleep = Sleep::Busy;
                     continue;
                 }
+                Decision::Shed(which) => {
+                    let mut idx: Vec<usize> = which
+                        .into_iter()
+                        .filter_map(|j| sc.picked.get(j).map(|&(i, _)| i))
+                        .collect();
+                    let pokes = self.shed(&mut q, &mut idx, order);
+                    if !pokes.is_empty() {
+                        parking_lot::MutexGuard::unlocked(&mut q, || {
+                            pokes.iter().for_each(|&r| self.core.poke(r))
+                        });
+                    }
+                    continue;
+                }
             };
+            let mut chosen: Vec<(usize, Option<usize>)> = sc.picked[..n].to_vec();
+            // Remove back to front so earlier indexes stay valid; the batch
+            // itself runs in arrival order.
+            chosen.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
             let mut requests = Vec::with_capacity(n);
             let mut owners = Vec::with_capacity(n);
-            // Remove back to front so earlier indexes stay valid.
-            for &(i, owner) in picked[..n].iter().rev() {
+            for &(i, owner) in &chosen {
                 let p = q.items.remove(i).expect("index from this scan");
                 q.rows -= p.rows;
                 q.keyed -= p.key.is_some() as usize;
@@ -369,6 +431,48 @@ impl Worker {
             owners.reverse();
             return Some(Taken { requests, owners });
         }
+    }
+
+    /// Rejects the queued requests at `idx` that the policy found can no
+    /// longer be answered in time. A request whose own deadline comes
+    /// before the objective's gets DEADLINE_EXCEEDED, the others a shed
+    /// (RESOURCE_EXHAUSTED). Returns the replicas to wake.
+    fn shed(&self, q: &mut Queue, idx: &mut Vec<usize>, objective: Option<Duration>) -> Vec<usize> {
+        let core = &self.core;
+        idx.sort_unstable_by(|a, b| b.cmp(a));
+        idx.dedup();
+        let mut pokes = Vec::new();
+        let n = idx.len();
+        for &i in idx.iter() {
+            let Some(p) = q.items.remove(i) else { continue };
+            q.rows -= p.rows;
+            q.keyed -= p.key.is_some() as usize;
+            let own_deadline_first = match (p.deadline, objective) {
+                (Some(d), Some(o)) => d < p.enqueued + o,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            core.metrics.objective_shed.increment(1);
+            let err = if own_deadline_first {
+                EngineError::DeadlineExceeded
+            } else {
+                EngineError::Shed(format!(
+                    "model {}: request shed, it can no longer finish within the latency objective of {:.3} ms",
+                    core.config.name,
+                    objective.unwrap_or_default().as_secs_f64() * 1e3
+                ))
+            };
+            // Counted by the caller, which receives this answer.
+            let _ = p.reply.send(Err(err));
+            if let Some(key) = &p.key {
+                pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
+            }
+        }
+        if n > 0 {
+            self.shared.load.fetch_sub(n, Ordering::Relaxed);
+            core.release(n);
+        }
+        pokes
     }
 
     /// How many queued requests one dispatch looks at.
