@@ -204,7 +204,7 @@ failureThreshold: {{ .cfg.failureThreshold }}
 {{- define "shoal.modelInitContainer" -}}
 {{- $v := .values -}}
 {{- $init := $v.modelRepository.initContainer -}}
-{{- if $init.enabled }}
+{{- if $init.enabled -}}
 - name: model-repository
   image: {{ $init.image | quote }}
   imagePullPolicy: {{ $init.imagePullPolicy }}
