@@ -42,7 +42,8 @@ if [ ! -x "$HELM" ]; then
   mkdir -p "$(dirname "$HELM")"
   mv "$tmp/helm" "$HELM"
 fi
-"$HELM" version --template '{{.Version}}' | grep -qx "$HELM_VERSION"
+[ "$("$HELM" version --template '{{.Version}}')" = "$HELM_VERSION" ] \
+  || { echo "$HELM is not helm $HELM_VERSION"; exit 1; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

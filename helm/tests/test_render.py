@@ -370,13 +370,20 @@ def test_kafka_consumer_example():
 @pytest.mark.parametrize("sets,values,message", [
     (["extraArgs={--bind=0.0.0.0}"], [], "extraArgs: --bind is set by the chart"),
     (["extraArgs={--http-port,9000}"], [], "extraArgs: --http-port is set by the chart"),
-    (["modelControlMode=sometimes"], [], "is not one of none, poll, explicit"),
+    (["modelControlMode=sometimes"], [], "modelControlMode: modelControlMode must be one of"),
     (["grpcUds=/tmp/grpc.sock"], [], "must lie in sidecar.socketDir"),
-    (["mode=daemonset"], [], "is not standalone, sidecar or templates"),
-    (["probes.port=grpc"], [], "is not http or metrics"),
+    (["mode=daemonset"], [], "mode: mode must be one of"),
+    (["probes.port=grpc"], [], "probes.port: probes.port must be one of"),
+    # values.schema.json: typos, ports the kubelet would refuse, wrong types
+    (["serviceMonitor.enable=true"], [], "Additional property enable is not allowed"),
+    (["ports.http=0"], [], "ports.http: Must be greater than or equal to 1"),
+    (["ports.grpc=70000"], [], "ports.grpc: Must be less than or equal to 65535"),
+    (["gpu.count=-1"], [], "gpu.count: Must be greater than or equal to 0"),
+    (["modelRepository.path=models"], [], "modelRepository.path: Does not match pattern"),
     (["modelRepository.initContainer.enabled=true"], [], "initContainer.image is required"),
     (["modelRepository.volume=null"], [], "shoal needs a model repository"),
     (["sidecar.app=null"], [SIDECAR_VALUES], "sidecar.app"),
+    (["serviceMonitor.enabled=true"], [SIDECAR_VALUES], "a sidecar has no Service to monitor"),
 ])
 def test_bad_values_fail_with_a_reason(sets, values, message):
     assert message in render_error(sets, values)
