@@ -384,6 +384,7 @@ def test_kafka_consumer_example():
     (["modelRepository.volume=null"], [], "shoal needs a model repository"),
     (["sidecar.app=null"], [SIDECAR_VALUES], "sidecar.app"),
     (["serviceMonitor.enabled=true"], [SIDECAR_VALUES], "a sidecar has no Service to monitor"),
+    (["sidecar.app.ports[0].containerPort=8001"], [SIDECAR_VALUES], "8001 is also one of shoal's ports"),
 ])
 def test_bad_values_fail_with_a_reason(sets, values, message):
     assert message in render_error(sets, values)
