@@ -5,6 +5,7 @@
 //! an analyzer reports throughput, percentiles and sustainable throughput.
 
 pub mod analyze;
+pub mod batching;
 pub mod event;
 pub mod kafka;
 pub mod npy;
@@ -40,6 +41,134 @@ pub enum Command {
     /// The main job: FFNN through embedded, gRPC and REST at mp 1 and 2,
     /// each one's sustainable throughput, as Crayfish's Table 4.
     Compare(CompareOpts),
+    /// The batching benchmark: a load schedule (phases with bursts) served
+    /// in-process under adaptive batching, no batching and a grid of static
+    /// settings; per phase p50, p99, throughput, goodput, p99 recovery.
+    Batching(BatchingOpts),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BatchingOpts {
+    #[arg(long, env = "LOADGEN_MODEL", default_value = "ffnn")]
+    pub model: String,
+    #[arg(long, env = "LOADGEN_INPUT", default_value = "input")]
+    pub input: String,
+    /// Shape of one data point, comma-separated.
+    #[arg(
+        long,
+        env = "LOADGEN_ISZ",
+        default_value = "784",
+        value_delimiter = ','
+    )]
+    pub isz: Vec<i64>,
+    #[arg(
+        long,
+        env = "LOADGEN_MODEL_REPOSITORY",
+        default_value = "model_repository"
+    )]
+    pub model_repository: PathBuf,
+    /// Phases as `share_of_capacity:seconds`, comma-separated.
+    #[arg(
+        long,
+        env = "LOADGEN_PHASES",
+        value_delimiter = ',',
+        default_value = "0.1:3,0.6:3,1.2:3,0.6:3,0.1:3"
+    )]
+    pub phases: Vec<String>,
+    /// Bursts on top of every phase: `factor,burst_seconds,period_seconds`;
+    /// `none` for none.
+    #[arg(long, env = "LOADGEN_BURST", default_value = "1.5,0.3,1.5")]
+    pub burst: String,
+    /// Poisson arrivals instead of evenly spaced ones.
+    #[arg(long, env = "LOADGEN_POISSON")]
+    pub poisson: bool,
+    #[arg(long, env = "LOADGEN_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Static grid: max_batch_size values.
+    #[arg(
+        long,
+        env = "LOADGEN_MAX_BATCH_SIZES",
+        value_delimiter = ',',
+        default_value = "1,4,16,64"
+    )]
+    pub max_batch_sizes: Vec<usize>,
+    /// Static grid: queue delays in ms.
+    #[arg(
+        long,
+        env = "LOADGEN_DELAYS_MS",
+        value_delimiter = ',',
+        default_value = "0,0.5,1,2,5,10"
+    )]
+    pub delays_ms: Vec<f64>,
+    /// Latency objective in ms (default: derived from the measured cost).
+    #[arg(long, env = "LOADGEN_OBJECTIVE_MS")]
+    pub objective_ms: Option<f64>,
+    /// Capacity in rows/s (default: measured).
+    #[arg(long, env = "LOADGEN_CAPACITY")]
+    pub capacity: Option<f64>,
+    /// Seconds of the capacity measurement.
+    #[arg(long, env = "LOADGEN_COST_SECONDS", default_value_t = 2.0)]
+    pub cost_seconds: f64,
+    /// Folder for report.json, report.md and the timeline plots.
+    #[arg(long, env = "LOADGEN_OUT")]
+    pub out: Option<PathBuf>,
+}
+
+impl BatchingOpts {
+    pub fn config(&self) -> Result<batching::BenchConfig, String> {
+        let phases = self
+            .phases
+            .iter()
+            .map(|p| {
+                let (a, b) = p
+                    .split_once(':')
+                    .ok_or_else(|| format!("phase {p:?}: want share:seconds"))?;
+                let share: f64 = a.parse().map_err(|_| format!("phase {p:?}: bad share"))?;
+                let secs: f64 = b.parse().map_err(|_| format!("phase {p:?}: bad seconds"))?;
+                if !(share > 0.0 && secs > 0.0) {
+                    return Err(format!("phase {p:?}: share and seconds must be > 0"));
+                }
+                Ok((share, secs))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let burst = match self.burst.as_str() {
+            "none" => None,
+            b => {
+                let v: Vec<f64> = b
+                    .split(',')
+                    .map(|x| x.trim().parse::<f64>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| format!("--burst {b:?}: want factor,seconds,period"))?;
+                match v[..] {
+                    [f, len, period] if f > 0.0 && len > 0.0 && period > len => {
+                        Some(schedule::Burst {
+                            factor: f,
+                            len: Duration::from_secs_f64(len),
+                            period: Duration::from_secs_f64(period),
+                        })
+                    }
+                    _ => {
+                        return Err(format!(
+                            "--burst {b:?}: want factor,seconds,period with period > seconds"
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(batching::BenchConfig {
+            repository: self.model_repository.clone(),
+            workload: batching::Workload::new(&self.model, &self.input, &self.isz, self.seed),
+            phases,
+            burst,
+            poisson: self.poisson,
+            seed: self.seed,
+            max_batch_sizes: self.max_batch_sizes.clone(),
+            delays_ms: self.delays_ms.clone(),
+            objective_ms: self.objective_ms,
+            capacity: self.capacity,
+            cost_seconds: self.cost_seconds,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -240,6 +240,21 @@ async fn main() -> anyhow::Result<()> {
             }
             reconciled
         }
+        Command::Batching(o) => {
+            let cfg = o.config().map_err(anyhow::Error::msg)?;
+            let rep = shoal_loadgen::batching::bench(&cfg, |line| eprintln!("{line}")).await?;
+            println!("{}", rep.markdown());
+            if let Some(dir) = &o.out {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&rep)?)?;
+                std::fs::write(dir.join("report.md"), rep.markdown())?;
+                match shoal_loadgen::plot::write_batching_plots(dir, &rep, &cfg) {
+                    Ok(files) => eprintln!("plots: {}", files.len()),
+                    Err(e) => eprintln!("no plots: {e}"),
+                }
+            }
+            true
+        }
     };
     if !ok {
         anyhow::bail!("reconciliation failed: produced != scored + failed");

@@ -242,6 +242,97 @@ pub fn write_plots(
     Ok(out)
 }
 
+/// The batching benchmark's timeline: the input rate, p99 of adaptive
+/// against the best single static setting and no batching, and the
+/// adaptive controllers' target batch size, each over time.
+pub fn write_batching_plots(
+    dir: &Path,
+    rep: &crate::batching::BenchReport,
+    cfg: &crate::batching::BenchConfig,
+) -> Result<Vec<PathBuf>, PlotError> {
+    if !font() {
+        return Err(err(
+            Path::new(FONT),
+            "font missing: install fonts-dejavu-core",
+        ));
+    }
+    let schedule = Schedule::Phased {
+        phases: cfg
+            .phases
+            .iter()
+            .map(|&(share, secs)| {
+                (
+                    share * rep.capacity_rows_per_s,
+                    Duration::from_secs_f64(secs),
+                )
+            })
+            .collect(),
+        burst: cfg.burst,
+    };
+    let len = schedule.length().unwrap_or_default().as_secs_f64();
+    let rate: Series = (0..(len / 0.05) as usize)
+        .map(|i| {
+            let t = i as f64 * 0.05;
+            (t, schedule.rate_at(Duration::from_secs_f64(t)))
+        })
+        .collect();
+    let mut out = Vec::new();
+    line_chart(
+        dir,
+        "batching_rate",
+        &Chart {
+            title: &format!("{}: input rate", rep.model),
+            x_label: "time (s)",
+            y_label: "requests/s",
+            lines: &[("input rate", &rate, BLACK)],
+        },
+        &mut out,
+    )?;
+    let empty = Vec::new();
+    let adaptive = rep.adaptive().map_or(&empty, |r| &r.p99_series);
+    let best = rep.best_static();
+    let best_p99 = best.map_or(&empty, |r| &r.p99_series);
+    let none = rep
+        .results
+        .iter()
+        .find(|r| matches!(r.setting, crate::batching::Setting::None))
+        .map_or(&empty, |r| &r.p99_series);
+    let objective: Series = vec![(0.0, rep.objective_ms), (len, rep.objective_ms)];
+    let best_label = format!("p99 {}", best.map_or("", |b| b.label.as_str()));
+    line_chart(
+        dir,
+        "batching_p99",
+        &Chart {
+            title: &format!(
+                "{}: p99 per 100 ms (shed windows at 2x objective)",
+                rep.model
+            ),
+            x_label: "time (s)",
+            y_label: "p99 (ms)",
+            lines: &[
+                ("p99 adaptive", adaptive, BLUE),
+                (&best_label, best_p99, RED),
+                ("p99 no batching", none, GREEN),
+                ("objective", &objective, BLACK),
+            ],
+        },
+        &mut out,
+    )?;
+    let targets = rep.adaptive().map_or(&empty, |r| &r.targets);
+    line_chart(
+        dir,
+        "batching_target",
+        &Chart {
+            title: &format!("{}: adaptive target batch size", rep.model),
+            x_label: "time (s)",
+            y_label: "rows",
+            lines: &[("target rows", targets, BLUE)],
+        },
+        &mut out,
+    )?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

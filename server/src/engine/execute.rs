@@ -198,7 +198,6 @@ pub fn execute(
         (r, t0.elapsed())
     };
     let (result, infer_time) = result;
-    policy.observe(total_rows, infer_time, Instant::now());
     core.metrics
         .compute_duration
         .record(infer_time.as_secs_f64());

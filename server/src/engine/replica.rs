@@ -276,6 +276,8 @@ impl Worker {
         let mut scratch = Scratch::default();
         while let Some(batch) = self.next_batch(&mut scratch) {
             let n = batch.requests.len();
+            let rows: usize = batch.requests.iter().map(|p| p.rows).sum();
+            let t0 = Instant::now();
             super::execute::execute(
                 self.id,
                 &self.core,
@@ -283,6 +285,11 @@ impl Worker {
                 self.policy.as_mut(),
                 batch,
             );
+            // The policy learns what a batch costs the replica: the backend
+            // run and the assembly, split and answers around it, which for
+            // a small model are as large as the run.
+            let done = Instant::now();
+            self.policy.observe(rows, done - t0, done);
             let load = self.shared.load.fetch_sub(n, Ordering::Relaxed) - n;
             self.core.replica_metrics[self.id]
                 .queue_depth
@@ -365,9 +372,21 @@ impl Worker {
                     sc.picked.push((i, checks.get(i).and_then(|c| c.2)));
                 }
             }
-            if order.is_some() {
+            let compatible = sc.picked.len();
+            // Without own deadlines, arrival order already is due order.
+            if order.is_some()
+                && sc
+                    .picked
+                    .iter()
+                    .any(|&(i, _)| q.items[i].deadline.is_some())
+            {
                 sc.picked.sort_by_key(|&(i, _)| (due(&q.items[i]), i));
             }
+            // A batch holds at most max_batch_size requests (each has a row
+            // or more); one more tells a policy that the batch cannot grow.
+            // Looking further would only make every decision slower.
+            sc.picked
+                .truncate(self.core.config.max_batch_size.max(1) + 1);
             drop(checks);
             for &(i, _) in sc.picked.iter() {
                 let p = &q.items[i];
@@ -382,7 +401,7 @@ impl Worker {
                 waits: &sc.waits,
                 slack: &sc.slack,
                 oldest_wait: sc.waits[0],
-                more_incompatible: sc.picked.len() < q.items.len(),
+                more_incompatible: compatible < q.items.len(),
                 arrived_rows: q.arrived_rows,
             };
             let n = match self.policy.decide(view) {
