@@ -141,7 +141,8 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ListenError>
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(err("another server is listening on it".into()));
             }
-            std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+            std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
             tracing::info!(path = %path.display(), "removed a stale socket file");
         }
         Ok(_) => return Err(err("exists and is not a socket".into())),

@@ -144,13 +144,25 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         .transpose()?;
     let admin_l = bind("metrics", SocketAddr::new(args.bind, args.metrics_port))?;
     // The socket files are removed when these guards drop, at return.
-    let http_uds = args.http_uds.as_deref().map(listen::bind_unix).transpose()?;
-    let grpc_uds = args.grpc_uds.as_deref().map(listen::bind_unix).transpose()?;
+    let http_uds = args
+        .http_uds
+        .as_deref()
+        .map(listen::bind_unix)
+        .transpose()?;
+    let grpc_uds = args
+        .grpc_uds
+        .as_deref()
+        .map(listen::bind_unix)
+        .transpose()?;
     let (http_uds, _http_uds_file) = http_uds.unzip();
     let (grpc_uds, _grpc_uds_file) = grpc_uds.unzip();
     let bound = Bound {
-        http: http_l.as_ref().map(|l| l.local_addr().expect("bound socket")),
-        grpc: grpc_l.as_ref().map(|l| l.local_addr().expect("bound socket")),
+        http: http_l
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket")),
+        grpc: grpc_l
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket")),
         metrics: admin_l.local_addr().expect("bound socket"),
         http_uds: args.http_uds.clone(),
         grpc_uds: args.grpc_uds.clone(),
@@ -171,8 +183,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     let tokio_tcp = |what, l: Option<std::net::TcpListener>| {
         l.map(|l| {
             let addr = l.local_addr().expect("bound socket");
-            tokio::net::TcpListener::from_std(l)
-                .map_err(|source| ServeError::Bind { what, addr, source })
+            tokio::net::TcpListener::from_std(l).map_err(|source| ServeError::Bind {
+                what,
+                addr,
+                source,
+            })
         })
         .transpose()
     };

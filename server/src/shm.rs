@@ -102,7 +102,11 @@ pub struct SharedMemory {
 /// Validates a client key (`/name` or `name`) and returns the file name.
 fn object_name(key: &str) -> Result<&str, ShmError> {
     let name = key.strip_prefix('/').unwrap_or(key);
-    if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) || name == "." || name == ".."
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains(['/', '\0'])
+        || name == "."
+        || name == ".."
     {
         return Err(ShmError::BadKey(key.to_string()));
     }
@@ -167,7 +171,10 @@ impl SharedMemory {
         }
         // Touching a mapped page past the end of the object would be a
         // SIGBUS, so the window must lie inside the object as it is now.
-        if offset.checked_add(byte_size).is_none_or(|end| end > file_len) {
+        if offset
+            .checked_add(byte_size)
+            .is_none_or(|end| end > file_len)
+        {
             return Err(ShmError::OutOfRange(format!(
                 "shared memory region {name:?}: offset {offset} + byte_size {byte_size} exceeds \
                  the {file_len} bytes of {}",

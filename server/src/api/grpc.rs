@@ -3,8 +3,8 @@
 use super::error::ApiError;
 use super::metadata;
 use super::shm::{self as shm_api, ShmOutputs, Written};
-use crate::shm::SharedMemory;
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
+use crate::shm::SharedMemory;
 use crate::tensor::{join_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use futures::Stream;

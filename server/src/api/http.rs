@@ -5,8 +5,8 @@
 use super::error::ApiError;
 use super::shm::{self as shm_api, ShmOutputs, Written};
 use super::{json, metadata};
-use crate::shm::SharedMemory;
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
+use crate::shm::SharedMemory;
 use crate::tensor::{DataType, Tensor};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -236,8 +236,7 @@ async fn infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, st.max_body_bytes).await?;
-    let (request, binary_outputs, shm_outputs) =
-        decode_infer(&p.m, p.v, &headers, body, &st.shm)?;
+    let (request, binary_outputs, shm_outputs) = decode_infer(&p.m, p.v, &headers, body, &st.shm)?;
     let mut resp = st.engine.infer(request).await?;
     let written = shm_outputs.write(&mut resp)?;
     Ok(encode_infer(resp, &binary_outputs, &written))

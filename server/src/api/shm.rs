@@ -63,9 +63,8 @@ pub fn shm_ref<'a>(
             )))
         }
     };
-    let byte_size = int(BYTE_SIZE)?.ok_or_else(|| {
-        ApiError::invalid(format!("{what}: {REGION} needs {BYTE_SIZE}"))
-    })?;
+    let byte_size = int(BYTE_SIZE)?
+        .ok_or_else(|| ApiError::invalid(format!("{what}: {REGION} needs {BYTE_SIZE}")))?;
     Ok(Some(ShmRef {
         region,
         offset: int(OFFSET)?.unwrap_or(0),
@@ -222,8 +221,14 @@ pub fn routes() -> Router<HttpState> {
     }
     Router::new()
         .route("/v2/systemsharedmemory/status", get(status_all))
-        .route("/v2/systemsharedmemory/region/{name}/status", get(status_one))
-        .route("/v2/systemsharedmemory/region/{name}/register", post(register))
+        .route(
+            "/v2/systemsharedmemory/region/{name}/status",
+            get(status_one),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/register",
+            post(register),
+        )
         .route("/v2/systemsharedmemory/unregister", post(unregister_all))
         .route(
             "/v2/systemsharedmemory/region/{name}/unregister",
