@@ -13,6 +13,8 @@ package (no torch):
     ffnn_nobatch/1/model.onnx  copy of ffnn/1 (served with another config)
     resnet50/1/model.onnx      ResNet50 v1 (torchvision layout), ~100 MB
     types/1/model.onnx         one Identity per KServe datatype
+    identity_600k/1/model.onnx Identity on a ResNet50-sized input [N,3,224,224]
+                               fp32 (~600 KB a row): transport cost, no compute
 
 Each version directory gets a `.seed` marker; a model whose file exists with
 the same seed is not regenerated unless --force. Every model is checked with
@@ -35,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 BATCH = "batch"
-MODELS = ("ffnn", "resnet50", "types", "accumulator", "trajectory")
+MODELS = ("ffnn", "resnet50", "types", "accumulator", "trajectory", "identity_600k")
 
 
 # --------------------------------------------------------------------------
@@ -213,6 +215,17 @@ def build_types(seed: int) -> onnx.ModelProto:
     return make_model(graph, "Identity per datatype (in_<t> -> out_<t>), for end-to-end datatype tests")
 
 
+def build_identity_600k(seed: int) -> onnx.ModelProto:
+    """A ResNet50-sized tensor in and out with no compute, so a benchmark
+    sees what moving it costs."""
+    del seed
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [BATCH, 3, 224, 224])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [BATCH, 3, 224, 224])
+    node = helper.make_node("Identity", ["input"], ["output"], name="identity")
+    graph = helper.make_graph([node], "identity_600k", [x], [y])
+    return make_model(graph, "Identity on [N,3,224,224] fp32, for transport benchmarks")
+
+
 def build_accumulator(seed: int) -> onnx.ModelProto:
     """Keyed sequence state: h_out = h_in + x, y = h_out. The server feeds
     h_in from the key's stored h_out, so y is the running sum of the key's x."""
@@ -291,7 +304,11 @@ def verify(path: Path, name: str) -> str:
             raise RuntimeError(f"{name}: output {meta.name} has shape {out.shape}, expected batch 2")
         if out.dtype != object and np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise RuntimeError(f"{name}: output {meta.name} is not finite")
-        if name.startswith("types"):
+        if name.startswith("identity"):
+            if not np.array_equal(out, feeds["input"]):
+                raise RuntimeError(f"{name}: output does not echo its input")
+            summary.append(f"{meta.name}{list(out.shape)} echoes its input")
+        elif name.startswith("types"):
             src = feeds["in_" + meta.name[len("out_"):]]
             if not np.array_equal(out, src):
                 raise RuntimeError(f"{name}: {meta.name} does not echo its input")
@@ -360,6 +377,8 @@ def main(argv=None) -> int:
         jobs.append(("resnet50/1", out / "resnet50" / "1", args.seed, build_resnet50))
     if "types" in only:
         jobs.append(("types/1", out / "types" / "1", args.seed, build_types))
+    if "identity_600k" in only:
+        jobs.append(("identity_600k/1", out / "identity_600k" / "1", args.seed, build_identity_600k))
     if "accumulator" in only:
         jobs += [
             ("accumulator/1", out / "accumulator" / "1", args.seed, build_accumulator),

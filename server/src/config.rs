@@ -51,4 +51,45 @@ pub struct Args {
     /// Threads of the network runtime (default: one per core).
     #[arg(long, env = "SHOAL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+
+    /// Also serve REST on this Unix domain socket (a stale socket file
+    /// there is replaced; the file is removed at exit).
+    #[arg(long, env = "SHOAL_HTTP_UDS")]
+    pub http_uds: Option<PathBuf>,
+
+    /// Also serve gRPC on this Unix domain socket.
+    #[arg(long, env = "SHOAL_GRPC_UDS")]
+    pub grpc_uds: Option<PathBuf>,
+
+    /// Serve REST on TCP; `false` leaves only --http-uds.
+    #[arg(long, env = "SHOAL_HTTP_TCP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http_tcp: bool,
+
+    /// Serve gRPC on TCP; `false` leaves only --grpc-uds.
+    #[arg(long, env = "SHOAL_GRPC_TCP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub grpc_tcp: bool,
+
+    /// PEM certificate chain: serve REST and gRPC over TLS on TCP (Unix
+    /// sockets and the metrics port stay plain).
+    #[arg(long, env = "SHOAL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: require client certificates they sign (mutual TLS).
+    #[arg(long, env = "SHOAL_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl Args {
+    /// The TLS files, when TLS is on.
+    pub fn tls(&self) -> Option<crate::listen::TlsFiles> {
+        Some(crate::listen::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
 }

@@ -3,17 +3,22 @@
 //! the load generator's sidecar all start servers this way.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running `shoal` child; killed when dropped unless it already exited.
 pub struct Launched {
     pub child: Child,
-    /// `http://` URLs of the REST, gRPC and admin listeners.
+    /// URLs of the REST, gRPC and admin listeners: `http://`, or
+    /// `https://` for REST and gRPC under TLS; empty for a protocol
+    /// started without TCP.
     pub http: String,
     pub grpc: String,
     pub metrics: String,
+    /// Unix socket paths, when started with `--http-uds` / `--grpc-uds`.
+    pub http_uds: Option<PathBuf>,
+    pub grpc_uds: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,15 +29,37 @@ pub enum LaunchError {
     NoListen(Duration, Option<std::process::ExitStatus>),
 }
 
-/// The `http=… grpc=… metrics=…` addresses of a listening line.
+fn listening_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.strip_prefix("shoal listening ")?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The `http=… grpc=… metrics=…` addresses of a listening line, as URLs
+/// (`https://` for REST and gRPC after `tls=on`, empty for `off`).
 pub fn parse_listening(line: &str) -> Option<(String, String, String)> {
-    let rest = line.strip_prefix("shoal listening ")?;
-    let field = |k: &str| {
-        rest.split_whitespace()
-            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
-            .map(|a| format!("http://{a}"))
+    let scheme = if listening_field(line, "tls") == Some("on") {
+        "https"
+    } else {
+        "http"
     };
-    Some((field("http")?, field("grpc")?, field("metrics")?))
+    let url = |k: &str, scheme: &str| {
+        listening_field(line, k).map(|a| match a {
+            "off" => String::new(),
+            a => format!("{scheme}://{a}"),
+        })
+    };
+    Some((
+        url("http", scheme)?,
+        url("grpc", scheme)?,
+        url("metrics", "http")?,
+    ))
+}
+
+/// The `http_uds=…` and `grpc_uds=…` socket paths of a listening line.
+pub fn parse_sockets(line: &str) -> (Option<PathBuf>, Option<PathBuf>) {
+    let path = |k| listening_field(line, k).map(PathBuf::from);
+    (path("http_uds"), path("grpc_uds"))
 }
 
 impl Launched {
@@ -69,12 +96,12 @@ impl Launched {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addrs) = parse_listening(&line) {
-                    let _ = tx.send(addrs);
+                    let _ = tx.send((addrs, parse_sockets(&line)));
                 }
             }
         });
         let wait = Duration::from_secs(120);
-        let (http, grpc, metrics) = rx
+        let ((http, grpc, metrics), (http_uds, grpc_uds)) = rx
             .recv_timeout(wait)
             .map_err(|_| LaunchError::NoListen(wait, child.try_wait().ok().flatten()))?;
         Ok(Self {
@@ -82,6 +109,8 @@ impl Launched {
             http,
             grpc,
             metrics,
+            http_uds,
+            grpc_uds,
         })
     }
 
@@ -127,6 +156,21 @@ mod tests {
                 "http://127.0.0.1:2".into(),
                 "http://[::1]:3".into()
             ))
+        );
+        assert_eq!(parse_sockets(l), (None, None));
+        let l = "shoal listening http=off grpc=127.0.0.1:2 metrics=127.0.0.1:3 \
+                 http_uds=/tmp/h.sock grpc_uds=/tmp/g.sock tls=on";
+        assert_eq!(
+            parse_listening(l),
+            Some((
+                String::new(),
+                "https://127.0.0.1:2".into(),
+                "http://127.0.0.1:3".into()
+            ))
+        );
+        assert_eq!(
+            parse_sockets(l),
+            (Some("/tmp/h.sock".into()), Some("/tmp/g.sock".into()))
         );
         assert_eq!(parse_listening("shoal listening http=a"), None);
         assert_eq!(parse_listening("something else"), None);

@@ -7,7 +7,9 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod launch;
+pub mod listen;
 pub mod server;
+pub mod shm;
 pub mod tensor;
 
 pub use engine::{Engine, EngineError, InferRequest, InferResponse};

@@ -4,10 +4,11 @@
 use crate::api::{admin, grpc::GrpcService, http};
 use crate::config::Args;
 use crate::engine::{Engine, EngineOptions, LoadError};
-use axum::serve::ListenerExt;
+use crate::listen::{self, ListenError};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,10 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("{0}")]
+    Config(String),
     #[error("metrics recorder: {0}")]
     Metrics(String),
     #[error("{0} server failed: {1}")]
@@ -31,21 +36,41 @@ pub enum ServeError {
 }
 
 /// The addresses actually bound (port 0 resolved).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Bound {
-    pub http: SocketAddr,
-    pub grpc: SocketAddr,
+    /// `None`: no TCP listener (`--http-tcp false`).
+    pub http: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub metrics: SocketAddr,
+    pub http_uds: Option<PathBuf>,
+    pub grpc_uds: Option<PathBuf>,
+    /// The TCP listeners speak TLS.
+    pub tls: bool,
 }
 
 impl std::fmt::Display for Bound {
-    /// The one line a script reads to find the ports.
+    /// The one line a script reads to find the ports. The first three
+    /// fields are always there (`off` for a protocol without TCP); the
+    /// others follow only when configured, so older readers still match.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tcp = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         write!(
             f,
             "shoal listening http={} grpc={} metrics={}",
-            self.http, self.grpc, self.metrics
-        )
+            tcp(self.http),
+            tcp(self.grpc),
+            self.metrics
+        )?;
+        if let Some(p) = &self.http_uds {
+            write!(f, " http_uds={}", p.display())?;
+        }
+        if let Some(p) = &self.grpc_uds {
+            write!(f, " grpc_uds={}", p.display())?;
+        }
+        if self.tls {
+            write!(f, " tls=on")?;
+        }
+        Ok(())
     }
 }
 
@@ -90,15 +115,61 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         }
     }
 
-    let http_l = bind("http", SocketAddr::new(args.bind, args.http_port))?;
-    let grpc_l = bind("grpc", SocketAddr::new(args.bind, args.grpc_port))?;
+    if !args.http_tcp && args.http_uds.is_none() {
+        return Err(ServeError::Config(
+            "--http-tcp false needs --http-uds: REST would listen nowhere".into(),
+        ));
+    }
+    if !args.grpc_tcp && args.grpc_uds.is_none() {
+        return Err(ServeError::Config(
+            "--grpc-tcp false needs --grpc-uds: gRPC would listen nowhere".into(),
+        ));
+    }
+    let tls = args.tls();
+    let http_tls = tls
+        .as_ref()
+        .map(|t| listen::tls_acceptor(t, &[b"h2", b"http/1.1"]))
+        .transpose()?;
+    let grpc_tls = tls
+        .as_ref()
+        .map(|t| listen::tls_acceptor(t, &[b"h2"]))
+        .transpose()?;
+    let http_l = args
+        .http_tcp
+        .then(|| bind("http", SocketAddr::new(args.bind, args.http_port)))
+        .transpose()?;
+    let grpc_l = args
+        .grpc_tcp
+        .then(|| bind("grpc", SocketAddr::new(args.bind, args.grpc_port)))
+        .transpose()?;
     let admin_l = bind("metrics", SocketAddr::new(args.bind, args.metrics_port))?;
+    // The socket files are removed when these guards drop, at return.
+    let http_uds = args
+        .http_uds
+        .as_deref()
+        .map(listen::bind_unix)
+        .transpose()?;
+    let grpc_uds = args
+        .grpc_uds
+        .as_deref()
+        .map(listen::bind_unix)
+        .transpose()?;
+    let (http_uds, _http_uds_file) = http_uds.unzip();
+    let (grpc_uds, _grpc_uds_file) = grpc_uds.unzip();
     let bound = Bound {
-        http: http_l.local_addr().expect("bound socket"),
-        grpc: grpc_l.local_addr().expect("bound socket"),
+        http: http_l
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket")),
+        grpc: grpc_l
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket")),
         metrics: admin_l.local_addr().expect("bound socket"),
+        http_uds: args.http_uds.clone(),
+        grpc_uds: args.grpc_uds.clone(),
+        tls: tls.is_some(),
     };
 
+    let shm = std::sync::Arc::new(crate::shm::SharedMemory::new());
     let stop = CancellationToken::new();
     let admin_thread =
         admin::spawn(admin_l, engine.clone(), prom, stop.clone()).map_err(|source| {
@@ -109,49 +180,32 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
             }
         })?;
 
-    let http_l = tokio::net::TcpListener::from_std(http_l)
-        .map_err(|source| ServeError::Bind {
-            what: "http",
-            addr: bound.http,
-            source,
-        })?
-        .tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+    let tokio_tcp = |what, l: Option<std::net::TcpListener>| {
+        l.map(|l| {
+            let addr = l.local_addr().expect("bound socket");
+            tokio::net::TcpListener::from_std(l).map_err(|source| ServeError::Bind {
+                what,
+                addr,
+                source,
+            })
+        })
+        .transpose()
+    };
+    let http_l = tokio_tcp("http", http_l)?;
+    let grpc_l = tokio_tcp("grpc", grpc_l)?;
     let app = http::router(http::HttpState {
         engine: engine.clone(),
         max_body_bytes: args.max_body_bytes,
+        shm: shm.clone(),
     });
-    let http_stop = stop.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_l, app)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await
-            .map_err(|e| e.to_string())
-    });
+    let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop)
+        .map_err(|e| ServeError::Serve("http", e.to_string()))?;
+    let svc = GrpcService::new(engine.clone())
+        .with_shared_memory(shm.clone())
+        .into_server(args.grpc_max_message_bytes);
+    let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop);
 
-    let grpc_l = tokio::net::TcpListener::from_std(grpc_l).map_err(|source| ServeError::Bind {
-        what: "grpc",
-        addr: bound.grpc,
-        source,
-    })?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
-    let incoming = tokio_stream::StreamExt::map(incoming, |s| {
-        s.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    });
-    let svc = GrpcService::new(engine.clone()).into_server(args.grpc_max_message_bytes);
-    let grpc_stop = stop.clone();
-    let grpc_task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await })
-            .await
-            .map_err(|e| e.to_string())
-    });
-
-    tracing::info!(http = %bound.http, grpc = %bound.grpc, metrics = %bound.metrics, "listening");
+    tracing::info!(%bound, "listening");
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{bound}");
@@ -169,14 +223,16 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         engine.wait_idle().await;
         tracing::debug!("engine idle");
         let servers = async {
-            let h = http_task.await;
-            let g = grpc_task.await;
-            (h, g)
+            for (what, tasks) in [("http", http_tasks), ("grpc", grpc_tasks)] {
+                for t in tasks {
+                    if let Ok(Err(e)) = t.await {
+                        tracing::warn!("{what} server: {e}");
+                    }
+                }
+            }
         };
         match tokio::time::timeout(FLUSH_GRACE, servers).await {
-            Ok((Ok(Err(e)), _)) => tracing::warn!("http server: {e}"),
-            Ok((_, Ok(Err(e)))) => tracing::warn!("grpc server: {e}"),
-            Ok(_) => tracing::debug!("servers closed"),
+            Ok(()) => tracing::debug!("servers closed"),
             Err(_) => tracing::debug!("connections still open after the flush grace; closing"),
         }
     };

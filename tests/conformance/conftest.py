@@ -29,7 +29,8 @@ STARTUP_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 30
 
 _LISTENING_RE = re.compile(
-    r"^shoal listening http=(?P<http>\S+) grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)\s*$"
+    r"^shoal listening http=(?P<http>\S+) grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)"
+    r"(?: \w+=\S+)*\s*$"
 )
 
 

@@ -16,6 +16,10 @@ pub enum ApiErrorKind {
     Engine(ErrorKind),
     /// The body or message exceeds the configured limit.
     PayloadTooLarge,
+    /// The name is taken (a shared-memory region registered twice).
+    AlreadyExists,
+    /// A protocol feature this build does not offer (CUDA shared memory).
+    Unsupported,
 }
 
 /// kind → (HTTP status, gRPC code). Every error of every protocol goes
@@ -42,6 +46,8 @@ pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
             StatusCode::PAYLOAD_TOO_LARGE,
             tonic::Code::ResourceExhausted,
         ),
+        AlreadyExists => (StatusCode::CONFLICT, tonic::Code::AlreadyExists),
+        Unsupported => (StatusCode::NOT_IMPLEMENTED, tonic::Code::Unimplemented),
     }
 }
 
@@ -64,6 +70,29 @@ impl ApiError {
         Self {
             kind: ApiErrorKind::PayloadTooLarge,
             message: message.into(),
+        }
+    }
+
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::Unsupported,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::shm::ShmError> for ApiError {
+    fn from(e: crate::shm::ShmError) -> Self {
+        use crate::shm::ShmErrorClass as C;
+        let kind = match e.class() {
+            C::NotFound => ApiErrorKind::Engine(ErrorKind::NotFound),
+            C::InvalidArgument => ApiErrorKind::Engine(ErrorKind::InvalidArgument),
+            C::AlreadyExists => ApiErrorKind::AlreadyExists,
+            C::Internal => ApiErrorKind::Engine(ErrorKind::Internal),
+        };
+        Self {
+            kind,
+            message: e.to_string(),
         }
     }
 }
@@ -112,6 +141,14 @@ mod tests {
         assert_eq!(
             deadline,
             (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded)
+        );
+        assert_eq!(
+            codes(ApiErrorKind::AlreadyExists),
+            (StatusCode::CONFLICT, tonic::Code::AlreadyExists)
+        );
+        assert_eq!(
+            codes(ApiErrorKind::Unsupported),
+            (StatusCode::NOT_IMPLEMENTED, tonic::Code::Unimplemented)
         );
         let invalid = codes(ApiErrorKind::Engine(ErrorKind::InvalidArgument));
         assert_eq!(

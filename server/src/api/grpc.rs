@@ -2,7 +2,9 @@
 
 use super::error::ApiError;
 use super::metadata;
+use super::shm::{self as shm_api, ShmOutputs, Written};
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
+use crate::shm::SharedMemory;
 use crate::tensor::{join_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use futures::Stream;
@@ -11,6 +13,7 @@ use shoal_proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,11 +25,22 @@ const STREAM_BUFFER: usize = 256;
 #[derive(Clone)]
 pub struct GrpcService {
     engine: Engine,
+    shm: Arc<SharedMemory>,
 }
 
 impl GrpcService {
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            shm: Arc::default(),
+        }
+    }
+
+    /// Shares a shared-memory registry (with the REST front end, so a
+    /// region registered over one protocol serves the other).
+    pub fn with_shared_memory(mut self, shm: Arc<SharedMemory>) -> Self {
+        self.shm = shm;
+        self
     }
 
     pub fn into_server(self, max_message_bytes: usize) -> GrpcInferenceServiceServer<Self> {
@@ -97,11 +111,13 @@ pub struct CallMeta {
     pub correlation_key: Option<String>,
 }
 
-/// Decodes a protobuf request into the engine's form.
+/// Decodes a protobuf request into the engine's form, with the outputs it
+/// wants written into shared memory.
 pub fn decode_request(
     req: pb::ModelInferRequest,
     meta: CallMeta,
-) -> Result<InferRequest, ApiError> {
+    shm: &SharedMemory,
+) -> Result<(InferRequest, ShmOutputs), ApiError> {
     let header_deadline = meta.deadline;
     let now = Instant::now();
     let mut deadline = header_deadline;
@@ -127,23 +143,48 @@ pub fn decode_request(
         .or(explicit("sequence_id")?.filter(|s| s != "0"));
     let sequence_start = param_bool(&req, "sequence_start")?;
     let sequence_end = param_bool(&req, "sequence_end")?;
+    // Inputs in shared memory have no raw_input_contents entry (Triton's
+    // rule), so the raw entries belong to the other inputs, in order.
+    let in_shm = req
+        .inputs
+        .iter()
+        .map(|t| shm_api::grpc_ref(&format!("input {:?}", t.name), &t.parameters))
+        .collect::<Result<Vec<_>, _>>()?;
     let raw = req.raw_input_contents;
-    if !raw.is_empty() && raw.len() != req.inputs.len() {
+    let by_value = in_shm.iter().filter(|r| r.is_none()).count();
+    if !raw.is_empty() && raw.len() != by_value {
         return Err(ApiError::invalid(format!(
-            "raw_input_contents has {} entries for {} inputs",
+            "raw_input_contents has {} entries for {} inputs not in shared memory",
             raw.len(),
-            req.inputs.len()
+            by_value
         )));
     }
     let mut inputs = Vec::with_capacity(req.inputs.len());
     let mut raw = raw.into_iter();
-    for t in req.inputs {
+    for (t, in_shm) in req.inputs.into_iter().zip(in_shm) {
         let datatype = DataType::parse(&t.datatype).ok_or_else(|| {
             ApiError::invalid(format!(
                 "input {:?}: unknown datatype {:?}",
                 t.name, t.datatype
             ))
         })?;
+        if let Some(r) = in_shm {
+            if t.contents.is_some() {
+                return Err(ApiError::invalid(format!(
+                    "input {:?}: contents and {} are both given",
+                    t.name,
+                    shm_api::REGION
+                )));
+            }
+            let data = shm.input(&t.name, &r)?;
+            inputs.push(Tensor {
+                name: t.name,
+                datatype,
+                shape: t.shape,
+                data,
+            });
+            continue;
+        }
         let data = match (raw.next(), t.contents) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(format!(
@@ -167,7 +208,13 @@ pub fn decode_request(
             data,
         });
     }
-    Ok(InferRequest {
+    let mut shm_outputs = ShmOutputs::default();
+    for o in &req.outputs {
+        if let Some(r) = shm_api::grpc_ref(&format!("output {:?}", o.name), &o.parameters)? {
+            shm_outputs.push(o.name.clone(), shm.output(&o.name, &r)?);
+        }
+    }
+    let request = InferRequest {
         model: req.model_name,
         version: Some(req.model_version).filter(|v| !v.is_empty()),
         id: req.id,
@@ -177,7 +224,8 @@ pub fn decode_request(
         correlation_key,
         sequence_start,
         sequence_end,
-    })
+    };
+    Ok((request, shm_outputs))
 }
 
 fn to_param(p: Param) -> pb::InferParameter {
@@ -234,16 +282,23 @@ fn contents_to_bytes(
     Ok(Bytes::from(bytes))
 }
 
-/// Encodes a response with `raw_output_contents`, as Triton does.
-pub fn encode_response(resp: InferResponse) -> pb::ModelInferResponse {
+/// Encodes a response with `raw_output_contents`, as Triton does. Outputs
+/// already `written` to shared memory keep an empty raw entry, so raw
+/// entries still line up with the outputs.
+pub fn encode_response(resp: InferResponse, written: &[Written]) -> pb::ModelInferResponse {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut raw = Vec::with_capacity(resp.outputs.len());
     for t in resp.outputs {
+        let parameters = written
+            .iter()
+            .find(|w| w.name == t.name)
+            .map(Written::grpc_parameters)
+            .unwrap_or_default();
         outputs.push(pb::model_infer_response::InferOutputTensor {
             name: t.name,
             datatype: t.datatype.as_str().to_string(),
             shape: t.shape,
-            parameters: Default::default(),
+            parameters,
             contents: None,
         });
         raw.push(t.data);
@@ -334,9 +389,10 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let meta = call_meta(&req);
-        let request = decode_request(req.into_inner(), meta)?;
-        let resp = self.engine.infer(request).await.map_err(ApiError::from)?;
-        Ok(Response::new(encode_response(resp)))
+        let (request, shm_outputs) = decode_request(req.into_inner(), meta, &self.shm)?;
+        let mut resp = self.engine.infer(request).await.map_err(ApiError::from)?;
+        let written = shm_outputs.write(&mut resp)?;
+        Ok(Response::new(encode_response(resp, &written)))
     }
 
     type ModelStreamInferStream = StreamOut;
@@ -352,6 +408,7 @@ impl GrpcInferenceService for GrpcService {
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let engine = self.engine.clone();
+        let shm = self.shm.clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -374,23 +431,24 @@ impl GrpcInferenceService for GrpcService {
                     deadline: timeout.map(|d| Instant::now() + d),
                     correlation_key: meta.correlation_key.clone(),
                 };
-                let submitted = decode_request(msg, msg_meta).map(|r| engine.submit(r));
+                let submitted =
+                    decode_request(msg, msg_meta, &shm).map(|(r, o)| (engine.submit(r), o));
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let outcome = async {
-                        match submitted {
-                            Ok(s) => s.wait().await.map_err(ApiError::from),
-                            Err(e) => Err(e),
-                        }
+                        let (s, shm_outputs) = submitted?;
+                        let mut resp = s.wait().await.map_err(ApiError::from)?;
+                        let written = shm_outputs.write(&mut resp)?;
+                        Ok::<_, ApiError>((resp, written))
                     };
                     let reply = tokio::select! {
                         r = outcome => r,
                         _ = tx.closed() => return,
                     };
                     let item = match reply {
-                        Ok(resp) => pb::ModelStreamInferResponse {
+                        Ok((resp, written)) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
-                            infer_response: Some(encode_response(resp)),
+                            infer_response: Some(encode_response(resp, &written)),
                         },
                         Err(e) => pb::ModelStreamInferResponse {
                             error_message: e.message,
@@ -429,6 +487,57 @@ impl GrpcInferenceService for GrpcService {
         let stats =
             metadata::statistics(&self.engine, &r.name, &r.version).map_err(ApiError::from)?;
         Ok(Response::new(stats))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        req: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        Ok(Response::new(shm_api::grpc_status(
+            &self.shm,
+            req.into_inner(),
+        )?))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        req: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        Ok(Response::new(shm_api::grpc_register(
+            &self.shm,
+            req.into_inner(),
+        )?))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        req: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        Ok(Response::new(shm_api::grpc_unregister(
+            &self.shm,
+            req.into_inner(),
+        )))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryStatusResponse>, Status> {
+        Err(shm_api::cuda_unsupported().into())
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryRegisterResponse>, Status> {
+        Err(shm_api::cuda_unsupported().into())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(shm_api::cuda_unsupported().into())
     }
 }
 

@@ -3,8 +3,10 @@
 //! raw tensors, in input order.
 
 use super::error::ApiError;
+use super::shm::{self as shm_api, ShmOutputs, Written};
 use super::{json, metadata};
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
+use crate::shm::SharedMemory;
 use crate::tensor::{DataType, Tensor};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -15,6 +17,7 @@ use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json as j, Map, Value};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -23,6 +26,8 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 pub struct HttpState {
     pub engine: Engine,
     pub max_body_bytes: usize,
+    /// Shared with the gRPC front end.
+    pub shm: Arc<SharedMemory>,
 }
 
 /// The REST router; no socket, so tests can drive it directly.
@@ -42,6 +47,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/models/{m}/versions/{v}/stats", get(model_stats))
         .route("/v2/models/{m}/infer", post(infer))
         .route("/v2/models/{m}/versions/{v}/infer", post(infer))
+        .merge(shm_api::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         // The infer handler enforces its own, configurable limit.
         .layer(DefaultBodyLimit::disable())
@@ -230,9 +236,10 @@ async fn infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_body(body, st.max_body_bytes).await?;
-    let (request, binary_outputs) = decode_infer(&p.m, p.v, &headers, body)?;
-    let resp = st.engine.infer(request).await?;
-    Ok(encode_infer(resp, &binary_outputs))
+    let (request, binary_outputs, shm_outputs) = decode_infer(&p.m, p.v, &headers, body, &st.shm)?;
+    let mut resp = st.engine.infer(request).await?;
+    let written = shm_outputs.write(&mut resp)?;
+    Ok(encode_infer(resp, &binary_outputs, &written))
 }
 
 /// How much of an oversize body is read and discarded before answering 413,
@@ -290,7 +297,8 @@ fn decode_infer(
     version: Option<String>,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<(InferRequest, BinaryOutputs), ApiError> {
+    shm: &SharedMemory,
+) -> Result<(InferRequest, BinaryOutputs, ShmOutputs), ApiError> {
     let (header, mut binary) = match headers.get(HEADER_LENGTH) {
         None => (body, Bytes::new()),
         Some(v) => {
@@ -331,6 +339,23 @@ fn decode_infer(
                 i.name, i.datatype
             ))
         })?;
+        let in_shm = shm_api::http_ref(&format!("input {:?}", i.name), &i.parameters)?;
+        if let Some(r) = in_shm {
+            if i.data.is_some() || i.parameters.contains_key("binary_data_size") {
+                return Err(ApiError::invalid(format!(
+                    "input {:?}: data and {} are both given",
+                    i.name,
+                    shm_api::REGION
+                )));
+            }
+            inputs.push(Tensor {
+                data: shm.input(&i.name, &r)?,
+                name: i.name,
+                datatype,
+                shape: i.shape,
+            });
+            continue;
+        }
         let data = match (i.parameters.get("binary_data_size"), &i.data) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(format!(
@@ -399,6 +424,12 @@ fn decode_infer(
             })
             .collect::<Result<_, _>>()?,
     };
+    let mut shm_outputs = ShmOutputs::default();
+    for o in &req.outputs {
+        if let Some(r) = shm_api::http_ref(&format!("output {:?}", o.name), &o.parameters)? {
+            shm_outputs.push(o.name.clone(), shm.output(&o.name, &r)?);
+        }
+    }
     let key_param = |name: &str| -> Result<Option<String>, ApiError> {
         match req.parameters.get(name) {
             None => Ok(None),
@@ -433,15 +464,17 @@ fn decode_infer(
         sequence_start: flag(&req.parameters, "sequence_start")?.unwrap_or(false),
         sequence_end: flag(&req.parameters, "sequence_end")?.unwrap_or(false),
     };
-    Ok((request, binary_outputs))
+    Ok((request, binary_outputs, shm_outputs))
 }
 
-fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Response {
+fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, written: &[Written]) -> Response {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut blobs: Vec<Bytes> = Vec::new();
     for t in resp.outputs {
         let mut o = j!({"name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape});
-        if binary.binary(&t.name) {
+        if let Some(w) = written.iter().find(|w| w.name == t.name) {
+            o["parameters"] = w.json_parameters();
+        } else if binary.binary(&t.name) {
             o["parameters"] = j!({"binary_data_size": t.data.len()});
             blobs.push(t.data);
         } else {

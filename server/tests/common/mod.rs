@@ -25,6 +25,9 @@ pub struct Server {
     pub http: String,
     pub grpc: String,
     pub metrics: String,
+    /// Unix socket paths the listening line reported.
+    pub http_uds: Option<PathBuf>,
+    pub grpc_uds: Option<PathBuf>,
 }
 
 impl Server {
@@ -45,6 +48,8 @@ impl Server {
             http: inner.http.clone(),
             grpc: inner.grpc.clone(),
             metrics: inner.metrics.clone(),
+            http_uds: inner.http_uds.clone(),
+            grpc_uds: inner.grpc_uds.clone(),
             inner,
         }
     }
