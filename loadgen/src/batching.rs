@@ -664,7 +664,7 @@ impl BenchReport {
                 let rec = p
                     .recovery_s
                     .map_or("never".to_string(), |x| format!("{x:.1}"));
-                let label = if Some(r) == best.map(|b| b) && !std::ptr::eq(r, adaptive) {
+                let label = if best.is_some_and(|b| std::ptr::eq(r, b)) {
                     format!("best static: {}", r.label)
                 } else {
                     r.label.clone()
@@ -700,12 +700,6 @@ impl BenchReport {
             );
         }
         s
-    }
-}
-
-impl PartialEq for SettingResult {
-    fn eq(&self, other: &Self) -> bool {
-        self.label == other.label
     }
 }
 

@@ -399,16 +399,29 @@ impl AdaptiveBatching {
     }
 
     /// Smallest batch whose throughput keeps up with `rate` rows/s (with
-    /// headroom); `max_rows` when none does.
+    /// headroom); `max_rows` when none does. Closed form, since it runs at
+    /// every decision: n / t(n) >= w.
     fn needed_rows(&self, rate: f64) -> usize {
-        let want = rate * HEADROOM;
-        (1..=self.max_rows)
-            .find(|&n| {
-                self.cost
-                    .predict(n)
-                    .is_none_or(|t| t <= 0.0 || n as f64 / t >= want)
-            })
-            .unwrap_or(self.max_rows)
+        let w = rate * HEADROOM;
+        let n = match self.cost.fit {
+            None => return 1,
+            Some(Fit::Line { a, b }) => {
+                if w * b >= 1.0 {
+                    return self.max_rows;
+                }
+                w * a / (1.0 - w * b)
+            }
+            // t(n) = secs for n <= rows: n >= w·secs, if that is <= rows;
+            // beyond rows the throughput stays rows/secs, too low then.
+            Some(Fit::Point { rows, secs }) => {
+                if w * secs > rows {
+                    return self.max_rows;
+                }
+                w * secs
+            }
+        };
+        // Tolerance: a batch that keeps up to the last 0.1% still does.
+        ((n - 1e-3).ceil().max(1.0) as usize).min(self.max_rows)
     }
 
     fn publish(&mut self, now: Instant, regime: Regime, target: usize, wait: f64) {
