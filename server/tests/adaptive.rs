@@ -250,3 +250,75 @@ async fn real_ffnn_adaptive_matches_no_batching_at_low_load_and_static_at_high_l
     );
     eprintln!("low load p50 adaptive {a50:?} none {n50:?}; high load adaptive {ad:.0}/s best static {st:.0}/s");
 }
+
+#[tokio::test]
+async fn the_real_binary_exports_the_controller_in_metrics() {
+    let dir = ffnn_repo("max_batch_size = 64\nlatency_objective_ms = 5\n");
+    let s = common::Server::start_with_repo(dir.path(), &[]);
+    let c = reqwest::Client::new();
+    let data: Vec<f32> = (0..784).map(|j| j as f32 / 784.0).collect();
+    let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": data}]});
+    for _ in 0..20 {
+        let r = c
+            .post(format!("{}/v2/models/ffnn/infer", s.http))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let text = c
+        .get(format!("{}/metrics", s.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels = "{model=\"ffnn\",version=\"1\",replica=\"0\"}";
+    for needle in [
+        format!("shoal_batch_target_size{labels}"),
+        format!("shoal_batch_target_wait_seconds{labels}"),
+        format!("shoal_objective_margin_ratio{labels}"),
+        "shoal_objective_missed_total{model=\"ffnn\",version=\"1\"}".to_string(),
+        "shoal_objective_shed_total{model=\"ffnn\",version=\"1\"} 0".to_string(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle} in\n{text}");
+    }
+    // The learned cost: both coefficients present, and a + b > 0 after
+    // twenty runs.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{labels}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    let (a, b) = (
+        value("shoal_batch_cost_fixed_seconds"),
+        value("shoal_batch_cost_per_row_seconds"),
+    );
+    assert!(a >= 0.0 && b >= 0.0 && a + b > 0.0, "a {a} b {b}");
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.stop(), Some(0));
+}

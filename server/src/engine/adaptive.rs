@@ -495,7 +495,11 @@ impl BatchPolicy for AdaptiveBatching {
         // more requests late. When even an idle replica cannot meet the
         // objective (t(1) above it), shedding for it would reject
         // everything, so then only own deadlines shed.
-        let need = self.needed_rows(rate);
+        // The batch the load needs, once the cost curve has a slope: with
+        // one size seen, the pessimistic extrapolation knows nothing of
+        // what batching gains, so it must not drive waits or sheds.
+        let informed = matches!(self.cost.fit, Some(Fit::Line { .. }));
+        let need = if informed { self.needed_rows(rate) } else { 1 };
         let target = need.min(fit_rows);
         let by_objective = self.shed_late && t(1) <= self.objective;
         let shed: Vec<usize> = (0..v.rows.len())
@@ -530,10 +534,21 @@ impl BatchPolicy for AdaptiveBatching {
         if k == 0 {
             (k, rows) = largest_within(self.objective);
         }
-        if k == 0 {
+        // Never below what keeps up with the load: a smaller batch would let
+        // the queue grow and make every later request late. Shedding above
+        // has removed those that cannot afford it.
+        let (mut k_need, mut rows_need) = (0, 0);
+        while k_need < fit && rows_need < target {
+            rows_need += v.rows[k_need];
+            k_need += 1;
+        }
+        if k == 0 && k_need <= 1 {
             // Late whatever we do: finish as much work as possible.
             self.publish(v.now, Regime::Saturated, fit_rows, 0.0);
             return Decision::Dispatch(fit);
+        }
+        if k_need > k {
+            (k, rows) = (k_need, rows_need);
         }
         if k < fit {
             self.publish(v.now, Regime::Limited, rows, 0.0);
@@ -546,7 +561,11 @@ impl BatchPolicy for AdaptiveBatching {
         } else {
             Regime::Immediate
         };
-        if rows >= need || rows >= self.max_rows || v.more_incompatible || rate <= 0.0 {
+        // Waiting pays only when a batch that keeps up exists and is not yet
+        // here; when even the largest cannot keep up (overload) the backlog
+        // forms batches by itself and a wait would only idle the replica.
+        let sustainable = need < self.max_rows;
+        if rows >= need || !sustainable || v.more_incompatible || rate <= 0.0 {
             self.publish(v.now, regime, rows, 0.0);
             return Decision::Dispatch(k);
         }
