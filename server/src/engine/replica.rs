@@ -424,6 +424,10 @@ impl Worker {
                         .into_iter()
                         .filter_map(|j| sc.picked.get(j).map(|&(i, _)| i))
                         .collect();
+                    if idx.is_empty() {
+                        // A policy naming nothing valid must not spin.
+                        idx.push(sc.picked[0].0);
+                    }
                     let pokes = self.shed(&mut q, &mut idx, order);
                     if !pokes.is_empty() {
                         parking_lot::MutexGuard::unlocked(&mut q, || {
