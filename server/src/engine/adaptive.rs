@@ -36,6 +36,8 @@ const HALF_LIFE_S: f64 = 1.0;
 /// A size's evidence is capped so that a constant batch size cannot drown
 /// the other sizes that give the line its slope.
 const WEIGHT_CAP: f64 = 16.0;
+/// A new time is taken as at most this factor away from its size's mean.
+const OUTLIER: f64 = 2.0;
 /// Smoothing of repeated measurements of one size.
 const SIZE_EWMA: f64 = 0.25;
 /// Time constant of the arrival-rate estimate.
@@ -89,9 +91,15 @@ impl CostModel {
 
     pub fn observe(&mut self, rows: usize, exec: Duration, now: Instant) {
         let rows = rows.clamp(1, self.max_rows);
-        let x = exec.as_secs_f64();
         let s = &mut self.sizes[rows - 1];
         let w = faded(s, now);
+        // A thread preempted mid-batch reports a time many times the usual;
+        // one such sample must not swing the curve. Bounded steps still
+        // follow a real change within a few batches.
+        let x = match w >= 4.0 {
+            true => exec.as_secs_f64().clamp(s.mean / OUTLIER, s.mean * OUTLIER),
+            false => exec.as_secs_f64(),
+        };
         if s.at.is_none() {
             self.seen.push(rows);
         }
@@ -333,16 +341,17 @@ impl ControllerStatus {
     }
 }
 
-/// Logs a regime once it has held for a moment, so a controller that
-/// flips between two regimes on every dispatch does not flood the log.
+/// Logs the regime that dominated the last half second when it differs
+/// from the one logged before: a controller that alternates between two
+/// regimes at every dispatch must not flood the log, nor hide a change.
 #[derive(Debug)]
 struct RegimeLog {
     logged: Regime,
-    candidate: Regime,
+    counts: [u32; 7],
     since: Option<Instant>,
 }
 
-const REGIME_SETTLE: Duration = Duration::from_millis(250);
+const REGIME_WINDOW: Duration = Duration::from_millis(500);
 
 /// The adaptive batching policy of one replica.
 pub struct AdaptiveBatching {
@@ -379,7 +388,7 @@ impl AdaptiveBatching {
             metrics: None,
             regime: RegimeLog {
                 logged: Regime::Learning,
-                candidate: Regime::Learning,
+                counts: [0; 7],
                 since: None,
             },
         }
@@ -434,23 +443,30 @@ impl AdaptiveBatching {
             m.wait.set(wait);
         }
         let log = &mut self.regime;
-        if regime != log.candidate {
-            log.candidate = regime;
-            log.since = Some(now);
-        } else if regime != log.logged
-            && log
-                .since
-                .is_some_and(|t| now.saturating_duration_since(t) >= REGIME_SETTLE)
-        {
+        log.counts[regime as usize] += 1;
+        let since = *log.since.get_or_insert(now);
+        if now.saturating_duration_since(since) < REGIME_WINDOW {
+            return;
+        }
+        let (top, _) = log
+            .counts
+            .iter()
+            .enumerate()
+            .max_by_key(|&(_, c)| *c)
+            .expect("seven regimes");
+        let dominant = Regime::from_u8(top as u8);
+        log.counts = [0; 7];
+        log.since = Some(now);
+        if dominant != log.logged {
             tracing::info!(
                 replica = %self.label,
                 from = log.logged.as_str(),
-                to = regime.as_str(),
+                to = dominant.as_str(),
                 target_rows = target,
                 rate = format!("{:.0}/s", self.rate.rate),
                 "adaptive batcher changed regime"
             );
-            log.logged = regime;
+            log.logged = dominant;
         }
     }
 }

@@ -200,6 +200,18 @@ fn cost_model_fits_the_line_and_follows_a_change() {
 }
 
 #[test]
+fn a_preempted_batch_barely_moves_the_curve() {
+    let mut m = CostModel::new(MAX);
+    let t0 = Instant::now();
+    for (i, n) in [1, 64].iter().cycle().take(20).enumerate() {
+        m.observe(*n, cost(*n), t0 + Duration::from_millis(i as u64));
+    }
+    m.observe(64, 100 * cost(64), t0 + Duration::from_millis(21));
+    let p = m.predict(64).unwrap();
+    assert!(p < 2.0 * cost(64).as_secs_f64(), "{p}");
+}
+
+#[test]
 fn one_size_seen_is_read_pessimistically() {
     let mut m = CostModel::new(MAX);
     assert_eq!(m.predict(1), None);
