@@ -1,5 +1,6 @@
 //! The one table mapping error kinds to HTTP status and gRPC code.
 
+use crate::engine::control::ControlError;
 use crate::engine::{EngineError, ErrorKind};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +17,10 @@ pub enum ApiErrorKind {
     Engine(ErrorKind),
     /// The body or message exceeds the configured limit.
     PayloadTooLarge,
+    /// A protected endpoint was called without a bearer token.
+    Unauthenticated,
+    /// A wrong token, or an endpoint turned off.
+    PermissionDenied,
 }
 
 /// kind → (HTTP status, gRPC code). Every error of every protocol goes
@@ -42,6 +47,8 @@ pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
             StatusCode::PAYLOAD_TOO_LARGE,
             tonic::Code::ResourceExhausted,
         ),
+        Unauthenticated => (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated),
+        PermissionDenied => (StatusCode::FORBIDDEN, tonic::Code::PermissionDenied),
     }
 }
 
@@ -66,6 +73,20 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::Unauthenticated,
+            message: message.into(),
+        }
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::PermissionDenied,
+            message: message.into(),
+        }
+    }
 }
 
 impl From<EngineError> for ApiError {
@@ -83,14 +104,31 @@ impl From<ApiError> for tonic::Status {
     }
 }
 
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        Self {
+            kind: ApiErrorKind::Engine(e.kind()),
+            message: e.to_string(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = codes(self.kind).0;
-        (
+        let mut response = (
             status,
             axum::Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if self.kind == ApiErrorKind::Unauthenticated {
+            // RFC 6750: say which scheme the client should use.
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -112,6 +150,14 @@ mod tests {
         assert_eq!(
             deadline,
             (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded)
+        );
+        assert_eq!(
+            codes(ApiErrorKind::Unauthenticated),
+            (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            codes(ApiErrorKind::PermissionDenied),
+            (StatusCode::FORBIDDEN, tonic::Code::PermissionDenied)
         );
         let invalid = codes(ApiErrorKind::Engine(ErrorKind::InvalidArgument));
         assert_eq!(

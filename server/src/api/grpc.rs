@@ -2,6 +2,7 @@
 
 use super::error::ApiError;
 use super::metadata;
+use super::repository::RepositoryApi;
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::tensor::{join_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
@@ -22,11 +23,27 @@ const STREAM_BUFFER: usize = 256;
 #[derive(Clone)]
 pub struct GrpcService {
     engine: Engine,
+    /// The model repository extension; `None`: refused as turned off.
+    repository: Option<RepositoryApi>,
 }
 
 impl GrpcService {
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            repository: None,
+        }
+    }
+
+    pub fn with_repository(mut self, api: RepositoryApi) -> Self {
+        self.repository = Some(api);
+        self
+    }
+
+    fn repository(&self) -> Result<&RepositoryApi, Status> {
+        self.repository.as_ref().ok_or_else(|| {
+            ApiError::permission_denied("the model repository API is not served here").into()
+        })
     }
 
     pub fn into_server(self, max_message_bytes: usize) -> GrpcInferenceServiceServer<Self> {
@@ -429,6 +446,27 @@ impl GrpcInferenceService for GrpcService {
         let stats =
             metadata::statistics(&self.engine, &r.name, &r.version).map_err(ApiError::from)?;
         Ok(Response::new(stats))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        self.repository()?.grpc_index(req).await
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        self.repository()?.grpc_load(req).await
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.repository()?.grpc_unload(req).await
     }
 }
 

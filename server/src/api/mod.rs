@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod metadata;
+pub mod repository;
 
 /// Protocol extensions this server implements, as listed in server metadata.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "statistics"];
