@@ -3,8 +3,8 @@
 
 use crate::api::repository::{self, RepositoryApi};
 use crate::api::{admin, grpc::GrpcService, http};
-use crate::engine::control::{ControlError, ControlMode, ModelControl};
 use crate::config::Args;
+use crate::engine::control::{ControlError, ControlMode, ModelControl};
 use crate::engine::{Engine, EngineOptions, LoadError};
 use axum::serve::ListenerExt;
 use std::future::Future;

@@ -52,7 +52,9 @@ impl RepositoryApi {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim())
             .ok_or_else(|| {
-                ApiError::unauthenticated("the authorization is not a bearer token ('Bearer <token>')")
+                ApiError::unauthenticated(
+                    "the authorization is not a bearer token ('Bearer <token>')",
+                )
             })?;
         if !same(given.as_bytes(), token.as_bytes()) {
             return Err(ApiError::permission_denied("wrong bearer token"));
@@ -165,7 +167,8 @@ fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiEr
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))
 }
 
 #[derive(Deserialize, Default)]
@@ -203,7 +206,9 @@ async fn index(
     api.authorize(http_authorization(&headers))?;
     let b: IndexBody = body(&bytes)?;
     let entries = api.control.index(b.ready);
-    Ok(Json(Value::Array(entries.into_iter().map(entry_json).collect())))
+    Ok(Json(Value::Array(
+        entries.into_iter().map(entry_json).collect(),
+    )))
 }
 
 async fn load(

@@ -296,7 +296,11 @@ impl ModelControl {
                     name: name.clone(),
                     version: None,
                     state: unloaded.then_some(ModelState::Unavailable),
-                    reason: if unloaded { "unloaded".into() } else { String::new() },
+                    reason: if unloaded {
+                        "unloaded".into()
+                    } else {
+                        String::new()
+                    },
                 });
             }
         }

@@ -79,7 +79,10 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
     let mut out = Vec::new();
     for (version, vdir) in versions {
         let path = model_file(&vdir).ok_or_else(|| {
-            repo_err(&vdir, "no model file (model.onnx); run scripts/setup.sh to generate the reference models")
+            repo_err(
+                &vdir,
+                "no model file (model.onnx); run scripts/setup.sh to generate the reference models",
+            )
         })?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         text.hash(&mut h);
