@@ -10,4 +10,9 @@ pub mod metadata;
 pub mod repository;
 
 /// Protocol extensions this server implements, as listed in server metadata.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "statistics"];
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+];
