@@ -272,7 +272,19 @@ impl ModelControl {
                 .collect();
             if let Some(t) = t {
                 for (v, s) in &t.others {
-                    lines.entry(*v).or_insert_with(|| s.clone());
+                    match lines.get_mut(v) {
+                        // A failed reload of a serving version: the old
+                        // load serves on, and the index says why the new
+                        // one did not replace it.
+                        Some(line) if s.0 == ModelState::Unavailable => {
+                            line.1 =
+                                format!("serving the previous load; reloading failed: {}", s.1);
+                        }
+                        Some(_) => {}
+                        None => {
+                            lines.insert(*v, s.clone());
+                        }
+                    }
                 }
             }
             let start = out.len();
@@ -383,10 +395,13 @@ impl ModelControl {
                 let mut tracked = self.tracked.lock();
                 let t = tracked.entry(name.to_string()).or_default();
                 for v in &versions {
-                    t.others.remove(v);
+                    let why = if *v == version {
+                        reason.clone()
+                    } else {
+                        format!("not loaded: version {version} of the model failed")
+                    };
+                    t.others.insert(*v, (ModelState::Unavailable, why));
                 }
-                t.others
-                    .insert(version, (ModelState::Unavailable, reason.clone()));
                 t.failure = None;
                 return Err(failed(format!("version {version}: {reason}")));
             }
