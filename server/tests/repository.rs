@@ -700,3 +700,70 @@ async fn wait_for_version(c: &reqwest::Client, s: &Server, version: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One accumulator step (x = [1, 0, 0, 0]) for `key`; y is the key's sum.
+async fn accumulate(
+    g: &mut GrpcInferenceServiceClient<tonic::transport::Channel>,
+    key: &str,
+) -> f32 {
+    let x = [1.0f32, 0.0, 0.0, 0.0];
+    let mut r = pb::ModelInferRequest {
+        model_name: "accumulator".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![bytes::Bytes::copy_from_slice(bytemuck::cast_slice(&x))],
+        ..Default::default()
+    };
+    r.parameters.insert(
+        "correlation_key".into(),
+        pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(
+                key.into(),
+            )),
+        },
+    );
+    let out = g.model_infer(r).await.unwrap().into_inner();
+    let y: Vec<f32> = bytemuck::pod_collect_to_vec(&out.raw_output_contents[0]);
+    y[0]
+}
+
+#[tokio::test]
+async fn unload_drops_keyed_state() {
+    let repo = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::model_repository().join("accumulator"),
+        repo.path().join("accumulator"),
+    )
+    .unwrap();
+    let s = Server::start_with_repo(
+        repo.path(),
+        &[
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "accumulator",
+        ],
+    );
+    let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    for want in 1..=3 {
+        assert_eq!(accumulate(&mut g, "k").await, want as f32);
+    }
+    for call in ["unload", "load"] {
+        let c = reqwest::Client::new();
+        let (status, v) = post(
+            &c,
+            format!("{}/v2/repository/models/accumulator/{call}", s.http),
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 200, "{call}: {v}");
+    }
+    assert_eq!(accumulate(&mut g, "k").await, 1.0, "the key starts afresh");
+    assert_eq!(s.stop(), Some(0));
+}
