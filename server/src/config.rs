@@ -1,6 +1,7 @@
 //! Command-line flags (each with an environment variable), named as
 //! Triton's where Triton has one.
 
+use crate::engine::control::ControlMode;
 use clap::Parser;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -52,6 +53,28 @@ pub struct Args {
     #[arg(long, env = "SHOAL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
+    /// none: load every model at startup, no changes; poll: also follow the
+    /// repository's changes; explicit: load only on request (and --load-model).
+    #[arg(long, env = "SHOAL_MODEL_CONTROL_MODE", value_enum, default_value_t = ControlMode::None)]
+    pub model_control_mode: ControlMode,
+
+    /// Models to load at startup in explicit mode (repeat, or comma-separate); `*`: all.
+    #[arg(long = "load-model", env = "SHOAL_LOAD_MODEL", value_delimiter = ',')]
+    pub load_models: Vec<String>,
+
+    /// Seconds between repository polls in poll mode.
+    #[arg(long, env = "SHOAL_REPOSITORY_POLL_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub repository_poll_secs: u64,
+
+    /// Serve the model repository API (index, load, unload).
+    #[arg(long, env = "SHOAL_REPOSITORY_API", default_value_t = true, action = clap::ArgAction::Set)]
+    pub repository_api: bool,
+
+    /// Bearer token the repository API requires (prefer the environment
+    /// variable: a flag shows in the process list).
+    #[arg(long, env = "SHOAL_REPOSITORY_TOKEN", hide_env_values = true)]
+    pub repository_token: Option<String>,
     /// Also serve REST on this Unix domain socket (a stale socket file
     /// there is replaced; the file is removed at exit).
     #[arg(long, env = "SHOAL_HTTP_UDS")]

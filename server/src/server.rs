@@ -1,8 +1,10 @@
 //! Wires the engine to its listeners: REST, gRPC and admin, and runs until
 //! a shutdown signal, draining in-flight requests before it returns.
 
+use crate::api::repository::{self, RepositoryApi};
 use crate::api::{admin, grpc::GrpcService, http};
 use crate::config::Args;
+use crate::engine::control::{ControlError, ControlMode, ModelControl};
 use crate::engine::{Engine, EngineOptions, LoadError};
 use crate::listen::{self, ListenError};
 use std::future::Future;
@@ -19,6 +21,8 @@ const FLUSH_GRACE: Duration = Duration::from_millis(500);
 pub enum ServeError {
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -92,9 +96,23 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         ort_library: args.ort_library.clone(),
     };
     let repo = args.model_repository.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&repo, &options))
-        .await
-        .map_err(|e| ServeError::Serve("loader", e.to_string()))??;
+    let mode = args.model_control_mode;
+    let engine = if mode == ControlMode::None {
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || Engine::load(&repo, &options))
+            .await
+            .map_err(|e| ServeError::Serve("loader", e.to_string()))??
+    } else {
+        Engine::new()
+    };
+    let control = ModelControl::new(
+        engine.clone(),
+        args.model_repository.clone(),
+        options,
+        mode,
+        Duration::from_secs(args.shutdown_timeout_secs),
+    );
+    control.initial_load(&args.load_models).await?;
     for (name, model) in engine.models().iter() {
         for (v, mv) in &model.versions {
             let c = mv.config();
@@ -193,15 +211,22 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     };
     let http_l = tokio_tcp("http", http_l)?;
     let grpc_l = tokio_tcp("grpc", grpc_l)?;
+    let repository_api = RepositoryApi::new(
+        control.clone(),
+        args.repository_api,
+        args.repository_token.clone(),
+    );
     let app = http::router(http::HttpState {
         engine: engine.clone(),
         max_body_bytes: args.max_body_bytes,
         shm: shm.clone(),
-    });
+    })
+    .merge(repository::router(repository_api.clone()));
     let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop)
         .map_err(|e| ServeError::Serve("http", e.to_string()))?;
     let svc = GrpcService::new(engine.clone())
         .with_shared_memory(shm.clone())
+        .with_repository(repository_api)
         .into_server(args.grpc_max_message_bytes);
     let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop);
 
@@ -210,6 +235,19 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{bound}");
         let _ = out.flush();
+    }
+
+    if mode == ControlMode::Poll {
+        let (control, stop) = (control.clone(), stop.clone());
+        let every = Duration::from_secs(args.repository_poll_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => control.poll().await,
+                }
+            }
+        });
     }
 
     shutdown.await;

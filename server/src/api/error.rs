@@ -1,5 +1,6 @@
 //! The one table mapping error kinds to HTTP status and gRPC code.
 
+use crate::engine::control::ControlError;
 use crate::engine::{EngineError, ErrorKind};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,6 +21,10 @@ pub enum ApiErrorKind {
     AlreadyExists,
     /// A protocol feature this build does not offer (CUDA shared memory).
     Unsupported,
+    /// A protected endpoint was called without a bearer token.
+    Unauthenticated,
+    /// A wrong token, or an endpoint turned off.
+    PermissionDenied,
 }
 
 /// kind → (HTTP status, gRPC code). Every error of every protocol goes
@@ -48,6 +53,8 @@ pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
         ),
         AlreadyExists => (StatusCode::CONFLICT, tonic::Code::AlreadyExists),
         Unsupported => (StatusCode::NOT_IMPLEMENTED, tonic::Code::Unimplemented),
+        Unauthenticated => (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated),
+        PermissionDenied => (StatusCode::FORBIDDEN, tonic::Code::PermissionDenied),
     }
 }
 
@@ -69,6 +76,20 @@ impl ApiError {
     pub fn too_large(message: impl Into<String>) -> Self {
         Self {
             kind: ApiErrorKind::PayloadTooLarge,
+            message: message.into(),
+        }
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::Unauthenticated,
+            message: message.into(),
+        }
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self {
+            kind: ApiErrorKind::PermissionDenied,
             message: message.into(),
         }
     }
@@ -112,14 +133,31 @@ impl From<ApiError> for tonic::Status {
     }
 }
 
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        Self {
+            kind: ApiErrorKind::Engine(e.kind()),
+            message: e.to_string(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = codes(self.kind).0;
-        (
+        let mut response = (
             status,
             axum::Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if self.kind == ApiErrorKind::Unauthenticated {
+            // RFC 6750: say which scheme the client should use.
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -149,6 +187,12 @@ mod tests {
         assert_eq!(
             codes(ApiErrorKind::Unsupported),
             (StatusCode::NOT_IMPLEMENTED, tonic::Code::Unimplemented)
+            codes(ApiErrorKind::Unauthenticated),
+            (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            codes(ApiErrorKind::PermissionDenied),
+            (StatusCode::FORBIDDEN, tonic::Code::PermissionDenied)
         );
         let invalid = codes(ApiErrorKind::Engine(ErrorKind::InvalidArgument));
         assert_eq!(

@@ -3,6 +3,7 @@
 use super::error::ApiError;
 use super::metadata;
 use super::shm::{self as shm_api, ShmOutputs, Written};
+use super::repository::RepositoryApi;
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::shm::SharedMemory;
 use crate::tensor::{join_bytes_elements, DataType, Tensor};
@@ -26,6 +27,8 @@ const STREAM_BUFFER: usize = 256;
 pub struct GrpcService {
     engine: Engine,
     shm: Arc<SharedMemory>,
+    /// The model repository extension; `None`: refused as turned off.
+    repository: Option<RepositoryApi>,
 }
 
 impl GrpcService {
@@ -33,7 +36,19 @@ impl GrpcService {
         Self {
             engine,
             shm: Arc::default(),
+            repository: None,
         }
+    }
+
+    pub fn with_repository(mut self, api: RepositoryApi) -> Self {
+        self.repository = Some(api);
+        self
+    }
+
+    fn repository(&self) -> Result<&RepositoryApi, Status> {
+        self.repository.as_ref().ok_or_else(|| {
+            ApiError::permission_denied("the model repository API is not served here").into()
+        })
     }
 
     /// Shares a shared-memory registry (with the REST front end, so a
@@ -538,6 +553,27 @@ impl GrpcInferenceService for GrpcService {
         _: Request<pb::CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
         Err(shm_api::cuda_unsupported().into())
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        self.repository()?.grpc_index(req).await
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        self.repository()?.grpc_load(req).await
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.repository()?.grpc_unload(req).await
     }
 }
 

@@ -8,11 +8,13 @@ pub mod http;
 pub mod json;
 pub mod metadata;
 pub mod shm;
+pub mod repository;
 
 /// Protocol extensions this server implements, as listed in server metadata.
 pub const EXTENSIONS: &[&str] = &[
     "binary_tensor_data",
     "model_configuration",
+    "model_repository",
     "statistics",
     "system_shared_memory",
 ];

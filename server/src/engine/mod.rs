@@ -5,6 +5,7 @@
 pub mod adaptive;
 pub mod batcher;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod execute;
 pub mod keys;
@@ -194,6 +195,21 @@ impl Engine {
         next.insert(name.to_string(), Arc::new(model));
         *table = Arc::new(next);
         Ok(())
+    }
+
+    /// Puts `model` in place of a model's versions (`None` removes the
+    /// model) in one step, so a request sees the old set or the new one,
+    /// never a mix. Returns the set that served before: its replicas keep
+    /// running until the caller retires them.
+    pub fn swap_model(&self, name: &str, model: Option<Model>) -> Option<Arc<Model>> {
+        let mut table = self.inner.models.write();
+        let mut next: ModelTable = (**table).clone();
+        let old = match model {
+            Some(m) => next.insert(name.to_string(), Arc::new(m)),
+            None => next.remove(name),
+        };
+        *table = Arc::new(next);
+        old
     }
 
     /// A snapshot of the loaded models.

@@ -48,6 +48,25 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
+    /// Forgets everything counted so far: a warm-up is not traffic.
+    pub fn reset(&self) {
+        for d in [
+            &self.success,
+            &self.fail,
+            &self.queue,
+            &self.compute_input,
+            &self.compute_infer,
+            &self.compute_output,
+        ] {
+            d.count.store(0, Relaxed);
+            d.ns.store(0, Relaxed);
+        }
+        self.inference_count.store(0, Relaxed);
+        self.execution_count.store(0, Relaxed);
+        self.last_inference_ms.store(0, Relaxed);
+        self.batches.lock().clear();
+    }
+
     pub fn record_execution(
         &self,
         rows: usize,
