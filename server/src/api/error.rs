@@ -187,6 +187,8 @@ mod tests {
         assert_eq!(
             codes(ApiErrorKind::Unsupported),
             (StatusCode::NOT_IMPLEMENTED, tonic::Code::Unimplemented)
+        );
+        assert_eq!(
             codes(ApiErrorKind::Unauthenticated),
             (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated)
         );

@@ -2,8 +2,8 @@
 
 use super::error::ApiError;
 use super::metadata;
-use super::shm::{self as shm_api, ShmOutputs, Written};
 use super::repository::RepositoryApi;
+use super::shm::{self as shm_api, ShmOutputs, Written};
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::shm::SharedMemory;
 use crate::tensor::{join_bytes_elements, DataType, Tensor};

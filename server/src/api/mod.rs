@@ -7,8 +7,8 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod metadata;
-pub mod shm;
 pub mod repository;
+pub mod shm;
 
 /// Protocol extensions this server implements, as listed in server metadata.
 pub const EXTENSIONS: &[&str] = &[
