@@ -479,6 +479,8 @@ pub struct BenchConfig {
     /// Overrides the measured capacity, rows/s.
     pub capacity: Option<f64>,
     pub cost_seconds: f64,
+    /// Interleaved rounds of the contenders after the grid pass.
+    pub rounds: usize,
 }
 
 /// One setting's run over the whole schedule.
@@ -506,6 +508,11 @@ pub struct BenchReport {
     pub objective_rule: String,
     pub phases: Vec<(f64, f64)>,
     pub poisson: bool,
+    /// Interleaved rounds of the contenders.
+    pub rounds: usize,
+    /// Every setting, one pass.
+    pub grid: Vec<SettingResult>,
+    /// The contenders, each its median round: what the comparison uses.
     pub results: Vec<SettingResult>,
 }
 
@@ -585,42 +592,66 @@ pub async fn bench(
         }
     }
     let objective = objective_ms / 1e3;
+    let run = |setting: Setting| run_setting(c, setting, &schedule, &offsets, objective);
     let mut results = Vec::new();
     for setting in settings {
-        let engine = load_engine(&c.repository, &model, &setting).await?;
-        for i in 0..20 {
-            let _ = engine.infer(c.workload.request(i)).await;
-        }
-        let run = open_loop(&engine, &c.workload, offsets.clone()).await;
-        engine.shutdown();
-        let phases = phase_stats(&run, &schedule, objective);
-        let secs = length.as_secs_f64();
-        let served: Vec<&Rec> = run
-            .records
-            .iter()
-            .filter(|r| r.fate == Fate::Served)
-            .collect();
-        let r = SettingResult {
-            label: setting.label(),
-            goodput: served.iter().filter(|r| r.latency <= objective).count() as f64 / secs,
-            throughput: served.len() as f64 / secs,
-            shed: run.records.iter().filter(|r| r.fate == Fate::Shed).count(),
-            failed: run
-                .records
-                .iter()
-                .filter(|r| r.fate == Fate::Failed)
-                .count(),
-            p99_series: p99_series(&run, objective),
-            targets: run.targets.clone(),
-            setting,
-            phases,
-        };
+        let r = run(setting).await?;
         progress(&format!(
             "{:<22} goodput {:>9.1}/s  throughput {:>9.1}/s  shed {}",
             r.label, r.goodput, r.throughput, r.shed
         ));
         results.push(r);
     }
+    // One pass over the grid ranks the settings, but on a shared machine
+    // one run can land in a noisy minute. The contenders (adaptive, no
+    // batching, the best static setting overall and of each phase) run
+    // again, interleaved, and each keeps its median round.
+    let mut contenders: Vec<Setting> = vec![Setting::Adaptive { objective_ms }, Setting::None];
+    let statics: Vec<&SettingResult> = results
+        .iter()
+        .filter(|r| matches!(r.setting, Setting::Static { .. }))
+        .collect();
+    let mut picks: Vec<&SettingResult> = Vec::new();
+    if let Some(b) = statics
+        .iter()
+        .max_by(|a, b| a.goodput.total_cmp(&b.goodput))
+    {
+        picks.push(b);
+    }
+    for i in 0..c.phases.len() {
+        if let Some(b) = statics
+            .iter()
+            .max_by(|a, b| a.phases[i].goodput.total_cmp(&b.phases[i].goodput))
+        {
+            picks.push(b);
+        }
+    }
+    for p in picks {
+        if !contenders.contains(&p.setting) {
+            contenders.push(p.setting.clone());
+        }
+    }
+    let mut rounds: Vec<Vec<SettingResult>> = vec![Vec::new(); contenders.len()];
+    for round in 0..c.rounds {
+        for j in 0..contenders.len() {
+            // Rotate the order so no contender always runs first.
+            let k = (j + round) % contenders.len();
+            let r = run(contenders[k].clone()).await?;
+            progress(&format!(
+                "round {round}: {:<22} goodput {:>9.1}/s  throughput {:>9.1}/s  shed {}",
+                r.label, r.goodput, r.throughput, r.shed
+            ));
+            rounds[k].push(r);
+        }
+    }
+    let finals = rounds
+        .into_iter()
+        .filter(|v| !v.is_empty())
+        .map(|mut v| {
+            v.sort_by(|a, b| a.goodput.total_cmp(&b.goodput));
+            v.swap_remove(v.len() / 2)
+        })
+        .collect();
     Ok(BenchReport {
         model,
         capacity_rows_per_s: capacity,
@@ -629,7 +660,53 @@ pub async fn bench(
         objective_rule: "max(4 x max_batch_size / capacity, 2 ms)".into(),
         phases: c.phases.clone(),
         poisson: c.poisson,
-        results,
+        rounds: c.rounds,
+        grid: results,
+        results: finals,
+    })
+}
+
+/// One setting over the whole schedule: a fresh engine, a short warm-up,
+/// the open-loop run, its figures.
+async fn run_setting(
+    c: &BenchConfig,
+    setting: Setting,
+    schedule: &Schedule,
+    offsets: &[Duration],
+    objective: f64,
+) -> Result<SettingResult, BenchError> {
+    let model = &c.workload.model;
+    let engine = load_engine(&c.repository, model, &setting).await?;
+    for i in 0..20 {
+        let _ = engine.infer(c.workload.request(i)).await;
+    }
+    let run = open_loop(&engine, &c.workload, offsets.to_vec()).await;
+    engine.shutdown();
+    let phases = phase_stats(&run, schedule, objective);
+    let secs = schedule
+        .length()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-9);
+    let served: Vec<&Rec> = run
+        .records
+        .iter()
+        .filter(|r| r.fate == Fate::Served)
+        .collect();
+    Ok(SettingResult {
+        label: setting.label(),
+        goodput: served.iter().filter(|r| r.latency <= objective).count() as f64 / secs,
+        throughput: served.len() as f64 / secs,
+        shed: run.records.iter().filter(|r| r.fate == Fate::Shed).count(),
+        failed: run
+            .records
+            .iter()
+            .filter(|r| r.fate == Fate::Failed)
+            .count(),
+        p99_series: p99_series(&run, objective),
+        targets: run.targets,
+        setting,
+        phases,
     })
 }
 
@@ -711,6 +788,18 @@ impl BenchReport {
                     adaptive.phases[i].goodput / b.phases[i].goodput.max(1e-9)
                 );
             }
+        }
+        let _ = writeln!(
+            s,
+            "\nContenders above: each its median of {} interleaved rounds. Grid (one pass), whole-schedule goodput/s:\n",
+            self.rounds
+        );
+        for r in &self.grid {
+            let _ = writeln!(
+                s,
+                "- {}: goodput {:.1}, throughput {:.1}, shed {}",
+                r.label, r.goodput, r.throughput, r.shed
+            );
         }
         if let Some(b) = self.best_static() {
             let _ = writeln!(

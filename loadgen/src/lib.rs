@@ -109,6 +109,10 @@ pub struct BatchingOpts {
     /// Seconds of the capacity measurement.
     #[arg(long, env = "LOADGEN_COST_SECONDS", default_value_t = 2.0)]
     pub cost_seconds: f64,
+    /// Interleaved rounds of the contenders (adaptive, no batching, the
+    /// best static settings) after the grid pass; each keeps its median.
+    #[arg(long, env = "LOADGEN_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
     /// Folder for report.json, report.md and the timeline plots.
     #[arg(long, env = "LOADGEN_OUT")]
     pub out: Option<PathBuf>,
@@ -167,6 +171,7 @@ impl BatchingOpts {
             objective_ms: self.objective_ms,
             capacity: self.capacity,
             cost_seconds: self.cost_seconds,
+            rounds: self.rounds.max(1),
         })
     }
 }

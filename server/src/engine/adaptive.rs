@@ -518,10 +518,15 @@ impl BatchPolicy for AdaptiveBatching {
         let need = if informed { self.needed_rows(rate) } else { 1 };
         let target = need.min(fit_rows);
         let by_objective = self.shed_late && t(1) <= self.objective;
+        // The batch the load needs is what a request will really run in
+        // only when a backlog beyond one batch is there to prove the load;
+        // otherwise (a stall, a noisy estimate) it could still run alone.
+        let backlog = v.rows.len() > fit;
+        let runs_in = if backlog { t(target) } else { 0.0 };
         let shed: Vec<usize> = (0..v.rows.len())
             .filter(|&i| {
                 let alone = t(v.rows[i]);
-                let late = wait(i) + alone.max(t(target)) > self.objective;
+                let late = wait(i) + alone.max(runs_in) > self.objective;
                 (by_objective && late) || slack(i).is_some_and(|s| alone > s)
             })
             .collect();
