@@ -229,6 +229,9 @@ async fn real_ffnn_adaptive_matches_no_batching_at_low_load_and_static_at_high_l
         load("max_batch_size = 64\n[dynamic_batching]\nmax_queue_delay_us = 500\n"),
         load("max_batch_size = 16\n[dynamic_batching]\nmax_queue_delay_us = 0\n"),
     ];
+    // Throughput of the batching itself: shedding off, so a stall of the
+    // shared machine past the objective does not count as lost work.
+    let adaptive = load("max_batch_size = 64\nlatency_objective_ms = 5\nshed_late = false\n");
     closed_loop(&adaptive, 64, 0.3).await;
     // Short turns, interleaved, summed: drift in the machine's load hits
     // every contender alike.

@@ -42,10 +42,16 @@ const OUTLIER: f64 = 2.0;
 const SIZE_EWMA: f64 = 0.25;
 /// Time constant of the arrival-rate estimate.
 const RATE_TAU_S: f64 = 0.1;
-/// Capacity a batch must have over the arrival rate before waiting for it
-/// is worth it: a batch that only just keeps up lets the queue grow on the
-/// first slow execution.
+/// Capacity over the arrival rate the smallest batch run must have: a batch
+/// that only just keeps up lets the queue grow on the first slow execution.
+/// Waits aim at the batch that just keeps up: waiting for more than that
+/// only idles the replica (in a closed loop, the arrivals it waits for are
+/// the answers it has not given yet).
 const HEADROOM: f64 = 1.1;
+/// A shorter wait costs more than it gains: the sleep's timer slack and,
+/// on a busy machine, the wait to be scheduled again exceed it, while the
+/// requests it would gather queue anyway during the next run.
+const MIN_WAIT_S: f64 = 200e-6;
 /// The p99 correction looks at this many recent answers.
 const P99_WINDOW: usize = 512;
 const P99_EVERY: usize = 128;
@@ -410,8 +416,8 @@ impl AdaptiveBatching {
     /// Smallest batch whose throughput keeps up with `rate` rows/s (with
     /// headroom); `max_rows` when none does. Closed form, since it runs at
     /// every decision: n / t(n) >= w.
-    fn needed_rows(&self, rate: f64) -> usize {
-        let w = rate * HEADROOM;
+    fn needed_rows(&self, rate: f64, headroom: f64) -> usize {
+        let w = rate * headroom;
         let n = match self.cost.fit {
             None => return 1,
             Some(Fit::Line { a, b }) => {
@@ -515,7 +521,11 @@ impl BatchPolicy for AdaptiveBatching {
         // one size seen, the pessimistic extrapolation knows nothing of
         // what batching gains, so it must not drive waits or sheds.
         let informed = matches!(self.cost.fit, Some(Fit::Line { .. }));
-        let need = if informed { self.needed_rows(rate) } else { 1 };
+        let need = if informed {
+            self.needed_rows(rate, HEADROOM)
+        } else {
+            1
+        };
         let target = need.min(fit_rows);
         let by_objective = self.shed_late && t(1) <= self.objective;
         // The batch the load needs is what a request will really run in
@@ -590,10 +600,15 @@ impl BatchPolicy for AdaptiveBatching {
             self.publish(v.now, regime, rows, 0.0);
             return Decision::Dispatch(k);
         }
+        let need = self.needed_rows(rate, 1.0);
+        if rows >= need {
+            self.publish(v.now, regime, rows, 0.0);
+            return Decision::Dispatch(k);
+        }
         let fill_in = (need - rows) as f64 / rate;
         let done = fill_in + t(need);
         let in_time = wait(0) + done <= plan && slack(0).is_none_or(|s| done <= s);
-        if !in_time {
+        if !in_time || fill_in < MIN_WAIT_S {
             self.publish(v.now, regime, rows, 0.0);
             return Decision::Dispatch(k);
         }

@@ -359,16 +359,17 @@ fn waits_only_when_the_rate_fills_the_batch_in_time() {
     let (rows, waits, slack) = ([1], [Duration::ZERO], [None]);
     p.decide(view(t, &rows, &waits, &slack, 0));
     p.decide(view(t + ms(500), &rows, &waits, &slack, 2500));
-    // 2 queued, ~25 needed at this rate: the batch fills in ~4.6 ms, and
-    // 4.6 + t(25) = 9.1 ms fits the 20 ms objective: wait.
+    // 2 queued; at this rate the batch that keeps up is 20 rows (n = rate·t(n)):
+    // it fills in ~3.6 ms, and 1 + 3.6 + t(20) = 8.6 ms fits the 20 ms
+    // objective: wait for it.
     let (rows, waits, slack) = ([1, 1], [ms(1), Duration::ZERO], [None, None]);
     let d = p.decide(view(t + ms(501), &rows, &waits, &slack, 2505));
     assert!(
         matches!(d, Decision::Wait(w) if w > ms(3) && w < ms(6)),
         "{d:?}"
     );
-    assert!(p.wake_rows().unwrap() > 20);
-    // The head has already waited 14 ms: no time to fill, run now.
+    assert_eq!(p.wake_rows(), Some(20));
+    // The head has already waited 14 ms: 14 + 7.6 > 20, run now.
     let waits = [ms(14), Duration::ZERO];
     let d = p.decide(view(t + ms(502), &rows, &waits, &slack, 2510));
     assert_eq!(d, Decision::Dispatch(2));
