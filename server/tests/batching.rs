@@ -162,8 +162,12 @@ async fn preferred_batch_size_runs_at_once() {
 }
 
 #[tokio::test]
-async fn without_dynamic_batching_each_request_runs_alone() {
-    let (engine, log) = engine_with("max_batch_size = 8\n", 2, Duration::ZERO);
+async fn batching_none_runs_each_request_alone() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 8\nbatching = \"none\"\n",
+        2,
+        Duration::from_millis(20),
+    );
     let futs: Vec<_> = (0..3)
         .map(|i| engine.infer(request(2, 2, i as f32)))
         .collect();
@@ -171,6 +175,29 @@ async fn without_dynamic_batching_each_request_runs_alone() {
         r.unwrap();
     }
     assert_eq!(*log.batches.lock(), vec![2, 2, 2]);
+}
+
+#[tokio::test]
+async fn default_batching_merges_what_queued_while_busy_with_no_delay() {
+    // No [dynamic_batching]: the first request runs at once (no delay);
+    // the ones that queue meanwhile run together next.
+    let (engine, log) = engine_with("max_batch_size = 8\n", 2, Duration::from_millis(100));
+    let first = tokio::spawn({
+        let e = engine.clone();
+        async move { e.infer(request(1, 2, 0.0)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let rest: Vec<_> = (0..3)
+        .map(|i| {
+            let e = engine.clone();
+            tokio::spawn(async move { e.infer(request(2, 2, i as f32)).await })
+        })
+        .collect();
+    first.await.unwrap().unwrap();
+    for r in rest {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(*log.batches.lock(), vec![1, 6]);
 }
 
 #[tokio::test]
