@@ -251,11 +251,11 @@ impl Nvml {
     }
 }
 
-/// Publishes `shoal_gpu_count` and, per GPU, `shoal_gpu_memory_used_bytes`, `shoal_gpu_memory_total_bytes` and
+/// Publishes `shoal_gpus` and, per GPU, `shoal_gpu_memory_used_bytes`, `shoal_gpu_memory_total_bytes` and
 /// `shoal_gpu_utilization_percent`, refreshed every `period` on a background thread. With no GPU only the count
 /// (zero) is published.
 pub fn spawn_metrics(period: std::time::Duration) {
-    metrics::describe_gauge!("shoal_gpu_count", "CUDA GPUs visible to the server");
+    metrics::describe_gauge!("shoal_gpus", "CUDA GPUs visible to the server");
     metrics::describe_gauge!(
         "shoal_gpu_memory_used_bytes",
         metrics::Unit::Bytes,
@@ -280,7 +280,7 @@ pub fn spawn_metrics(period: std::time::Duration) {
 }
 
 fn publish(gpus: &[GpuInfo]) {
-    metrics::gauge!("shoal_gpu_count").set(gpus.len() as f64);
+    metrics::gauge!("shoal_gpus").set(gpus.len() as f64);
     for g in gpus {
         let labels = [("gpu", g.index.to_string()), ("name", g.name.clone())];
         metrics::gauge!("shoal_gpu_memory_used_bytes", &labels).set(g.memory_used_bytes as f64);

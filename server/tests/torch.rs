@@ -356,10 +356,39 @@ async fn server_batches_torchscript_next_to_its_onnx_twin() {
         "{metrics}"
     );
     if shoal::gpu::discover().is_empty() {
-        assert!(
-            metrics.lines().any(|l| l == "shoal_gpu_count 0"),
-            "{metrics}"
-        );
+        assert!(metrics.lines().any(|l| l == "shoal_gpus 0"), "{metrics}");
     }
     assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn exporter_traces_the_onnx_weights_and_refuses_foreign_files() {
+    use shoal::backend::torch_export::export;
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = model_repository().join("ffnn/2/model.onnx");
+    let pt = dir.path().join("v2/model.pt");
+    export("ffnn", &onnx, &pt).unwrap();
+    let mut torch = TorchBackend::load(&pt, ffnn_signature(), Placement::Cpu, 1).unwrap();
+    let input = ffnn_input(3, 2);
+    let got = run(&mut torch, vec![3, 784], vec![bytemuck::cast_slice(&input)]);
+    assert_close(&got, &reference_ffnn(2, &input), 1e-5);
+
+    let err = export("resnet50", &onnx, &dir.path().join("r.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("conv1.weight") && err.contains("not a resnet50"),
+        "{err}"
+    );
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"\xff\xff\xff not protobuf").unwrap();
+    let err = export("ffnn", &junk, &dir.path().join("j.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an ONNX model"), "{err}");
+    let err = export("vgg", &onnx, &dir.path().join("v.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown architecture"), "{err}");
+    assert!(!dir.path().join("r.pt").exists() && !dir.path().join("v.pt").exists());
 }

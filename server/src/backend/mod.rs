@@ -8,6 +8,8 @@ pub mod mock;
 pub mod ort;
 #[cfg(feature = "torch")]
 pub mod torch;
+#[cfg(feature = "torch")]
+pub mod torch_export;
 
 use crate::tensor::DataType;
 use bytes::Bytes;

@@ -179,6 +179,10 @@ pub fn factory_for(
             }
             r => r,
         }?;
+        metrics::describe_gauge!(
+            "shoal_replica_execution_provider",
+            "1 for the execution provider and device that run each replica"
+        );
         metrics::gauge!(
             "shoal_replica_execution_provider",
             "model" => model.clone(),
