@@ -19,6 +19,8 @@ SHOAL_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/shoal" "$SHOAL_HOME/venv/bin/p
 (
   . "$SHOAL_HOME/torch/env.sh"
   export CARGO_TARGET_DIR="${SHOAL_TORCH_TARGET:-$SHOAL_HOME/torch/target}"
-  cargo clippy -p shoal --features torch --all-targets -- -D warnings
+  cargo clippy -p shoal -p shoal-loadgen --features shoal-loadgen/torch --all-targets -- -D warnings
+  # Builds the torch-enabled `shoal` that loadgen's external mode starts.
   cargo test -p shoal --features torch --lib --test torch
+  cargo test -p shoal-loadgen --features torch --test torch
 )
