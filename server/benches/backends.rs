@@ -165,19 +165,27 @@ fn gpu_memory() -> String {
         .join(", ")
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn measure_pair(
-    m: &Model,
+/// One model served by one backend, both in-process and by its own server, alive for the whole model's cells so
+/// that the cells can be interleaved.
+struct Contestant {
     backend: &'static str,
-    repo: &Path,
-    batches: &[usize],
-    warmup: usize,
-    measure: Duration,
-    cells: &mut Vec<Cell>,
-) -> Result<(), String> {
+    name: String,
+    engine: Engine,
+    server: shoal::launch::Launched,
+    channel: tonic::transport::Channel,
+    provider_in: String,
+    provider_srv: String,
+    _repo: tempfile::TempDir,
+}
+
+async fn start(
+    backend: &'static str,
+    m: &Model,
+    repo: tempfile::TempDir,
+) -> Result<Contestant, String> {
     let name = format!("{}_{backend}", m.name);
     let engine = {
-        let repo = repo.to_path_buf();
+        let repo = repo.path().to_path_buf();
         tokio::task::spawn_blocking(move || Engine::load(&repo, &EngineOptions::default()))
             .await
             .unwrap()
@@ -196,7 +204,7 @@ async fn measure_pair(
     // SHOAL_BIN: the server binary when this bench runs away from its build tree (scripts/gpu_bench.sh).
     let bin =
         std::env::var("SHOAL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shoal").to_string());
-    let server = shoal::launch::Launched::start(Path::new(&bin), repo, &[], "warn")
+    let server = shoal::launch::Launched::start(Path::new(&bin), repo.path(), &[], "warn")
         .map_err(|e| format!("server: {e}"))?;
     let md: serde_json::Value = reqwest::get(format!("{}/v2/models/{name}", server.http))
         .await
@@ -218,70 +226,115 @@ async fn measure_pair(
         .connect()
         .await
         .map_err(|e| e.to_string())?;
-    for &batch in batches {
-        let (shape, data) = input(m.dims, batch);
-        let tensor = Tensor {
-            name: "input".into(),
-            datatype: DataType::Fp32,
-            shape: shape.clone(),
-            data: data.clone(),
-        };
-        let (hist, requests, errors, elapsed) = closed_loop(warmup, measure, || {
-            let engine = engine.clone();
-            let req = InferRequest {
-                model: name.clone(),
-                inputs: vec![tensor.clone()],
-                ..Default::default()
-            };
-            async move { engine.infer(req).await.is_ok() }
-        })
-        .await;
-        cells.push(Cell {
-            model: m.name.into(),
-            backend,
-            batch,
-            path: "in-process",
-            provider: provider_in.clone(),
-            requests,
-            errors,
-            elapsed,
-            hist,
-        });
+    Ok(Contestant {
+        backend,
+        name,
+        engine,
+        server,
+        channel,
+        provider_in,
+        provider_srv,
+        _repo: repo,
+    })
+}
+
+/// One closed-loop slice of `measure` against a contestant, in-process or through its server.
+async fn slice(
+    c: &Contestant,
+    server: bool,
+    shape: &[i64],
+    data: &Bytes,
+    warmup: usize,
+    measure: Duration,
+) -> (Histogram<u64>, u64, u64, Duration) {
+    if server {
         let req = pb::ModelInferRequest {
-            model_name: name.clone(),
+            model_name: c.name.clone(),
             inputs: vec![pb::model_infer_request::InferInputTensor {
                 name: "input".into(),
                 datatype: "FP32".into(),
-                shape,
+                shape: shape.to_vec(),
                 ..Default::default()
             }],
-            raw_input_contents: vec![data],
+            raw_input_contents: vec![data.clone()],
             ..Default::default()
         };
-        let (hist, requests, errors, elapsed) = closed_loop(warmup, measure, || {
-            let mut client = GrpcInferenceServiceClient::new(channel.clone())
+        closed_loop(warmup, measure, || {
+            let mut client = GrpcInferenceServiceClient::new(c.channel.clone())
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20);
             let req = req.clone();
             async move { client.model_infer(req).await.is_ok() }
         })
-        .await;
-        cells.push(Cell {
-            model: m.name.into(),
-            backend,
-            batch,
-            path: "server gRPC",
-            provider: provider_srv.clone(),
-            requests,
-            errors,
-            elapsed,
-            hist,
-        });
+        .await
+    } else {
+        let tensor = Tensor {
+            name: "input".into(),
+            datatype: DataType::Fp32,
+            shape: shape.to_vec(),
+            data: data.clone(),
+        };
+        closed_loop(warmup, measure, || {
+            let engine = c.engine.clone();
+            let req = InferRequest {
+                model: c.name.clone(),
+                inputs: vec![tensor.clone()],
+                ..Default::default()
+            };
+            async move { engine.infer(req).await.is_ok() }
+        })
+        .await
     }
-    server.sigterm();
-    drop(server);
-    engine.shutdown();
-    Ok(())
+}
+
+/// Every (backend, path) cell of one model and batch, measured in `rounds` interleaved slices so that a noisy
+/// neighbour weighs on all cells alike.
+async fn measure_batch(
+    m: &Model,
+    contestants: &[Contestant],
+    batch: usize,
+    warmup: usize,
+    measure: Duration,
+    rounds: u32,
+    cells: &mut Vec<Cell>,
+) {
+    let (shape, data) = input(m.dims, batch);
+    let first = cells.len();
+    for c in contestants {
+        for server in [false, true] {
+            slice(c, server, &shape, &data, warmup, Duration::ZERO).await;
+            cells.push(Cell {
+                model: m.name.into(),
+                backend: c.backend,
+                batch,
+                path: if server { "server gRPC" } else { "in-process" },
+                provider: if server {
+                    c.provider_srv.clone()
+                } else {
+                    c.provider_in.clone()
+                },
+                requests: 0,
+                errors: 0,
+                elapsed: Duration::ZERO,
+                hist: Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap(),
+            });
+        }
+    }
+    for _ in 0..rounds {
+        let mut k = first;
+        for c in contestants {
+            for server in [false, true] {
+                let (hist, ok, err, elapsed) =
+                    slice(c, server, &shape, &data, 0, measure / rounds).await;
+                let cell = &mut cells[k];
+                cell.hist.add(hist).unwrap();
+                cell.requests += ok;
+                cell.errors += err;
+                cell.elapsed += elapsed;
+                k += 1;
+            }
+        }
+    }
 }
 
 fn main() {
@@ -323,25 +376,25 @@ fn main() {
         for m in MODELS.iter().filter(|m| models.iter().any(|n| n == m.name)) {
             let batches = batches.clone().unwrap_or_else(|| m.cpu_batches.to_vec());
             let warmup = if m.name == "ffnn" { 50 } else { 3 };
+            let mut contestants = Vec::new();
             for backend in ["onnx", "torch"] {
                 if !backends.iter().any(|b| b == backend) {
                     continue;
                 }
                 let repo = repo_for(&src, m, backend, &device, threads);
-                if let Err(e) = measure_pair(
-                    m,
-                    backend,
-                    repo.path(),
-                    &batches,
-                    warmup,
-                    measure,
-                    &mut cells,
-                )
-                .await
-                {
-                    println!("skipped {} {backend} on {device}: {e}", m.name);
+                match start(backend, m, repo).await {
+                    Ok(c) => contestants.push(c),
+                    Err(e) => println!("skipped {} {backend} on {device}: {e}", m.name),
                 }
-                println!("GPU memory after {} {backend}: {}", m.name, gpu_memory());
+            }
+            println!("GPU memory with {} loaded: {}", m.name, gpu_memory());
+            for &batch in &batches {
+                measure_batch(m, &contestants, batch, warmup, measure, 5, &mut cells).await;
+            }
+            println!("GPU memory after {} ran: {}", m.name, gpu_memory());
+            for c in contestants {
+                c.server.sigterm();
+                c.engine.shutdown();
             }
         }
     });

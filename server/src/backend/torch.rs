@@ -79,6 +79,9 @@ pub struct TorchBackend {
     device: Device,
     provider: String,
     threads: i32,
+    /// GPU replicas: a pinned host buffer, reused across batches, that each input is assembled in before its one
+    /// copy to the device (a pageable buffer would be copied once more by the driver, through its own staging).
+    staging: Option<Tensor>,
 }
 
 impl std::fmt::Debug for TorchBackend {
@@ -133,11 +136,36 @@ impl TorchBackend {
             device,
             provider,
             threads,
+            staging: None,
         })
     }
 
-    /// Builds the batch tensor of one input: the parts are copied once, straight into the tensor's storage.
-    fn input_tensor(&self, input: &BatchInput<'_>, kind: Kind) -> Result<Tensor, BackendError> {
+    /// The host tensor an input of `bytes` bytes is assembled in: a fresh CPU tensor for a CPU replica (libtorch
+    /// then reads it in place), a view of the pinned staging buffer for a GPU one.
+    fn host_tensor(&mut self, shape: &[i64], kind: Kind, bytes: usize) -> Tensor {
+        let Device::Cuda(_) = self.device else {
+            return Tensor::empty(shape, (kind, Device::Cpu));
+        };
+        if bytes == 0 {
+            return Tensor::empty(shape, (kind, Device::Cpu));
+        }
+        let capacity = self.staging.as_ref().map_or(0, |t| t.numel());
+        if capacity < bytes {
+            let grown = bytes.next_power_of_two() as i64;
+            self.staging =
+                Some(Tensor::empty([grown], (Kind::Uint8, Device::Cpu)).pin_memory(self.device));
+        }
+        let staging = self.staging.as_ref().expect("allocated above");
+        staging
+            .narrow(0, 0, bytes as i64)
+            .view_dtype(kind)
+            .reshape(shape)
+    }
+
+    /// Builds the batch tensor of one input: the parts are copied once, straight into the tensor's storage (on a
+    /// GPU, into pinned memory, then once to the device; the copy is synchronous, so the staging buffer is free for
+    /// the next input when this returns).
+    fn input_tensor(&mut self, input: &BatchInput<'_>, kind: Kind) -> Result<Tensor, BackendError> {
         let size = input.datatype.size().unwrap_or(1);
         let elements = crate::tensor::element_count(&input.shape).ok_or_else(|| {
             BackendError::Run(format!(
@@ -152,9 +180,10 @@ impl TorchBackend {
                 input.name, input.shape, input.datatype
             )));
         }
-        let tensor = Tensor::empty(input.shape.as_slice(), (kind, Device::Cpu));
+        let tensor = self.host_tensor(&input.shape, kind, total);
         if total > 0 {
-            // SAFETY: `tensor` is a fresh contiguous CPU tensor of exactly `total` bytes that nothing else aliases.
+            // SAFETY: `tensor` is a contiguous CPU tensor of exactly `total` bytes (fresh, or the front of the staging
+            // buffer, which no other tensor uses until this input reached the device).
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, total) };
             let mut at = 0;
@@ -169,8 +198,7 @@ impl TorchBackend {
         }
         Ok(match self.device {
             Device::Cpu => tensor,
-            // Pinned staging lets the copy to the device run as one DMA instead of through a bounce buffer.
-            d => tensor.pin_memory(d).to_device(d),
+            d => tensor.to_device(d),
         })
     }
 
@@ -257,7 +285,8 @@ impl Backend for TorchBackend {
         // and setting them again is cheap insurance against a library that reset them.
         tch::set_num_threads(self.threads);
         let mut args = Vec::with_capacity(self.signature.inputs.len());
-        for spec in &self.signature.inputs {
+        for i in 0..self.signature.inputs.len() {
+            let spec = self.signature.inputs[i].clone();
             let input = inputs
                 .iter()
                 .find(|i| i.name == spec.name)
