@@ -7,7 +7,7 @@
 //!
 //! Knobs (environment): `SHOAL_BENCH_DEVICE` (`cpu`; e.g. `cuda:0`), `SHOAL_BENCH_MODELS` (`ffnn,resnet50`),
 //! `SHOAL_BENCH_BATCHES` (rows per request; default 1,32 for FFNN and 1,4 for ResNet50 on the CPU),
-//! `SHOAL_BENCH_THREADS` (intra-op threads of both backends, default 2), `SHOAL_BENCH_BACKENDS` (`onnx,torch`),
+//! `SHOAL_BENCH_THREADS` (intra-op threads of both backends, default 1), `SHOAL_BENCH_BACKENDS` (`onnx,torch`),
 //! `SHOAL_BENCH_REPO` (where `<model>/1/model.onnx` live; `<model>_torch/1/model.pt` is traced there if missing).
 //! A backend that cannot load on the device (say ONNX Runtime without its CUDA provider) is reported and skipped.
 
@@ -350,7 +350,7 @@ fn main() {
     let threads: usize = std::env::var("SHOAL_BENCH_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(1);
     let models =
         env_list("SHOAL_BENCH_MODELS").unwrap_or_else(|| vec!["ffnn".into(), "resnet50".into()]);
     let backends =

@@ -119,6 +119,11 @@ impl TorchBackend {
                 )));
             }
         }
+        // The profiling executor re-profiles and recompiles (TensorExpr fusion, seconds for ResNet50) whenever it
+        // meets a new input shape, and dynamic batching makes a new batch size a routine event: serve with the
+        // simple executor, whose latency does not depend on which shapes came before. Process-wide, set once.
+        static EXECUTOR: std::sync::Once = std::sync::Once::new();
+        EXECUTOR.call_once(|| tch::jit::set_profiling_mode(false));
         let device = device_for(placement)?;
         let threads = i32::try_from(intra_op_threads.max(1)).unwrap_or(i32::MAX);
         tch::set_num_threads(threads);
