@@ -317,6 +317,11 @@ pub struct CompareOpts {
     /// Seconds per probe of the sustainable-throughput search.
     #[arg(long, env = "LOADGEN_PROBE_SECONDS", default_value_t = 3.0)]
     pub probe_seconds: f64,
+    /// More models run through the same modes after `--model`, each row
+    /// labelled with its model: e.g. `ffnn_torch` for the TorchScript row
+    /// next to ONNX `ffnn` (build with `--features torch`).
+    #[arg(long, env = "LOADGEN_ALSO_MODELS", value_delimiter = ',')]
+    pub also_models: Vec<String>,
 }
 
 impl RunOpts {

@@ -183,11 +183,28 @@ async fn main() -> anyhow::Result<()> {
                 )?)),
                 None => None,
             };
-            for &mode in &o.modes {
-                let setup = scorer_for(mode, &o.model).await?;
+            let models: Vec<String> = std::iter::once(o.model.model.clone())
+                .chain(o.also_models.iter().cloned())
+                .collect();
+            let label = |mode: shoal_loadgen::Mode, model: &str| {
+                if o.also_models.is_empty() {
+                    mode.as_str().to_string()
+                } else {
+                    format!("{} {model}", mode.as_str())
+                }
+            };
+            for (model, &mode) in models
+                .iter()
+                .flat_map(|m| o.modes.iter().map(move |mode| (m, mode)))
+            {
+                let opts = shoal_loadgen::ModelOpts {
+                    model: model.clone(),
+                    ..o.model.clone()
+                };
+                let setup = scorer_for(mode, &opts).await?;
                 for &mp in &o.mp {
                     let mut base = experiment(
-                        &o.model,
+                        &opts,
                         mp,
                         o.probe_seconds,
                         shoal_loadgen::pipeline::Load::Closed,
@@ -197,12 +214,12 @@ async fn main() -> anyhow::Result<()> {
                         &base,
                         &setup.scorer,
                         &sustain::Search::default(),
-                        &o.model.transport(),
+                        &opts.transport(),
                     )
                     .await?;
                     eprintln!(
                         "{} mp={mp}: sustainable {:.0} ev/s after {} probes",
-                        mode.as_str(),
+                        label(mode, model),
                         found.rate,
                         found.probes.len()
                     );
@@ -214,7 +231,8 @@ async fn main() -> anyhow::Result<()> {
                     if let (Some(dir), Some(run), Some(s)) =
                         (&o.model.out, &found.run, &found.at_rate)
                     {
-                        let sub = dir.join(format!("{}-mp{mp}", mode.as_str()));
+                        let sub =
+                            dir.join(format!("{}-mp{mp}", label(mode, model).replace(' ', "-")));
                         std::fs::create_dir_all(&sub)?;
                         let json = serde_json::json!({"summary": s, "bursts": []});
                         std::fs::write(sub.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
@@ -226,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                     rows.push(report::CompareRow {
-                        mode: mode.as_str().to_string(),
+                        mode: label(mode, model),
                         mp,
                         sustainable_rate: found.rate,
                         summary: found.at_rate,

@@ -6,6 +6,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod engine;
+pub mod gpu;
 pub mod launch;
 pub mod listen;
 pub mod server;

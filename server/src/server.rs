@@ -92,6 +92,7 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, S
 /// Loads the repository, serves until `shutdown` resolves, then drains.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let prom = admin::install_recorder().map_err(ServeError::Metrics)?;
+    crate::gpu::spawn_metrics(std::time::Duration::from_secs(5));
     let options = EngineOptions {
         ort_library: args.ort_library.clone(),
     };

@@ -92,12 +92,20 @@ async fn model_metadata(
             .map(|t| j!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
             .collect::<Vec<_>>()
     };
+    // Beyond KServe's fields: which execution provider and device runs each
+    // replica, in replica order (clients ignore unknown fields).
+    let providers: Vec<&str> = mv
+        .replicas
+        .iter()
+        .map(|r| r.execution_provider.as_str())
+        .collect();
     Ok(Json(j!({
         "name": md.name,
         "versions": md.versions,
         "platform": md.platform,
         "inputs": tensors(&md.inputs),
         "outputs": tensors(&md.outputs),
+        "execution_providers": providers,
     })))
 }
 

@@ -51,7 +51,11 @@ pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
     pb::ModelConfig {
         name: cfg.name.clone(),
         platform: cfg.platform.clone(),
-        backend: "onnxruntime".into(),
+        backend: if cfg.platform == crate::engine::repository::TORCH_PLATFORM {
+            "pytorch".into()
+        } else {
+            "onnxruntime".into()
+        },
         version_policy: Some(pb::ModelVersionPolicy {
             policy_choice: Some(pb::model_version_policy::PolicyChoice::All(
                 pb::model_version_policy::All {},

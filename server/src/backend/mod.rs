@@ -6,6 +6,10 @@
 
 pub mod mock;
 pub mod ort;
+#[cfg(feature = "torch")]
+pub mod torch;
+#[cfg(feature = "torch")]
+pub mod torch_export;
 
 use crate::tensor::DataType;
 use bytes::Bytes;
@@ -53,6 +57,8 @@ pub struct BatchOutput {
 pub struct BackendOptions {
     pub intra_op_threads: usize,
     pub inter_op_threads: usize,
+    /// The device of this replica.
+    pub placement: crate::gpu::Placement,
 }
 
 impl Default for BackendOptions {
@@ -60,6 +66,7 @@ impl Default for BackendOptions {
         Self {
             intra_op_threads: 1,
             inter_op_threads: 1,
+            placement: crate::gpu::Placement::Cpu,
         }
     }
 }
@@ -114,4 +121,9 @@ pub fn concat_parts(parts: &[&[u8]]) -> Vec<u8> {
 /// True for files this backend family can serve.
 pub fn is_onnx(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "onnx")
+}
+
+/// True for TorchScript files (`model.pt`).
+pub fn is_torchscript(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "pt")
 }

@@ -1,4 +1,5 @@
-//! ONNX Runtime backend: loads `libonnxruntime.so` at run time and runs batches through one CPU session per replica.
+//! ONNX Runtime backend: loads `libonnxruntime.so` at run time and runs batches through one session per replica, on
+//! the CPU or, with a `cuda:N` placement, on the CUDA execution provider (TensorRT first where the library has it).
 //!
 //! The runtime is loaded dynamically (`ort`'s `load-dynamic` feature) so the binary builds and starts without
 //! ONNX Runtime installed; [`init_runtime`] finds the library, loads it once per process and commits the single
@@ -8,6 +9,7 @@
 use super::{
     Backend, BackendError, BackendOptions, BatchInput, BatchOutput, Signature, TensorSpec,
 };
+use crate::gpu::Placement;
 use crate::tensor::{self, DataType};
 use bytes::Bytes;
 use ort::{
@@ -34,6 +36,8 @@ pub const ORT_HINT: &str =
 const LIB_NAME: &str = "libonnxruntime.so";
 const PREFERRED_LIB: &str = "libonnxruntime.so.1.31.1";
 const EXECUTION_PROVIDER: &str = "CPUExecutionProvider";
+const CUDA_PROVIDER: &str = "CUDAExecutionProvider";
+const TENSORRT_PROVIDER: &str = "TensorrtExecutionProvider";
 
 /// Where to look for `libonnxruntime.so`, in search order. Kept apart from the process environment so the search
 /// order can be tested without touching global state (the runtime itself can only be loaded once per process).
@@ -257,19 +261,61 @@ fn environment() -> Result<&'static Environment, BackendError> {
     })
 }
 
-/// One ONNX Runtime session on the CPU execution provider, owned by one replica.
+/// Registers the execution providers of `placement` and returns what took. ONNX Runtime falls back to the CPU
+/// silently when a provider fails to register, so each is registered alone and its result checked: a GPU placement
+/// whose CUDA provider does not take is an error, never a CPU session in disguise.
+fn register_providers(
+    builder: &mut ort::session::builder::SessionBuilder,
+    placement: Placement,
+) -> Result<String, String> {
+    use ort::ep::ExecutionProvider;
+    let Placement::Cuda(n) = placement else {
+        ort::ep::CPU::default()
+            .register(builder)
+            .map_err(|e| format!("cannot register {EXECUTION_PROVIDER}: {e}"))?;
+        return Ok(EXECUTION_PROVIDER.to_string());
+    };
+    let device = i32::try_from(n).map_err(|_| format!("device cuda:{n} out of range"))?;
+    let cuda = ort::ep::CUDA::default().with_device_id(device);
+    if !ort::ep::CUDA::is_available().unwrap_or(false) {
+        return Err(format!(
+            "device cuda:{n} requested, but this ONNX Runtime has no {CUDA_PROVIDER} (the onnxruntime wheel is \
+             CPU-only: point ORT_DYLIB_PATH at libonnxruntime.so from onnxruntime-gpu)"
+        ));
+    }
+    let mut took = Vec::new();
+    if ort::ep::TensorRT::is_available().unwrap_or(false) {
+        // TensorRT is a bonus where its libraries are present; CUDA below is what the placement needs.
+        match ort::ep::TensorRT::default()
+            .with_device_id(device)
+            .register(builder)
+        {
+            Ok(()) => took.push(TENSORRT_PROVIDER),
+            Err(e) => tracing::info!(error = %e, "TensorRT execution provider not used"),
+        }
+    }
+    cuda.register(builder)
+        .map_err(|e| format!("device cuda:{n}: {CUDA_PROVIDER} did not register: {e}"))?;
+    took.push(CUDA_PROVIDER);
+    Ok(format!("{}:cuda:{n}", took.join(",")))
+}
+
+/// One ONNX Runtime session, owned by one replica.
 pub struct OrtBackend {
     session: Session,
     signature: Signature,
     /// ONNX Runtime's default CPU allocator, which input tensors are built in.
     allocator: Allocator,
+    /// The providers that registered, most preferred first, and the device (e.g.
+    /// `CUDAExecutionProvider:cuda:0`); nodes a GPU provider cannot take still run on the CPU provider.
+    provider: String,
 }
 
 impl fmt::Debug for OrtBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OrtBackend")
             .field("signature", &self.signature)
-            .field("execution_provider", &EXECUTION_PROVIDER)
+            .field("execution_provider", &self.provider)
             .finish_non_exhaustive()
     }
 }
@@ -286,10 +332,9 @@ impl OrtBackend {
             return Err(load_err("file not found".into()));
         }
         let err = |e: &dyn fmt::Display| load_err(e.to_string());
-        let session = Session::builder(env)
-            .map_err(|e| err(&e))?
-            .with_execution_providers([ort::ep::CPU::default().build()])
-            .map_err(|e| err(&e))?
+        let mut builder = Session::builder(env).map_err(|e| err(&e))?;
+        let provider = register_providers(&mut builder, opts.placement).map_err(load_err)?;
+        let session = builder
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| err(&e))?
             .with_intra_threads(opts.intra_op_threads)
@@ -302,10 +347,12 @@ impl OrtBackend {
             inputs: specs(session.inputs(), "input").map_err(load_err)?,
             outputs: specs(session.outputs(), "output").map_err(load_err)?,
         };
+        tracing::info!(path = %path.display(), provider, "loaded ONNX model");
         Ok(OrtBackend {
             session,
             signature,
             allocator: Allocator::default(),
+            provider,
         })
     }
 
@@ -425,7 +472,7 @@ impl Backend for OrtBackend {
     }
 
     fn execution_provider(&self) -> &str {
-        EXECUTION_PROVIDER
+        &self.provider
     }
 
     fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<BatchOutput>, BackendError> {

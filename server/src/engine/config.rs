@@ -13,8 +13,13 @@ pub const DEFAULT_MAX_QUEUE_SIZE: usize = 1024;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfigFile {
-    /// `onnxruntime_onnx` (the default for `model.onnx`).
+    /// `onnxruntime_onnx` (the default for `model.onnx`) or `pytorch_libtorch`
+    /// (the default for `model.pt`, with the `torch` feature).
     pub platform: Option<String>,
+    /// Where the replicas run: `"cpu"` (default), `"cuda"` (every GPU),
+    /// `"cuda:N"`, `"auto"` (every GPU, else the CPU), or a list of these;
+    /// replica `i` takes entry `i` of the expanded list, cyclically.
+    pub device: Option<DeviceFile>,
     /// 0: the model takes no batch dimension. >0: dim 0 is the batch
     /// dimension, `dims` exclude it and a request may carry up to this many rows.
     #[serde(default)]
@@ -52,6 +57,30 @@ pub struct ModelConfigFile {
     #[serde(default)]
     pub sequence_state: Vec<SequenceStateFile>,
     pub window: Option<WindowFile>,
+}
+
+/// `device = "cuda"` or `device = ["cuda:0", "cpu"]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum DeviceFile {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl DeviceFile {
+    /// The entries, parsed.
+    pub fn specs(&self) -> Result<Vec<crate::gpu::DeviceSpec>, String> {
+        let all: &[String] = match self {
+            DeviceFile::One(s) => std::slice::from_ref(s),
+            DeviceFile::Many(v) => v,
+        };
+        if all.is_empty() {
+            return Err("device list is empty".into());
+        }
+        all.iter()
+            .map(|s| crate::gpu::DeviceSpec::parse(s))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

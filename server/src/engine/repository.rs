@@ -1,12 +1,16 @@
 //! Scans a model repository directory: `<repo>/<model>/config.toml` and
-//! numeric version directories holding the model file.
+//! numeric version directories holding the model file (`model.onnx`, or
+//! `model.pt` for TorchScript), and builds each model's backend factory,
+//! placing its replicas on the devices its config asks for.
 
 use super::config::ModelConfigFile;
 use super::model::LoadError;
 use super::EngineOptions;
-use crate::backend::{BackendError, BackendFactory, BackendOptions};
+use crate::backend::{Backend, BackendError, BackendFactory, BackendOptions};
+use crate::gpu::{DeviceSpec, Placement};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -63,6 +67,15 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
     } else {
         (ModelConfigFile::default(), String::new())
     };
+    if !cfg!(feature = "torch") && config.platform.as_deref() == Some(TORCH_PLATFORM) {
+        // One repository serves both builds; a build without libtorch
+        // leaves its TorchScript models out rather than refusing to start.
+        tracing::warn!(
+            model = %name,
+            "skipping a {TORCH_PLATFORM} model: this build lacks the `torch` feature"
+        );
+        return Ok(Vec::new());
+    }
     let mut versions: Vec<(u64, PathBuf)> = std::fs::read_dir(&mdir)
         .map_err(|e| repo_err(&mdir, format!("cannot read: {e}")))?
         .filter_map(|e| e.ok())
@@ -81,17 +94,21 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
         let path = model_file(&vdir).ok_or_else(|| {
             repo_err(
                 &vdir,
-                "no model file (model.onnx); run scripts/setup.sh to generate the reference models",
+                "no model file (model.onnx or model.pt); run scripts/setup.sh to generate the reference models",
             )
         })?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         text.hash(&mut h);
         file_stamp(&path).hash(&mut h);
+        let mut config = config.clone();
+        if config.platform.is_none() && crate::backend::is_torchscript(&path) {
+            config.platform = Some(TORCH_PLATFORM.to_string());
+        }
         out.push(Entry {
             name: name.to_string(),
             version,
             path,
-            config: config.clone(),
+            config,
             stamp: h.finish(),
         });
     }
@@ -117,6 +134,7 @@ pub fn fingerprint(repo: &Path, name: &str) -> u64 {
     for (n, p) in dirs {
         n.hash(&mut h);
         file_stamp(&p.join("model.onnx")).hash(&mut h);
+        file_stamp(&p.join("model.pt")).hash(&mut h);
     }
     h.finish()
 }
@@ -127,9 +145,32 @@ fn file_stamp(path: &Path) -> Option<(u64, Option<SystemTime>)> {
     Some((m.len(), m.modified().ok()))
 }
 
+/// Triton's platform name for TorchScript models.
+pub const TORCH_PLATFORM: &str = "pytorch_libtorch";
+const ONNX_PLATFORM: &str = "onnxruntime_onnx";
+
 fn model_file(vdir: &Path) -> Option<PathBuf> {
-    let p = vdir.join("model.onnx");
-    p.is_file().then_some(p)
+    ["model.onnx", "model.pt"]
+        .iter()
+        .map(|f| vdir.join(f))
+        .find(|p| p.is_file())
+}
+
+/// One placement per replica slot, from the config's `device` (default
+/// `cpu`); replica `i` takes slot `i % len`. Also says whether the list came
+/// from `auto`, whose GPU replicas may fall back to the CPU.
+pub fn placements(config: &ModelConfigFile) -> Result<(Vec<Placement>, bool), String> {
+    let specs = match &config.device {
+        None => return Ok((vec![Placement::Cpu], false)),
+        Some(d) => d.specs()?,
+    };
+    let auto = specs.iter().all(|s| *s == DeviceSpec::Auto);
+    let gpus = if specs.iter().all(|s| *s == DeviceSpec::Cpu) {
+        Vec::new()
+    } else {
+        crate::gpu::discover()
+    };
+    Ok((crate::gpu::expand(&specs, &gpus)?, auto))
 }
 
 /// The backend factory for a model file.
@@ -137,27 +178,223 @@ pub fn factory_for(
     entry: &Entry,
     options: &EngineOptions,
 ) -> Result<Arc<dyn BackendFactory>, BackendError> {
-    let platform = entry
-        .config
-        .platform
-        .as_deref()
-        .unwrap_or("onnxruntime_onnx");
-    if platform != "onnxruntime_onnx" || !crate::backend::is_onnx(&entry.path) {
-        return Err(BackendError::Load {
-            path: entry.path.display().to_string(),
-            reason: format!(
-                "platform {platform:?} is not supported (this build serves onnxruntime_onnx)"
-            ),
-        });
-    }
-    crate::backend::ort::init_runtime(options.ort_library.as_deref())?;
-    let path = entry.path.clone();
-    let opts = BackendOptions {
+    let load_err = |reason: String| BackendError::Load {
+        path: entry.path.display().to_string(),
+        reason,
+    };
+    let platform = entry.config.platform.as_deref().unwrap_or(ONNX_PLATFORM);
+    let (slots, auto) = placements(&entry.config).map_err(load_err)?;
+    let base = BackendOptions {
         intra_op_threads: entry.config.intra_op_threads.unwrap_or(1),
         inter_op_threads: entry.config.inter_op_threads.unwrap_or(1),
+        placement: Placement::Cpu,
     };
+    let path = entry.path.clone();
+    let load: Loader =
+        match platform {
+            ONNX_PLATFORM if crate::backend::is_onnx(&path) => {
+                crate::backend::ort::init_runtime(options.ort_library.as_deref())?;
+                Arc::new(move |o: &BackendOptions| {
+                    crate::backend::ort::OrtBackend::load(&path, o).map(|b| Box::new(b) as Box<dyn Backend>)
+                })
+            }
+            TORCH_PLATFORM if crate::backend::is_torchscript(&path) => torch_loader(entry)?,
+            _ => {
+                return Err(load_err(format!(
+                    "platform {platform:?} with file {} is not supported (this build serves {ONNX_PLATFORM} \
+                     with model.onnx{})",
+                    path.file_name().unwrap_or_default().to_string_lossy(),
+                    if cfg!(feature = "torch") {
+                        format!(" and {TORCH_PLATFORM} with model.pt")
+                    } else {
+                        String::new()
+                    }
+                )))
+            }
+        };
+    // Replicas are created one after another, in id order, so a counter
+    // gives each its slot without the engine passing ids to backends.
+    let next = AtomicUsize::new(0);
+    let (model, version) = (entry.name.clone(), entry.version.to_string());
     Ok(Arc::new(move || {
-        crate::backend::ort::OrtBackend::load(&path, &opts)
-            .map(|b| Box::new(b) as Box<dyn crate::backend::Backend>)
+        let slot = next.fetch_add(1, Ordering::Relaxed);
+        let mut opts = base.clone();
+        opts.placement = slots[slot % slots.len()];
+        let backend = match load(&opts) {
+            Err(e) if auto && opts.placement != Placement::Cpu => {
+                tracing::warn!(model, placement = %opts.placement, error = %e, "device = \"auto\": this replica falls back to the CPU");
+                opts.placement = Placement::Cpu;
+                load(&opts)
+            }
+            r => r,
+        }?;
+        metrics::describe_gauge!(
+            "shoal_replica_execution_provider",
+            "1 for the execution provider and device that run each replica"
+        );
+        metrics::gauge!(
+            "shoal_replica_execution_provider",
+            "model" => model.clone(),
+            "version" => version.clone(),
+            "replica" => slot.to_string(),
+            "provider" => backend.execution_provider().to_string(),
+            "device" => opts.placement.to_string(),
+        )
+        .set(1.0);
+        Ok(backend)
     }))
+}
+
+type Loader = Arc<dyn Fn(&BackendOptions) -> Result<Box<dyn Backend>, BackendError> + Send + Sync>;
+
+/// TorchScript carries no typed signature: it is the config's, with the
+/// batch dimension in front when the model batches.
+#[cfg(feature = "torch")]
+fn torch_loader(entry: &Entry) -> Result<Loader, BackendError> {
+    let cfg = &entry.config;
+    let spec = |io: &super::config::IoFile| -> Result<crate::backend::TensorSpec, BackendError> {
+        let datatype =
+            crate::tensor::DataType::parse(&io.datatype).ok_or_else(|| BackendError::Load {
+                path: entry.path.display().to_string(),
+                reason: format!("{}: unknown datatype {:?}", io.name, io.datatype),
+            })?;
+        let mut shape = io.dims.clone();
+        if cfg.max_batch_size > 0 {
+            shape.insert(0, -1);
+        }
+        Ok(crate::backend::TensorSpec {
+            name: io.name.clone(),
+            datatype,
+            shape,
+        })
+    };
+    let signature = crate::backend::Signature {
+        inputs: cfg.input.iter().map(spec).collect::<Result<_, _>>()?,
+        outputs: cfg.output.iter().map(spec).collect::<Result<_, _>>()?,
+    };
+    let path = entry.path.clone();
+    Ok(Arc::new(move |o: &BackendOptions| {
+        crate::backend::torch::TorchBackend::load(
+            &path,
+            signature.clone(),
+            o.placement,
+            o.intra_op_threads,
+        )
+        .map(|b| Box::new(b) as Box<dyn Backend>)
+    }))
+}
+
+#[cfg(not(feature = "torch"))]
+fn torch_loader(entry: &Entry) -> Result<Loader, BackendError> {
+    Err(BackendError::Load {
+        path: entry.path.display().to_string(),
+        reason: format!("{TORCH_PLATFORM} needs shoal built with the `torch` feature"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::config::DeviceFile;
+
+    fn ffnn_entry(device: Option<DeviceFile>) -> Entry {
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model_repository/ffnn/1/model.onnx");
+        assert!(path.is_file(), "{}: run scripts/setup.sh", path.display());
+        Entry {
+            name: "ffnn".into(),
+            version: 1,
+            path,
+            config: ModelConfigFile {
+                device,
+                ..ModelConfigFile::default()
+            },
+        }
+    }
+
+    fn providers(entry: &Entry, replicas: usize) -> Result<Vec<String>, String> {
+        let f = factory_for(entry, &EngineOptions::default()).map_err(|e| e.to_string())?;
+        (0..replicas)
+            .map(|_| {
+                f.create()
+                    .map(|b| b.execution_provider().to_string())
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn onnx_placement_cpu_by_default_auto_falls_back_cuda_fails_clearly() {
+        assert_eq!(
+            providers(&ffnn_entry(None), 1).unwrap(),
+            ["CPUExecutionProvider"]
+        );
+        if !crate::gpu::discover().is_empty() {
+            return; // the rest is about a machine without a GPU
+        }
+        let auto = ffnn_entry(Some(DeviceFile::One("auto".into())));
+        assert_eq!(
+            providers(&auto, 2).unwrap(),
+            ["CPUExecutionProvider", "CPUExecutionProvider"]
+        );
+        let mixed = ffnn_entry(Some(DeviceFile::Many(vec!["cpu".into(), "cpu".into()])));
+        assert_eq!(providers(&mixed, 3).unwrap().len(), 3);
+        for d in ["cuda", "cuda:0"] {
+            let err = providers(&ffnn_entry(Some(DeviceFile::One(d.into()))), 1).unwrap_err();
+            assert!(err.contains("no CUDA GPU is available"), "{d}: {err}");
+        }
+        let err = providers(&ffnn_entry(Some(DeviceFile::Many(vec![]))), 1).unwrap_err();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn ort_cuda_placement_is_verified_not_silently_cpu() {
+        // Ask ONNX Runtime for the CUDA provider directly, past the GPU check: the PyPI onnxruntime wheel has none,
+        // and the session must refuse rather than run on the CPU under a GPU label.
+        let entry = ffnn_entry(None);
+        let opts = BackendOptions {
+            placement: Placement::Cuda(0),
+            ..BackendOptions::default()
+        };
+        crate::backend::ort::init_runtime(None).unwrap();
+        match crate::backend::ort::OrtBackend::load(&entry.path, &opts) {
+            Ok(b) => assert!(b
+                .execution_provider()
+                .contains("CUDAExecutionProvider:cuda:0")),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("cuda:0") && msg.contains("CUDAExecutionProvider"),
+                    "{msg}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn torchscript_models_are_skipped_without_the_torch_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("pt");
+        std::fs::create_dir_all(m.join("1")).unwrap();
+        std::fs::write(m.join("config.toml"), "platform = \"pytorch_libtorch\"\n").unwrap();
+        std::fs::write(m.join("1/model.pt"), b"not torchscript").unwrap();
+        let entries = scan(dir.path()).unwrap();
+        if cfg!(feature = "torch") {
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries[0].config.platform.as_deref(), Some(TORCH_PLATFORM));
+        } else {
+            assert!(entries.is_empty(), "{entries:?}");
+        }
+        // A model.pt without a platform is TorchScript too; without the feature it cannot load, and says why.
+        std::fs::write(m.join("config.toml"), "").unwrap();
+        let entries = scan(dir.path()).unwrap();
+        assert_eq!(entries[0].config.platform.as_deref(), Some(TORCH_PLATFORM));
+        if !cfg!(feature = "torch") {
+            let err = factory_for(&entries[0], &EngineOptions::default())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("`torch` feature"), "{err}");
+        }
+    }
 }
