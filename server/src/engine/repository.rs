@@ -309,6 +309,7 @@ mod tests {
                 device,
                 ..ModelConfigFile::default()
             },
+            stamp: 0,
         }
     }
 
