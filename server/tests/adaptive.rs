@@ -298,26 +298,6 @@ async fn the_real_binary_exports_the_controller_in_metrics() {
         value("shoal_batch_cost_per_row_seconds"),
     );
     assert!(a >= 0.0 && b >= 0.0 && a + b > 0.0, "a {a} b {b}");
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::promtool_check(&text);
     assert_eq!(s.stop(), Some(0));
 }

@@ -108,3 +108,29 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
         assert!((g - w).abs() <= tol, "element {i}: {g} vs {w}");
     }
 }
+
+/// Runs `promtool check metrics` on a Prometheus exposition and fails the
+/// test with promtool's complaint when it rejects it.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
