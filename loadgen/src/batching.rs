@@ -169,15 +169,7 @@ pub struct Workload {
 impl Workload {
     pub fn new(model: &str, input: &str, shape: &[i64], seed: u64) -> Self {
         let len = shape.iter().product::<i64>().max(1) as usize;
-        let mut rng = crate::pipeline::Rng::new(seed);
-        let payloads = (0..8)
-            .map(|_| {
-                let v: Vec<f32> = (0..len)
-                    .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-                    .collect();
-                Bytes::copy_from_slice(bytemuck::cast_slice(&v))
-            })
-            .collect();
+        let payloads = crate::pipeline::synthetic_payloads(seed, 8, len);
         Self {
             model: model.into(),
             input: input.into(),

@@ -154,10 +154,15 @@ fn payloads(exp: &Experiment) -> Vec<Bytes> {
     if let Some(d) = exp.data.as_ref().filter(|d| !d.is_empty()) {
         return d.as_ref().clone();
     }
-    let mut rng = Rng::new(exp.seed);
-    (0..16)
+    synthetic_payloads(exp.seed, 16, exp.rows as usize * exp.point_len)
+}
+
+/// `count` seeded payloads of `len` f32 values in [0, 1).
+pub fn synthetic_payloads(seed: u64, count: usize, len: usize) -> Vec<Bytes> {
+    let mut rng = Rng::new(seed);
+    (0..count)
         .map(|_| {
-            let v: Vec<f32> = (0..exp.rows as usize * exp.point_len)
+            let v: Vec<f32> = (0..len)
                 .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
                 .collect();
             Bytes::copy_from_slice(bytemuck::cast_slice(&v))

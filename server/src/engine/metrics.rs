@@ -123,11 +123,7 @@ pub struct ControllerMetrics {
 
 impl ControllerMetrics {
     pub fn new(model: &str, version: &str, replica: usize) -> Self {
-        let labels = [
-            ("model", model.to_string()),
-            ("version", version.to_string()),
-            ("replica", replica.to_string()),
-        ];
+        let labels = replica_labels(model, version, replica);
         Self {
             target: metrics::gauge!(BATCH_TARGET, &labels),
             wait: metrics::gauge!(BATCH_TARGET_WAIT, &labels),
@@ -136,6 +132,15 @@ impl ControllerMetrics {
             margin: metrics::gauge!(OBJECTIVE_MARGIN, &labels),
         }
     }
+}
+
+/// The labels of every per-replica series.
+fn replica_labels(model: &str, version: &str, replica: usize) -> [(&'static str, String); 3] {
+    [
+        ("model", model.to_string()),
+        ("version", version.to_string()),
+        ("replica", replica.to_string()),
+    ]
 }
 
 /// Handles for one replica.
@@ -147,11 +152,7 @@ pub struct ReplicaMetrics {
 
 impl ReplicaMetrics {
     pub fn new(model: &str, version: &str, replica: usize) -> Self {
-        let labels = [
-            ("model", model.to_string()),
-            ("version", version.to_string()),
-            ("replica", replica.to_string()),
-        ];
+        let labels = replica_labels(model, version, replica);
         Self {
             requests: metrics::counter!(REPLICA_REQUESTS, &labels),
             queue_depth: metrics::gauge!(REPLICA_QUEUE_DEPTH, &labels),
