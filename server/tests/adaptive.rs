@@ -1,6 +1,8 @@
 //! Adaptive batching through the real engine: earliest-deadline-first
-//! order and shedding with the mock backend, then the real FFNN through
-//! ONNX Runtime against no batching and static settings.
+//! order and shedding with the mock backend, and the controller's metrics
+//! from the real binary. The real FFNN against no batching and static
+//! settings is in `adaptive_ffnn.rs`, a binary of its own so that no other
+//! test shares the cores while it measures.
 
 mod common;
 
@@ -10,7 +12,6 @@ use shoal::backend::Backend;
 use shoal::engine::{Engine, EngineError, ErrorKind, ModelConfigFile};
 use shoal::tensor::{DataType, Tensor};
 use shoal::InferRequest;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -121,138 +122,9 @@ async fn requests_that_cannot_make_the_objective_are_shed_before_running() {
     log_engine.infer(mock_request(9.0, None)).await.unwrap();
 }
 
-/// A one-model repository with the FFNN and `config` as its config.toml.
-fn ffnn_repo(config: &str) -> tempfile::TempDir {
-    let src = common::model_repository().join("ffnn/1");
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("ffnn");
-    std::fs::create_dir_all(&m).unwrap();
-    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), m.join("1")).unwrap();
-    std::fs::write(
-        m.join("config.toml"),
-        format!("platform = \"onnxruntime_onnx\"\nintra_op_threads = 1\n{config}"),
-    )
-    .unwrap();
-    dir
-}
-
-fn load(config: &str) -> Engine {
-    let dir = ffnn_repo(config);
-    Engine::load(Path::new(dir.path()), &Default::default()).unwrap()
-}
-
-fn ffnn_request(i: usize) -> InferRequest {
-    let v: Vec<f32> = (0..784)
-        .map(|j| ((i * 31 + j) % 97) as f32 / 97.0)
-        .collect();
-    InferRequest {
-        model: "ffnn".into(),
-        inputs: vec![Tensor {
-            name: "input".into(),
-            datatype: DataType::Fp32,
-            shape: vec![1, 784],
-            data: Bytes::from(bytemuck::cast_slice::<f32, u8>(&v).to_vec()),
-        }],
-        ..Default::default()
-    }
-}
-
-/// p50 latencies of two engines at a load far below capacity: requests
-/// one at a time, `gap` apart, alternating between the engines so both see
-/// the same noise. A shed request (the machine stalled past the objective)
-/// is not a latency sample.
-async fn low_load_p50s(a: &Engine, b: &Engine, n: usize, gap: Duration) -> (Duration, Duration) {
-    let mut lat = [Vec::with_capacity(n), Vec::with_capacity(n)];
-    for i in 0..2 * n {
-        let (e, side) = if i % 2 == 0 { (a, 0) } else { (b, 1) };
-        let t = Instant::now();
-        match e.infer(ffnn_request(i)).await {
-            Ok(_) => lat[side].push(t.elapsed()),
-            Err(EngineError::Shed(_)) => {}
-            Err(err) => panic!("{err}"),
-        }
-        tokio::time::sleep(gap).await;
-    }
-    for l in &mut lat {
-        l.sort();
-    }
-    (lat[0][lat[0].len() / 2], lat[1][lat[1].len() / 2])
-}
-
-/// Answered rows per second with `c` requests in flight for `secs`.
-async fn closed_loop(engine: &Engine, c: usize, secs: f64) -> f64 {
-    let stop = Instant::now() + Duration::from_secs_f64(secs);
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..c)
-        .map(|k| {
-            let e = engine.clone();
-            tokio::spawn(async move {
-                let mut n = 0usize;
-                let mut i = 0;
-                while Instant::now() < stop {
-                    // Under noise the controller may shed; only answers count.
-                    match e.infer(ffnn_request(k + i)).await {
-                        Ok(_) => n += 1,
-                        Err(EngineError::Shed(_)) => {}
-                        Err(err) => panic!("{err}"),
-                    }
-                    i += 1;
-                }
-                n
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
-    total as f64 / t0.elapsed().as_secs_f64()
-}
-
-/// One test, so the measurements never overlap another test's work; each
-/// comparison alternates its contenders over several rounds and compares
-/// medians, which a shared machine's noise moves least.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_ffnn_adaptive_matches_no_batching_at_low_load_and_static_at_high_load() {
-    let adaptive = load("max_batch_size = 64\nlatency_objective_ms = 5\n");
-    let none = load("max_batch_size = 64\nbatching = \"none\"\n");
-    low_load_p50s(&adaptive, &none, 50, Duration::ZERO).await;
-    let (a50, n50) = low_load_p50s(&adaptive, &none, 1000, Duration::from_micros(300)).await;
-    // 10%, with 5 µs for the timer's own resolution.
-    assert!(
-        a50 <= n50.mul_f64(1.10) + Duration::from_micros(5),
-        "low load p50: adaptive {a50:?} vs no batching {n50:?}"
-    );
-
-    let statics = [
-        load("max_batch_size = 64\n[dynamic_batching]\nmax_queue_delay_us = 0\n"),
-        load("max_batch_size = 64\n[dynamic_batching]\nmax_queue_delay_us = 500\n"),
-        load("max_batch_size = 16\n[dynamic_batching]\nmax_queue_delay_us = 0\n"),
-    ];
-    // Throughput of the batching itself: shedding off, so a stall of the
-    // shared machine past the objective does not count as lost work.
-    let adaptive = load("max_batch_size = 64\nlatency_objective_ms = 5\nshed_late = false\n");
-    closed_loop(&adaptive, 64, 0.3).await;
-    // Short turns, interleaved, summed: drift in the machine's load hits
-    // every contender alike.
-    let (mut ad, mut st) = (0.0, [0.0; 3]);
-    for _ in 0..6 {
-        ad += closed_loop(&adaptive, 64, 0.25).await;
-        for (i, s) in statics.iter().enumerate() {
-            st[i] += closed_loop(s, 64, 0.25).await;
-        }
-    }
-    let st = st.iter().copied().fold(0.0, f64::max);
-    assert!(
-        ad >= 0.9 * st,
-        "high load: adaptive {ad:.0} rows/s vs best static {st:.0} (sums of 6 turns)"
-    );
-    eprintln!("low load p50 adaptive {a50:?} none {n50:?}; high load adaptive {ad:.0}/s best static {st:.0}/s");
-}
-
 #[tokio::test]
 async fn the_real_binary_exports_the_controller_in_metrics() {
-    let dir = ffnn_repo("max_batch_size = 64\nlatency_objective_ms = 5\n");
+    let dir = common::ffnn_repo_with_config("max_batch_size = 64\nlatency_objective_ms = 5\n");
     let s = common::Server::start_with_repo(dir.path(), &[]);
     let c = reqwest::Client::new();
     let data: Vec<f32> = (0..784).map(|j| j as f32 / 784.0).collect();

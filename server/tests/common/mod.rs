@@ -18,6 +18,22 @@ pub fn model_repository() -> PathBuf {
     p
 }
 
+/// A one-model repository holding the FFNN's version 1 under `ffnn`, with
+/// `config` after the platform line of its config.toml.
+pub fn ffnn_repo_with_config(config: &str) -> tempfile::TempDir {
+    let src = model_repository().join("ffnn/1");
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("ffnn");
+    std::fs::create_dir_all(&m).unwrap();
+    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), m.join("1")).unwrap();
+    std::fs::write(
+        m.join("config.toml"),
+        format!("platform = \"onnxruntime_onnx\"\nintra_op_threads = 1\n{config}"),
+    )
+    .unwrap();
+    dir
+}
+
 /// The real binary on port 0, stopped with SIGTERM by the tests that
 /// check its exit, killed otherwise.
 pub struct Server {
