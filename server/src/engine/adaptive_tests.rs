@@ -25,6 +25,12 @@ fn fixed_point(rate: f64) -> f64 {
     rate * 0.002 / (1.0 - rate * 0.0001)
 }
 
+/// The batch a wait aims at: busy halfway from `rate·b` to fully busy,
+/// twice the fixed point.
+fn half_busy(rate: f64) -> f64 {
+    fixed_point(rate) / WAIT_BUSY_SHARE
+}
+
 fn policy() -> AdaptiveBatching {
     AdaptiveBatching::new("sim".into(), MAX, OBJECTIVE, true)
 }
@@ -242,9 +248,11 @@ async fn converges_to_the_batch_size_theory_predicts() {
     let mut p = policy();
     let out = simulate(&mut p, steady(&[(rate, 3.0)])).await;
     let n = out.mean_batch(1.0, 3.0);
-    // Between the size that just keeps up and the one with 10% headroom.
+    // Between the size that just keeps up and the half-busy one that a
+    // wait aims at (a batch that gathered while the last one ran can fall
+    // anywhere between them).
     let lo = fixed_point(rate);
-    let hi = fixed_point(rate * HEADROOM).ceil() + 1.0;
+    let hi = half_busy(rate).ceil() + 1.0;
     assert!(n >= lo && n <= hi, "mean batch {n}, theory {lo:.1}..{hi}");
     assert!(out.quantile(1.0, 3.0, 0.99) <= OBJECTIVE.as_secs_f64());
     assert!(out.shed.is_empty());
@@ -260,7 +268,7 @@ async fn converges_under_poisson_arrivals() {
     let n = out.mean_batch(1.0, 4.0);
     let lo = fixed_point(rate);
     assert!(
-        n >= 0.9 * lo && n <= 1.3 * fixed_point(rate * HEADROOM),
+        n >= 0.9 * lo && n <= 1.1 * half_busy(rate),
         "mean batch {n}"
     );
     assert!(out.quantile(1.0, 4.0, 0.99) <= OBJECTIVE.as_secs_f64());
@@ -279,11 +287,22 @@ async fn follows_a_load_step_from_10_to_90_percent_and_back() {
         assert!(p99 <= objective, "p99 {p99} in [{from}, {to})");
         assert_eq!(out.shed_in(from, to), 0);
     }
-    // Batches grow just enough for the load, and shrink back.
-    assert!(out.mean_batch(0.2, 1.0) <= 3.0);
+    // Batches grow with the load, no further than the half-busy size, and
+    // shrink back.
+    let small = half_busy(low).ceil();
+    assert!(
+        out.mean_batch(0.2, 1.0) <= small,
+        "{}",
+        out.mean_batch(0.2, 1.0)
+    );
     let n = out.mean_batch(1.3, 3.0);
     assert!(n >= fixed_point(high) && n <= MAX as f64, "{n}");
-    assert!(out.mean_batch(3.3, 4.0) <= 3.0);
+    // Half a second (five time constants of the rate estimate) after.
+    assert!(
+        out.mean_batch(3.5, 4.0) <= small,
+        "{}",
+        out.mean_batch(3.5, 4.0)
+    );
     // All served: nothing lost.
     assert_eq!(
         out.served.len(),
@@ -359,19 +378,28 @@ fn waits_only_when_the_rate_fills_the_batch_in_time() {
     let (rows, waits, slack) = ([1], [Duration::ZERO], [None]);
     p.decide(view(t, &rows, &waits, &slack, 0));
     p.decide(view(t + ms(500), &rows, &waits, &slack, 2500));
-    // 2 queued; at this rate the batch that keeps up is 20 rows (n = rate·t(n)):
-    // it fills in ~3.6 ms, and 1 + 3.6 + t(20) = 8.6 ms fits the 20 ms
-    // objective: wait for it.
+    // 2 queued; at this rate the batch that keeps up is 20 rows (n = rate·t(n))
+    // and the half-busy one 40: it fills in ~7.6 ms, and 1 + 7.6 + t(40) =
+    // 14.6 ms fits the 20 ms objective: wait for it.
     let (rows, waits, slack) = ([1, 1], [ms(1), Duration::ZERO], [None, None]);
     let d = p.decide(view(t + ms(501), &rows, &waits, &slack, 2505));
     assert!(
-        matches!(d, Decision::Wait(w) if w > ms(3) && w < ms(6)),
+        matches!(d, Decision::Wait(w) if w > ms(7) && w < ms(8)),
+        "{d:?}"
+    );
+    assert_eq!(p.wake_rows(), Some(40));
+    // The head has waited 8 ms: 40 rows no longer fit (8 + 13.6 > 20), the
+    // 20 that keep up do (8 + 3.6 + 4 = 15.6): wait for those.
+    let waits = [ms(8), Duration::ZERO];
+    let d = p.decide(view(t + ms(502), &rows, &waits, &slack, 2510));
+    assert!(
+        matches!(d, Decision::Wait(w) if w > ms(3) && w < ms(4)),
         "{d:?}"
     );
     assert_eq!(p.wake_rows(), Some(20));
     // The head has already waited 14 ms: 14 + 7.6 > 20, run now.
     let waits = [ms(14), Duration::ZERO];
-    let d = p.decide(view(t + ms(502), &rows, &waits, &slack, 2510));
+    let d = p.decide(view(t + ms(503), &rows, &waits, &slack, 2515));
     assert_eq!(d, Decision::Dispatch(2));
 }
 
