@@ -3,37 +3,18 @@
 //! search against a processor of known capacity, and a stall that shows in
 //! the open-loop latency of every event scheduled during it.
 
+mod common;
+
 use shoal_loadgen::analyze::summarize;
 use shoal_loadgen::pipeline::{run, Experiment, Load};
 use shoal_loadgen::schedule::Schedule;
 use shoal_loadgen::scorer::Scorer;
 use shoal_loadgen::sustain::{search, Search};
 use shoal_loadgen::{experiment, scorer_for, Mode, ModelOpts};
-use std::path::PathBuf;
 use std::time::Duration;
 
 fn model_opts() -> ModelOpts {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model_repository");
-    assert!(
-        repo.join("ffnn/1/model.onnx").exists(),
-        "run scripts/setup.sh to generate the models"
-    );
-    ModelOpts {
-        model: "ffnn".into(),
-        input: "input".into(),
-        isz: vec![784],
-        bsz: 2,
-        model_repository: repo,
-        server: None,
-        shoal_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadgen")).with_file_name("shoal")),
-        keys: Some(50),
-        zipf: None,
-        seed: 7,
-        warmup: 0.25,
-        out: None,
-        brokers: None,
-        npy: None,
-    }
+    common::model_opts("ffnn", "model.onnx")
 }
 
 #[tokio::test]

@@ -2,35 +2,16 @@
 //! event answered (`--features torch`, with `shoal` built with the same feature beside shoal-loadgen).
 #![cfg(feature = "torch")]
 
+mod common;
+
 use shoal_loadgen::analyze::summarize;
 use shoal_loadgen::pipeline::{run, Load};
 use shoal_loadgen::schedule::Schedule;
-use shoal_loadgen::{experiment, scorer_for, Mode, ModelOpts};
-use std::path::PathBuf;
+use shoal_loadgen::{experiment, scorer_for, Mode};
 
 #[tokio::test]
 async fn ffnn_torch_is_scored_embedded_and_external() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model_repository");
-    assert!(
-        repo.join("ffnn_torch/1/model.pt").exists(),
-        "run scripts/setup.sh to generate the TorchScript models"
-    );
-    let m = ModelOpts {
-        model: "ffnn_torch".into(),
-        input: "input".into(),
-        isz: vec![784],
-        bsz: 2,
-        model_repository: repo,
-        server: None,
-        shoal_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadgen")).with_file_name("shoal")),
-        keys: Some(50),
-        zipf: None,
-        seed: 7,
-        warmup: 0.25,
-        out: None,
-        brokers: None,
-        npy: None,
-    };
+    let m = common::model_opts("ffnn_torch", "model.pt");
     for mode in [Mode::Embedded, Mode::Grpc] {
         let setup = scorer_for(mode, &m)
             .await

@@ -138,14 +138,7 @@ async fn the_real_binary_exports_the_controller_in_metrics() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let text = c
-        .get(format!("{}/metrics", s.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(&c, format!("{}/metrics", s.metrics)).await;
     let labels = "{model=\"ffnn\",version=\"1\",replica=\"0\"}";
     for needle in [
         format!("shoal_batch_target_size{labels}"),

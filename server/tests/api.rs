@@ -112,14 +112,7 @@ async fn rest_json_and_binary_match_in_process_ort() {
     );
 
     // Metadata, readiness, config and statistics.
-    let md: Value = c
-        .get(format!("{}/v2/models/ffnn", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let md: Value = common::get_json(&c, format!("{}/v2/models/ffnn", s.http)).await;
     assert_eq!(md["versions"], json!(["1", "2"]));
     assert_eq!(
         md["inputs"][0],
@@ -141,38 +134,18 @@ async fn rest_json_and_binary_match_in_process_ort() {
             "{path}"
         );
     }
-    let cfg: Value = c
-        .get(format!("{}/v2/models/ffnn/config", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cfg: Value = common::get_json(&c, format!("{}/v2/models/ffnn/config", s.http)).await;
     assert_eq!(cfg["max_batch_size"], 64);
     assert_eq!(cfg["input"][0]["data_type"], "TYPE_FP32");
     assert_eq!(cfg["input"][0]["dims"], json!([784]));
-    let st: Value = c
-        .get(format!("{}/v2/models/ffnn/versions/2/stats", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value =
+        common::get_json(&c, format!("{}/v2/models/ffnn/versions/2/stats", s.http)).await;
     assert_eq!(st["model_stats"][0]["inference_count"], 3);
     assert_eq!(
         st["model_stats"][0]["inference_stats"]["success"]["count"],
         1
     );
-    let server: Value = c
-        .get(format!("{}/v2", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server: Value = common::get_json(&c, format!("{}/v2", s.http)).await;
     assert_eq!(server["name"], "shoal");
     assert_eq!(s.stop(), Some(0));
 }
@@ -403,14 +376,7 @@ async fn metrics_pass_promtool_and_count_requests() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let text = c
-        .get(format!("{}/metrics", s.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(&c, format!("{}/metrics", s.metrics)).await;
     for needle in [
         "shoal_request_success_total{model=\"ffnn\",version=\"2\"} 3",
         "shoal_request_failure_total{model=\"ffnn\",version=\"2\",reason=\"invalid_argument\"} 1",

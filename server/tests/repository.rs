@@ -121,14 +121,8 @@ async fn explicit_mode_loads_on_request_and_unloads() {
         1e-6,
     );
     // The warm-up is not counted as traffic.
-    let stats: Value = c
-        .get(format!("{}/v2/models/ffnn/versions/1/stats", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value =
+        common::get_json(&c, format!("{}/v2/models/ffnn/versions/1/stats", s.http)).await;
     assert_eq!(stats["model_stats"][0]["inference_count"], 0, "{stats}");
 
     // Only READY lines with ready=true.

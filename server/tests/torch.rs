@@ -266,25 +266,11 @@ async fn server_batches_torchscript_next_to_its_onnx_twin() {
     let s = Server::start_with_repo(repo.path(), &[]);
     let c = reqwest::Client::new();
 
-    let md: Value = c
-        .get(format!("{}/v2/models/ffnn_torch", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let md: Value = common::get_json(&c, format!("{}/v2/models/ffnn_torch", s.http)).await;
     assert_eq!(md["platform"], "pytorch_libtorch", "{md}");
     assert_eq!(md["execution_providers"], json!(["libtorch:cpu"]), "{md}");
     assert_eq!(md["inputs"][0]["shape"], json!([-1, 784]), "{md}");
-    let cfg: Value = c
-        .get(format!("{}/v2/models/ffnn_torch/config", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cfg: Value = common::get_json(&c, format!("{}/v2/models/ffnn_torch/config", s.http)).await;
     assert_eq!(cfg["backend"], "pytorch", "{cfg}");
 
     // 32 concurrent requests of 1-3 rows to each model: the torch model batches them and both answer alike.
@@ -312,14 +298,7 @@ async fn server_batches_torchscript_next_to_its_onnx_twin() {
         assert_eq!(out.len(), rows * 10, "{model}");
     }
 
-    let stats: Value = c
-        .get(format!("{}/v2/models/ffnn_torch/stats", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = common::get_json(&c, format!("{}/v2/models/ffnn_torch/stats", s.http)).await;
     let st = &stats["model_stats"][0];
     assert_eq!(st["inference_count"], 63, "{stats}"); // 32 requests of 1, 2, 3, 1, ... rows
     assert!(st["execution_count"].as_u64().unwrap() <= 32, "{stats}");
@@ -334,14 +313,7 @@ async fn server_batches_torchscript_next_to_its_onnx_twin() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 
-    let metrics = c
-        .get(format!("{}/metrics", s.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&c, format!("{}/metrics", s.metrics)).await;
     let has = |needle: &str| {
         metrics
             .lines()

@@ -422,49 +422,46 @@ impl AdaptiveBatching {
         &self.cost
     }
 
-    /// Smallest batch whose throughput keeps up with `rate` rows/s (with
-    /// headroom); `max_rows` when none does. Closed form, since it runs at
-    /// every decision: n / t(n) >= w.
-    fn needed_rows(&self, rate: f64, headroom: f64) -> usize {
+    /// The batch size, continuous, whose throughput n / t(n) is exactly
+    /// `rate · headroom`; infinite when no batch keeps up, 1 before any
+    /// batch ran. Closed form, since it runs at every decision.
+    fn keep_up(&self, rate: f64, headroom: f64) -> f64 {
         let w = rate * headroom;
-        let n = match self.cost.fit {
-            None => return 1,
-            Some(Fit::Line { a, b }) => {
-                if w * b >= 1.0 {
-                    return self.max_rows;
-                }
-                w * a / (1.0 - w * b)
-            }
+        match self.cost.fit {
+            None => 1.0,
+            Some(Fit::Line { a, b }) if w * b < 1.0 => w * a / (1.0 - w * b),
+            Some(Fit::Line { .. }) => f64::INFINITY,
             // t(n) = secs for n <= rows: n >= w·secs, if that is <= rows;
             // beyond rows the throughput stays rows/secs, too low then.
-            Some(Fit::Point { rows, secs }) => {
-                if w * secs > rows {
-                    return self.max_rows;
-                }
-                w * secs
-            }
-        };
-        // Tolerance: a batch that keeps up to the last 0.1% still does.
+            Some(Fit::Point { rows, secs }) if w * secs <= rows => w * secs,
+            Some(Fit::Point { .. }) => f64::INFINITY,
+        }
+    }
+
+    /// A continuous size as whole rows within `1..=max_rows`, with a
+    /// tolerance: a batch that keeps up to the last 0.1% still does.
+    fn whole_rows(&self, n: f64) -> usize {
+        if !n.is_finite() {
+            return self.max_rows;
+        }
         ((n - 1e-3).ceil().max(1.0) as usize).min(self.max_rows)
     }
 
+    /// Smallest batch whose throughput keeps up with `rate` rows/s (with
+    /// headroom); `max_rows` when none does.
+    fn needed_rows(&self, rate: f64, headroom: f64) -> usize {
+        self.whole_rows(self.keep_up(rate, headroom))
+    }
+
     /// The batch to wait for: the smallest whose busy share `rate·t(n)/n`
-    /// is at most `WAIT_BUSY_SHARE` of the way from `rate·b` to 1, that is
-    /// n = rate·a / (WAIT_BUSY_SHARE·(1 − rate·b)); `max_rows` when no
-    /// batch keeps up at all.
+    /// is at most `WAIT_BUSY_SHARE` of the way from `rate·b` to 1, which is
+    /// the batch that just keeps up divided by `WAIT_BUSY_SHARE`.
     fn wait_rows(&self, rate: f64) -> usize {
-        let n = match self.cost.fit {
-            None => return 1,
-            Some(Fit::Line { a, b }) => {
-                if rate * b >= 1.0 {
-                    return self.max_rows;
-                }
-                rate * a / (WAIT_BUSY_SHARE * (1.0 - rate * b))
-            }
+        match self.cost.fit {
+            Some(Fit::Line { .. }) => self.whole_rows(self.keep_up(rate, 1.0) / WAIT_BUSY_SHARE),
             // Only one size seen: no slope, nothing to wait for.
-            Some(Fit::Point { .. }) => return 1,
-        };
-        ((n - 1e-3).ceil().max(1.0) as usize).min(self.max_rows)
+            _ => 1,
+        }
     }
 
     fn publish(&mut self, now: Instant, regime: Regime, target: usize, wait: f64) {

@@ -34,6 +34,29 @@ pub fn ffnn_repo_with_config(config: &str) -> tempfile::TempDir {
     dir
 }
 
+/// GET `url` and its body parsed as JSON; panics on a transport error or
+/// a body that does not parse, so a test reads as its assertions.
+pub async fn get_json<T: serde::de::DeserializeOwned>(c: &reqwest::Client, url: String) -> T {
+    c.get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// GET `url` and its body as text.
+pub async fn get_text(c: &reqwest::Client, url: String) -> String {
+    c.get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 /// The real binary on port 0, stopped with SIGTERM by the tests that
 /// check its exit, killed otherwise.
 pub struct Server {
