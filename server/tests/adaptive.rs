@@ -163,6 +163,10 @@ async fn the_real_binary_exports_the_controller_in_metrics() {
         value("shoal_batch_cost_per_row_seconds"),
     );
     assert!(a >= 0.0 && b >= 0.0 && a + b > 0.0, "a {a} b {b}");
+    // The CPU pressure it planned with: a share, whether or not this host
+    // has PSI (0 where it has not).
+    let p = value("shoal_batch_cpu_pressure_ratio");
+    assert!((0.0..=1.0).contains(&p), "cpu pressure {p}");
     common::promtool_check(&text);
     assert_eq!(s.stop(), Some(0));
 }

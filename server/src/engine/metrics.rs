@@ -31,6 +31,7 @@ pub const BATCH_TARGET_WAIT: &str = "shoal_batch_target_wait_seconds";
 pub const BATCH_COST_FIXED: &str = "shoal_batch_cost_fixed_seconds";
 pub const BATCH_COST_PER_ROW: &str = "shoal_batch_cost_per_row_seconds";
 pub const OBJECTIVE_MARGIN: &str = "shoal_objective_margin_ratio";
+pub const CPU_PRESSURE: &str = "shoal_batch_cpu_pressure_ratio";
 
 /// Buckets for the latency histograms, in seconds (50 µs to 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -110,6 +111,10 @@ pub fn describe() {
         OBJECTIVE_MARGIN,
         "Fraction of the latency objective the adaptive batcher plans with (its p99 correction)"
     );
+    describe_gauge!(
+        CPU_PRESSURE,
+        "Share of recent time some thread waited for a CPU (Linux PSI), as the adaptive batcher reads it"
+    );
 }
 
 /// Gauges of one replica's adaptive batcher.
@@ -119,6 +124,7 @@ pub struct ControllerMetrics {
     pub cost_fixed: Gauge,
     pub cost_per_row: Gauge,
     pub margin: Gauge,
+    pub cpu_pressure: Gauge,
 }
 
 impl ControllerMetrics {
@@ -130,6 +136,7 @@ impl ControllerMetrics {
             cost_fixed: metrics::gauge!(BATCH_COST_FIXED, &labels),
             cost_per_row: metrics::gauge!(BATCH_COST_PER_ROW, &labels),
             margin: metrics::gauge!(OBJECTIVE_MARGIN, &labels),
+            cpu_pressure: metrics::gauge!(CPU_PRESSURE, &labels),
         }
     }
 }

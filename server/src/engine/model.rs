@@ -7,6 +7,7 @@ use super::config::{IoSpec, ModelConfig, ModelConfigFile, Routing};
 use super::error::EngineError;
 use super::keys::{key_hash, rendezvous, KeyExtractor};
 use super::metrics::{ControllerMetrics, ModelMetrics, ReplicaMetrics, StateMetrics};
+use super::pressure::CpuPressure;
 use super::replica::{Pending, Replica, Reply, Shared, StartingReplica};
 use super::state::KeyTable;
 use super::stats::ModelStats;
@@ -179,7 +180,8 @@ impl ModelVersion {
                             a.objective,
                             a.shed_late,
                         )
-                        .with_metrics(ControllerMetrics::new(name, &v, r.id));
+                        .with_metrics(ControllerMetrics::new(name, &v, r.id))
+                        .with_pressure(CpuPressure::system());
                         controllers.push(p.status());
                         Box::new(p)
                     }
