@@ -816,12 +816,7 @@ impl BenchReport {
                 );
             }
             if let Some(b) = best {
-                // Every static setting can miss the objective for a whole
-                // phase (the backlog of an overload): no ratio then.
-                let ratio = match b.phases[i].goodput > 0.0 {
-                    true => format!("{:.3}", adaptive.phases[i].goodput / b.phases[i].goodput),
-                    false => format!("{:.1}/s vs 0", adaptive.phases[i].goodput),
-                };
+                let ratio = goodput_ratio(adaptive.phases[i].goodput, b.phases[i].goodput);
                 let _ = writeln!(
                     s,
                     "| {i} | | **adaptive / best static goodput** | | | | **{ratio}** | | | |"
@@ -843,11 +838,11 @@ impl BenchReport {
         if let Some(b) = self.best_static() {
             let _ = writeln!(
                 s,
-                "\nWhole schedule: adaptive goodput {:.1}/s, best single static ({}) {:.1}/s: **{:.3}x**; no batching {:.1}/s.",
+                "\nWhole schedule: adaptive goodput {:.1}/s, best single static ({}) {:.1}/s: **{}x**; no batching {:.1}/s.",
                 adaptive.goodput,
                 b.label,
                 b.goodput,
-                adaptive.goodput / b.goodput.max(1e-9),
+                goodput_ratio(adaptive.goodput, b.goodput),
                 none.map_or(f64::NAN, |n| n.goodput)
             );
         }
@@ -855,9 +850,24 @@ impl BenchReport {
     }
 }
 
+/// `adaptive / best` to three places. Every static setting can miss the
+/// objective throughout (the backlog of an overload): no ratio then.
+fn goodput_ratio(adaptive: f64, best: f64) -> String {
+    match best > 0.0 {
+        true => format!("{:.3}", adaptive / best),
+        false => format!("{adaptive:.1}/s vs 0"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn goodput_ratio_has_none_against_zero() {
+        assert_eq!(goodput_ratio(3.0, 2.0), "1.500");
+        assert_eq!(goodput_ratio(31.5, 0.0), "31.5/s vs 0");
+    }
 
     #[test]
     fn repository_rewrite_keeps_the_model_and_swaps_batching_keys() {

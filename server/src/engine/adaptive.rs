@@ -26,6 +26,7 @@
 use super::batcher::{BatchPolicy, Decision, QueueView};
 use super::metrics::ControllerMetrics;
 use super::pressure::CpuPressure;
+use super::smoothed_rate::SmoothedRate;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,8 @@ const OUTLIER: f64 = 2.0;
 const SIZE_EWMA: f64 = 0.25;
 /// Time constant of the arrival-rate estimate.
 const RATE_TAU_S: f64 = 0.1;
+/// Arrival spans shorter than this say more about scheduling than load.
+const RATE_MIN_SPAN: Duration = Duration::from_micros(200);
 /// Capacity over the arrival rate the smallest batch run must have: a batch
 /// that only just keeps up lets the queue grow on the first slow execution.
 const HEADROOM: f64 = 1.1;
@@ -208,32 +211,6 @@ fn faded(s: &SizeStat, now: Instant) -> f64 {
     }
 }
 
-/// Rows per second arriving at the replica, smoothed exponentially in time.
-#[derive(Debug, Clone, Default)]
-struct RateEstimator {
-    last: Option<(Instant, u64)>,
-    rate: f64,
-}
-
-impl RateEstimator {
-    fn update(&mut self, now: Instant, arrived: u64) -> f64 {
-        match self.last {
-            None => self.last = Some((now, arrived)),
-            Some((t, n)) => {
-                let dt = now.saturating_duration_since(t).as_secs_f64();
-                // Shorter spans say more about scheduling than about load.
-                if dt >= 200e-6 {
-                    let inst = arrived.saturating_sub(n) as f64 / dt;
-                    let alpha = 1.0 - (-dt / RATE_TAU_S).exp();
-                    self.rate += alpha * (inst - self.rate);
-                    self.last = Some((now, arrived));
-                }
-            }
-        }
-        self.rate
-    }
-}
-
 /// The outer loop: the share of the objective the controller plans with,
 /// corrected from the p99 of recent answers.
 #[derive(Debug, Clone)]
@@ -388,7 +365,8 @@ pub struct AdaptiveBatching {
     objective: f64,
     shed_late: bool,
     cost: CostModel,
-    rate: RateEstimator,
+    /// Rows per second arriving at the replica.
+    rate: SmoothedRate,
     tuner: P99Tuner,
     /// While filling: wake when this many rows are queued.
     fill: Option<usize>,
@@ -410,7 +388,7 @@ impl AdaptiveBatching {
             objective: objective.as_secs_f64(),
             shed_late,
             cost: CostModel::new(max_rows),
-            rate: RateEstimator::default(),
+            rate: SmoothedRate::new(RATE_TAU_S, RATE_MIN_SPAN),
             tuner: P99Tuner::new(),
             fill: None,
             pressure: CpuPressure::none(),
@@ -518,7 +496,7 @@ impl AdaptiveBatching {
                 from = log.logged.as_str(),
                 to = dominant.as_str(),
                 target_rows = target,
-                rate = format!("{:.0}/s", self.rate.rate),
+                rate = format!("{:.0}/s", self.rate.rate()),
                 "adaptive batcher changed regime"
             );
             log.logged = dominant;
@@ -548,7 +526,7 @@ fn prefix_fit(rows: &[usize], max: usize) -> (usize, usize) {
 impl BatchPolicy for AdaptiveBatching {
     fn decide(&mut self, v: QueueView<'_>) -> Decision {
         self.fill = None;
-        let rate = self.rate.update(v.now, v.arrived_rows);
+        let rate = self.rate.update(v.now, v.arrived_rows as f64);
         self.status.rate.store(rate.to_bits(), Relaxed);
         let pressure = self.pressure.sample(v.now);
         self.status.pressure.store(pressure.to_bits(), Relaxed);
@@ -602,8 +580,11 @@ impl BatchPolicy for AdaptiveBatching {
         // The largest prefix that the head (the most urgent request) can
         // afford: it finishes with the batch, so every member does.
         let plan = self.objective * self.tuner.margin;
+        // What the head has left of `objective`, or of its own deadline.
+        let head_budget =
+            |objective: f64| slack(0).map_or(objective - wait(0), |s| s.min(objective - wait(0)));
         let largest_within = |objective: f64| {
-            let budget = slack(0).map_or(objective - wait(0), |s| s.min(objective - wait(0)));
+            let budget = head_budget(objective);
             let (mut k, mut rows, mut total) = (0, 0, 0);
             for &r in &v.rows[..fit] {
                 total += r;
@@ -668,7 +649,7 @@ impl BatchPolicy for AdaptiveBatching {
         // Wait for that batch, or for the largest below it that fills and
         // runs before the head's time is up, if that still keeps up: with
         // `m` rows at `rate`, n fits when (n - m)/rate + a + b·n <= budget.
-        let budget = slack(0).map_or(plan - wait(0), |s| s.min(plan - wait(0)));
+        let budget = head_budget(plan);
         let (a, b) = self.cost.coefficients().unwrap_or((0.0, 0.0));
         let fits = ((budget - a) * rate + rows as f64) / (1.0 + b * rate);
         let n = match fits >= 1.0 {

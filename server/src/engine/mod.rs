@@ -15,6 +15,7 @@ pub mod pressure;
 pub mod replica;
 pub mod repository;
 pub mod request;
+pub mod smoothed_rate;
 pub mod state;
 pub mod stats;
 

@@ -6,6 +6,7 @@
 //! the request path, the stream processor beside it or another replica was
 //! waiting for.
 
+use super::smoothed_rate::SmoothedRate;
 use std::time::{Duration, Instant};
 
 /// Reading the file costs a few microseconds; more often says nothing new.
@@ -20,15 +21,15 @@ type Reader = Box<dyn FnMut() -> Option<Duration> + Send>;
 /// The smoothed CPU pressure, sampled on demand.
 pub struct CpuPressure {
     read: Option<Reader>,
-    last: Option<(Instant, Duration)>,
-    share: f64,
+    /// Stalled seconds per second: the share.
+    share: SmoothedRate,
 }
 
 impl std::fmt::Debug for CpuPressure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuPressure")
             .field("source", &self.read.is_some())
-            .field("share", &self.share)
+            .field("share", &self.share.rate())
             .finish()
     }
 }
@@ -38,8 +39,7 @@ impl CpuPressure {
     pub fn none() -> Self {
         Self {
             read: None,
-            last: None,
-            share: 0.0,
+            share: Self::smoothing(),
         }
     }
 
@@ -60,9 +60,12 @@ impl CpuPressure {
     pub fn from_fn(f: impl FnMut() -> Option<Duration> + Send + 'static) -> Self {
         Self {
             read: Some(Box::new(f)),
-            last: None,
-            share: 0.0,
+            share: Self::smoothing(),
         }
+    }
+
+    fn smoothing() -> SmoothedRate {
+        SmoothedRate::new(TAU_S, SAMPLE_EVERY).capped(1.0)
     }
 
     /// The share of recent wall time with a thread waiting for a core,
@@ -71,22 +74,13 @@ impl CpuPressure {
         let Some(read) = self.read.as_mut() else {
             return 0.0;
         };
-        if let Some((at, _)) = self.last {
-            if now.saturating_duration_since(at) < SAMPLE_EVERY {
-                return self.share;
-            }
+        if !self.share.due(now) {
+            return self.share.rate();
         }
-        let Some(total) = read() else {
-            return self.share;
-        };
-        if let Some((at, before)) = self.last {
-            let dt = now.saturating_duration_since(at).as_secs_f64();
-            let inst = (total.saturating_sub(before).as_secs_f64() / dt).clamp(0.0, 1.0);
-            let alpha = 1.0 - (-dt / TAU_S).exp();
-            self.share += alpha * (inst - self.share);
+        match read() {
+            Some(total) => self.share.update(now, total.as_secs_f64()),
+            None => self.share.rate(),
         }
-        self.last = Some((now, total));
-        self.share
     }
 }
 
