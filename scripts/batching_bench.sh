@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-results/batching}"
 FFNN_SECS="${PHASE_SECS:-3}"
 RESNET_SECS="${RESNET_PHASE_SECS:-4}"
-scripts/setup.sh
+scripts/setup.sh --plots
 cargo build --release -p shoal-loadgen
 phases() { echo "0.1:$1,0.6:$1,1.2:$1,0.6:$1,0.1:$1"; }
 target/release/shoal-loadgen batching --model ffnn --isz 784 \

@@ -1,27 +1,48 @@
 #!/usr/bin/env bash
 # The whole test suite: setup (idempotent), format and lint gates, the Rust
-# tests (unit, engine with a mock backend, the real binary on port 0), and
-# conformance with the unmodified tritonclient against the real binary;
-# the Helm chart rendered, linted and validated (scripts/helm_check.sh);
-# then the `torch` feature (libtorch via tch), linted and tested in its own
-# target dir under $SHOAL_HOME, so the C++ build is paid once per machine.
+# tests (unit, engine with a mock backend, the real binary on port 0, the
+# Kafka pipeline against a real tansu broker), and conformance with the
+# unmodified tritonclient against the real binary; the Helm chart rendered,
+# linted and validated (scripts/helm_check.sh); then the `torch` feature
+# (libtorch via tch), linted and tested in its own target dir under
+# $SHOAL_HOME, so the C++ build is paid once per machine.
+#
+# The first run on a fresh 2-core machine takes about an hour, most of it
+# once-per-machine work that each step announces with its time before it
+# starts (the tansu broker, libtorch, the workspace's first build); later
+# runs take about 10 minutes. SHOAL_SKIP_TORCH=1 leaves the torch parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHOAL_HOME="${SHOAL_HOME:-$HOME/.cache/shoal}"
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
+start=$SECONDS
+step() { echo; echo "== test.sh [$((SECONDS - start)) s]: $*"; }
 
-scripts/setup.sh
+step "setup (tests, Kafka broker, libtorch; each once per machine)"
+scripts/setup.sh --tests
+step "format and Helm checks"
 cargo fmt --all -- --check
 scripts/helm_check.sh
+[ -d "$TARGET/debug" ] \
+  || step "first build of the workspace: about 15 minutes on 2 cores (later runs reuse it)"
+step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+step "cargo test"
 cargo test --workspace
+step "tritonclient conformance"
 cargo build -p shoal --bin shoal
-SHOAL_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider
-[ "${SHOAL_SKIP_TORCH:-0}" = 1 ] && exit 0
+SHOAL_BIN="$TARGET/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider
+if [ "${SHOAL_SKIP_TORCH:-0}" = 1 ]; then
+  step "done (torch skipped)"
+  exit 0
+fi
 (
   . "$SHOAL_HOME/torch/env.sh"
   export CARGO_TARGET_DIR="${SHOAL_TORCH_TARGET:-$SHOAL_HOME/torch/target}"
+  step "torch feature: clippy and tests (first time: about 10 minutes of C++ and Rust builds)"
   cargo clippy -p shoal -p shoal-loadgen --features shoal-loadgen/torch --all-targets -- -D warnings
   # Builds the torch-enabled `shoal` that loadgen's external mode starts.
   cargo test -p shoal --features torch --lib --test torch
   cargo test -p shoal-loadgen --features torch --test torch
 )
+step "done"

@@ -2,6 +2,7 @@
 //! Triton's where Triton has one.
 
 use crate::engine::control::ControlMode;
+use crate::telemetry::{LogFormat, TelemetryConfig};
 use clap::Parser;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -10,7 +11,8 @@ use std::path::PathBuf;
 #[command(
     name = "shoal",
     version,
-    about = "KServe v2 inference server with dynamic batching"
+    about = "KServe v2 inference server with dynamic batching",
+    after_help = "Subcommands:\n  shoal healthcheck [--url URL] [--timeout-ms MS]   exit 0 when a health endpoint answers 200 (exec probes); see `shoal healthcheck --help`"
 )]
 pub struct Args {
     /// Model repository: <dir>/<model>/<version>/model.onnx and <dir>/<model>/config.toml.
@@ -104,9 +106,47 @@ pub struct Args {
     /// PEM CA certificates: require client certificates they sign (mutual TLS).
     #[arg(long, env = "SHOAL_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Log lines as human-readable text or as JSON objects (one a line).
+    /// RUST_LOG sets the levels (default `info`).
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Write an access-log record per REST request and gRPC call (target
+    /// `shoal_access`, in the log format).
+    #[arg(long, env = "SHOAL_ACCESS_LOG", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub access_log: bool,
+
+    /// Put correlation keys themselves in the access log (by default only
+    /// a hash of each, since keys may identify people or devices).
+    #[arg(long, env = "SHOAL_ACCESS_LOG_KEYS", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub access_log_keys: bool,
+
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317); tracing is off without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of requests traced, in [0, 1], when the caller's traceparent
+    /// does not decide (a sampled traceparent is always followed).
+    #[arg(long, env = "SHOAL_TRACE_RATE", default_value_t = 1.0)]
+    pub trace_rate: f64,
 }
 
 impl Args {
+    /// The logging and tracing part of the flags.
+    pub fn telemetry(&self) -> TelemetryConfig {
+        TelemetryConfig {
+            log_format: self.log_format,
+            access_log: self.access_log,
+            access_log_keys: self.access_log_keys,
+            otlp_endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
+            trace_rate: self.trace_rate,
+        }
+    }
+
     /// The TLS files, when TLS is on.
     pub fn tls(&self) -> Option<crate::listen::TlsFiles> {
         Some(crate::listen::TlsFiles {

@@ -7,10 +7,12 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod gpu;
+pub mod healthcheck;
 pub mod launch;
 pub mod listen;
 pub mod server;
 pub mod shm;
+pub mod telemetry;
 pub mod tensor;
 
 pub use engine::{Engine, EngineError, InferRequest, InferResponse};

@@ -333,6 +333,7 @@ where
 {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .layer(crate::api::access::AccessLayer::new("grpc"))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
             .await

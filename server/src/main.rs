@@ -1,23 +1,35 @@
-//! The `shoal` binary: parse flags, start logging, run the server.
+//! The `shoal` binary: parse flags, start logging and tracing, run the
+//! server; or `shoal healthcheck`, the exec probe.
 
 use clap::Parser;
 use shoal::config::Args;
-use tracing_subscriber::EnvFilter;
+use shoal::healthcheck::{self, HealthcheckArgs};
 
 fn main() -> anyhow::Result<()> {
+    // A subcommand beside the server's flat flags: the server keeps its
+    // Triton-like command line (`shoal --model-repository DIR`).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "healthcheck")
+    {
+        let args = HealthcheckArgs::parse_from(std::env::args_os().skip(1));
+        std::process::exit(healthcheck::run(&args));
+    }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("shoal-net");
     if let Some(n) = args.worker_threads {
         rt.worker_threads(n.max(1));
     }
     let rt = rt.build()?;
-    rt.block_on(shoal::server::run(args, shoal::server::shutdown_signal()))?;
+    // The OTLP exporter's channel is made on this runtime.
+    let telemetry = {
+        let _in_runtime = rt.enter();
+        shoal::telemetry::init(&args.telemetry())?
+    };
+    let result = rt.block_on(shoal::server::run(args, shoal::server::shutdown_signal()));
+    // Flushed while the runtime still runs the exporter's channel.
+    telemetry.shutdown();
+    result?;
     Ok(())
 }

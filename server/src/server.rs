@@ -217,12 +217,14 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         args.repository_api,
         args.repository_token.clone(),
     );
-    let app = http::router(http::HttpState {
-        engine: engine.clone(),
-        max_body_bytes: args.max_body_bytes,
-        shm: shm.clone(),
-    })
-    .merge(repository::router(repository_api.clone()));
+    let app = http::serve(
+        http::router(http::HttpState {
+            engine: engine.clone(),
+            max_body_bytes: args.max_body_bytes,
+            shm: shm.clone(),
+        })
+        .merge(repository::router(repository_api.clone())),
+    );
     let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop)
         .map_err(|e| ServeError::Serve("http", e.to_string()))?;
     let svc = GrpcService::new(engine.clone())

@@ -1,11 +1,13 @@
 //! KServe v2 over gRPC: `inference.GRPCInferenceService`, as Triton serves it.
 
+use super::access::AccessInfo;
 use super::error::ApiError;
 use super::metadata;
 use super::repository::RepositoryApi;
 use super::shm::{self as shm_api, ShmOutputs, Written};
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::shm::SharedMemory;
+use crate::telemetry;
 use crate::tensor::{join_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use futures::Stream;
@@ -19,6 +21,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+/// Span names: the RPCs, as OpenTelemetry's gRPC conventions name them.
+const MODEL_INFER_SPAN: &str = "inference.GRPCInferenceService/ModelInfer";
+const MODEL_STREAM_INFER_SPAN: &str = "inference.GRPCInferenceService/ModelStreamInfer";
 
 /// Responses a stream may buffer before it stops reading new requests.
 const STREAM_BUFFER: usize = 256;
@@ -58,10 +64,18 @@ impl GrpcService {
         self
     }
 
+    /// The tonic service. Requests may come gzip- or zstd-compressed
+    /// (the message limit applies to what they expand to); responses are
+    /// compressed when the client's `grpc-accept-encoding` asks for it.
     pub fn into_server(self, max_message_bytes: usize) -> GrpcInferenceServiceServer<Self> {
+        use tonic::codec::CompressionEncoding::{Gzip, Zstd};
         GrpcInferenceServiceServer::new(self)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
+            .accept_compressed(Gzip)
+            .accept_compressed(Zstd)
+            .send_compressed(Gzip)
+            .send_compressed(Zstd)
     }
 }
 
@@ -239,6 +253,7 @@ pub fn decode_request(
         correlation_key,
         sequence_start,
         sequence_end,
+        span: None,
     };
     Ok((request, shm_outputs))
 }
@@ -404,10 +419,36 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let meta = call_meta(&req);
-        let (request, shm_outputs) = decode_request(req.into_inner(), meta, &self.shm)?;
-        let mut resp = self.engine.infer(request).await.map_err(ApiError::from)?;
-        let written = shm_outputs.write(&mut resp)?;
-        Ok(Response::new(encode_response(resp, &written)))
+        let span = telemetry::request_span(
+            MODEL_INFER_SPAN,
+            "grpc",
+            &req.get_ref().model_name,
+            req.metadata().as_ref(),
+        );
+        let result = async {
+            let (mut request, shm_outputs) = decode_request(req.into_inner(), meta, &self.shm)?;
+            request.span = span.clone();
+            let key = telemetry::access_log_keys()
+                .then(|| request.correlation_key.clone())
+                .flatten();
+            let mut resp = self.engine.infer(request).await.map_err(ApiError::from)?;
+            let written = shm_outputs.write(&mut resp)?;
+            let info =
+                telemetry::access_log_on().then(|| AccessInfo::answered(&resp, key.as_deref()));
+            let _encode = span.as_ref().map(|s| {
+                tracing::info_span!(target: telemetry::SPAN_TARGET, parent: s, "encode").entered()
+            });
+            let mut r = Response::new(encode_response(resp, &written));
+            if let Some(info) = info {
+                r.extensions_mut().insert(info);
+            }
+            Ok::<_, ApiError>(r)
+        }
+        .await;
+        if let Err(e) = &result {
+            telemetry::record_error(&span, &e.message);
+        }
+        Ok(result?)
     }
 
     type ModelStreamInferStream = StreamOut;
@@ -417,6 +458,12 @@ impl GrpcInferenceService for GrpcService {
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let meta = call_meta(&req);
+        // Each message's span continues the trace the stream's metadata carries.
+        let stream_headers = if telemetry::tracing_on() {
+            req.metadata().clone().into_headers()
+        } else {
+            Default::default()
+        };
         let timeout = meta
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
@@ -446,8 +493,16 @@ impl GrpcInferenceService for GrpcService {
                     deadline: timeout.map(|d| Instant::now() + d),
                     correlation_key: meta.correlation_key.clone(),
                 };
-                let submitted =
-                    decode_request(msg, msg_meta, &shm).map(|(r, o)| (engine.submit(r), o));
+                let span = telemetry::request_span(
+                    MODEL_STREAM_INFER_SPAN,
+                    "grpc",
+                    &msg.model_name,
+                    &stream_headers,
+                );
+                let submitted = decode_request(msg, msg_meta, &shm).map(|(mut r, o)| {
+                    r.span = span.clone();
+                    (engine.submit(r), o)
+                });
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let outcome = async {
@@ -461,17 +516,26 @@ impl GrpcInferenceService for GrpcService {
                         _ = tx.closed() => return,
                     };
                     let item = match reply {
-                        Ok((resp, written)) => pb::ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(encode_response(resp, &written)),
-                        },
-                        Err(e) => pb::ModelStreamInferResponse {
-                            error_message: e.message,
-                            infer_response: Some(pb::ModelInferResponse {
-                                id,
-                                ..Default::default()
-                            }),
-                        },
+                        Ok((resp, written)) => {
+                            let _encode = span.as_ref().map(|s| {
+                                tracing::info_span!(target: telemetry::SPAN_TARGET, parent: s, "encode")
+                                    .entered()
+                            });
+                            pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(encode_response(resp, &written)),
+                            }
+                        }
+                        Err(e) => {
+                            telemetry::record_error(&span, &e.message);
+                            pb::ModelStreamInferResponse {
+                                error_message: e.message,
+                                infer_response: Some(pb::ModelInferResponse {
+                                    id,
+                                    ..Default::default()
+                                }),
+                            }
+                        }
                     };
                     let _ = tx.send(Ok(item)).await;
                 });

@@ -2,11 +2,13 @@
 //! a JSON header of `Inference-Header-Content-Length` bytes followed by the
 //! raw tensors, in input order.
 
+use super::access::AccessInfo;
 use super::error::ApiError;
 use super::shm::{self as shm_api, ShmOutputs, Written};
 use super::{json, metadata};
 use crate::engine::{Engine, InferRequest, InferResponse, Param};
 use crate::shm::SharedMemory;
+use crate::telemetry;
 use crate::tensor::{DataType, Tensor};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -49,9 +51,24 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/models/{m}/versions/{v}/infer", post(infer))
         .merge(shm_api::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        // The infer handler enforces its own, configurable limit.
+        // The infer handler enforces its own, configurable limit; it reads
+        // the body after decompression, so the limit bounds what a
+        // compressed body expands to (a zip bomb gets 413).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// `router` with what every served request goes through: gzip and zstd
+/// request bodies (`Content-Encoding`) and response bodies
+/// (`Accept-Encoding`), and the access log, outermost so it counts the
+/// bytes as they travel.
+pub fn serve(router: Router) -> Router {
+    use tower_http::compression::CompressionLayer;
+    use tower_http::decompression::RequestDecompressionLayer;
+    router
+        .layer(RequestDecompressionLayer::new().gzip(true).zstd(true))
+        .layer(CompressionLayer::new().gzip(true).zstd(true))
+        .layer(super::access::AccessLayer::new("http"))
 }
 
 /// `/{m}` or `/{m}/versions/{v}` path parameters.
@@ -243,11 +260,47 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The route template, not the path: span names stay few.
+    let span = telemetry::request_span("POST /v2/models/{model}/infer", "http", &p.m, &headers);
+    let mut r = match infer_traced(&st, &p, &headers, body, &span).await {
+        Ok(r) => r,
+        Err(e) => {
+            telemetry::record_error(&span, &e.message);
+            e.into_response()
+        }
+    };
+    if telemetry::access_log_on() && r.extensions().get::<AccessInfo>().is_none() {
+        r.extensions_mut()
+            .insert(AccessInfo::failed(&p.m, p.v.as_deref()));
+    }
+    Ok(r)
+}
+
+async fn infer_traced(
+    st: &HttpState,
+    p: &ModelPath,
+    headers: &HeaderMap,
+    body: Body,
+    span: &Option<tracing::Span>,
+) -> Result<Response, ApiError> {
     let body = read_body(body, st.max_body_bytes).await?;
-    let (request, binary_outputs, shm_outputs) = decode_infer(&p.m, p.v, &headers, body, &st.shm)?;
+    let (mut request, binary_outputs, shm_outputs) =
+        decode_infer(&p.m, p.v.clone(), headers, body, &st.shm)?;
+    request.span = span.clone();
+    let key = telemetry::access_log_keys()
+        .then(|| request.correlation_key.clone())
+        .flatten();
     let mut resp = st.engine.infer(request).await?;
     let written = shm_outputs.write(&mut resp)?;
-    Ok(encode_infer(resp, &binary_outputs, &written))
+    let info = telemetry::access_log_on().then(|| AccessInfo::answered(&resp, key.as_deref()));
+    let _encode = span.as_ref().map(|s| {
+        tracing::info_span!(target: telemetry::SPAN_TARGET, parent: s, "encode").entered()
+    });
+    let mut r = encode_infer(resp, &binary_outputs, &written);
+    if let Some(info) = info {
+        r.extensions_mut().insert(info);
+    }
+    Ok(r)
 }
 
 /// How much of an oversize body is read and discarded before answering 413,
@@ -471,6 +524,7 @@ fn decode_infer(
         correlation_key,
         sequence_start: flag(&req.parameters, "sequence_start")?.unwrap_or(false),
         sequence_end: flag(&req.parameters, "sequence_end")?.unwrap_or(false),
+        span: None,
     };
     Ok((request, binary_outputs, shm_outputs))
 }

@@ -1,6 +1,7 @@
 //! Protocol front ends: KServe v2 over gRPC (tonic) and REST (axum), the
 //! admin endpoints, and the one table that maps error kinds to both.
 
+pub mod access;
 pub mod admin;
 pub mod error;
 pub mod grpc;

@@ -6,15 +6,22 @@
 use super::batcher::BatchPolicy;
 use super::config::{InputSource, Warmup};
 use super::error::EngineError;
+use super::keys::key_hash;
 use super::model::ModelCore;
 use super::replica::{Answer, Pending, Taken};
+use super::request::Timing;
 use super::state::KeyState;
 use crate::backend::{Backend, BatchInput, BatchOutput};
+use crate::telemetry::SPAN_TARGET;
 use crate::tensor::{join_bytes_elements, split_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Batch numbers, unique in the process, for traces and logs.
+static NEXT_BATCH: AtomicU64 = AtomicU64::new(1);
 
 /// A request of the batch with its key's state, taken out of the store
 /// for the duration of the run.
@@ -23,6 +30,17 @@ struct Slot {
     state: Option<KeyState>,
     /// State bytes when taken, for the held-bytes gauge.
     bytes_before: usize,
+    /// The traced request's span of the phase it is in (assembly, compute).
+    phase: Option<tracing::Span>,
+    timing: Timing,
+}
+
+impl Slot {
+    /// Ends the current phase span and, for a traced request, starts `next`.
+    fn enter_phase(&mut self, next: impl FnOnce(&tracing::Span) -> tracing::Span) {
+        self.phase = None;
+        self.phase = self.p.trace.as_ref().map(|t| next(&t.request));
+    }
 }
 
 pub fn execute(
@@ -35,10 +53,13 @@ pub fn execute(
     let start = Instant::now();
     let cfg = &core.config;
     let n = taken.requests.len();
+    let batch_id = NEXT_BATCH.fetch_add(1, Relaxed);
+    let mut queued = Vec::with_capacity(n);
     for p in &taken.requests {
         let waited = start.saturating_duration_since(p.enqueued);
         core.metrics.queue_duration.record(waited.as_secs_f64());
         core.stats.queue.add(waited);
+        queued.push(waited);
     }
     core.release(n);
     core.replica_metrics[replica].requests.increment(n as u64);
@@ -49,7 +70,18 @@ pub fn execute(
     let store = core.keys.store(replica);
     let counters = &core.keys.counters;
     let mut slots: Vec<Slot> = Vec::with_capacity(n);
-    for (p, owner) in taken.requests.into_iter().zip(taken.owners) {
+    for ((mut p, owner), waited) in taken.requests.into_iter().zip(taken.owners).zip(queued) {
+        if let Some(t) = p.trace.as_mut() {
+            t.queue = None;
+            t.request.record("batch.id", batch_id);
+            t.request.record("replica", replica);
+        }
+        let timing = Timing {
+            queue: waited,
+            batch_id,
+            key_hash: p.key.as_deref().map(key_hash),
+            ..Timing::default()
+        };
         let state = match (&p.key, stateful) {
             (Some(key), true) => {
                 let found = match owner {
@@ -73,7 +105,10 @@ pub fn execute(
             p,
             state,
             bytes_before,
+            phase: None,
+            timing,
         };
+        slot.enter_phase(|r| tracing::info_span!(target: SPAN_TARGET, parent: r, "assemble", batch.id = batch_id));
         if slot.p.sequence_start {
             if let Some(s) = slot.state.as_mut() {
                 *s = KeyState::default();
@@ -103,9 +138,11 @@ pub fn execute(
             if w.warmup == Warmup::Skip && state.window.len() < w.length {
                 let fill = (state.window.len(), w.length);
                 pokes.extend(store_and_finish(core, replica, &mut slot));
+                slot.phase = None;
                 let _ = slot.p.reply.send(Ok(Answer {
                     outputs: Vec::new(),
                     window_fill: Some(fill),
+                    timing: slot.timing,
                 }));
                 continue;
             }
@@ -139,6 +176,16 @@ pub fn execute(
                 .collect()
         }
     };
+    // The backend gathers the batch from the requests' buffers inside its
+    // run, so the compute span covers that copy too.
+    for s in slots.iter_mut() {
+        s.timing.batch_rows = total_rows;
+        s.enter_phase(|r| {
+            r.record("batch.size", total_rows);
+            tracing::info_span!(target: SPAN_TARGET, parent: r, "compute",
+                batch.id = batch_id, batch.size = total_rows, replica)
+        });
+    }
     let result = {
         let inputs: Vec<BatchInput<'_>> = cfg
             .graph_inputs
@@ -198,6 +245,10 @@ pub fn execute(
         (r, t0.elapsed())
     };
     let (result, infer_time) = result;
+    for s in slots.iter_mut() {
+        s.phase = None;
+        s.timing.compute = infer_time;
+    }
     core.metrics
         .compute_duration
         .record(infer_time.as_secs_f64());
@@ -253,11 +304,13 @@ pub fn execute(
                         .map(|i| mine[i].clone())
                         .collect(),
                 };
+                let timing = slot.timing;
                 answers.push((
                     slot,
                     Ok(Answer {
                         outputs,
                         window_fill: None,
+                        timing,
                     }),
                 ));
             }

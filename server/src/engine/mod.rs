@@ -134,6 +134,7 @@ impl Submitted {
                 id,
                 outputs: answer.outputs,
                 parameters,
+                timing: answer.timing,
             })
         }
         .await;

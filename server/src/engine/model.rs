@@ -8,7 +8,7 @@ use super::error::EngineError;
 use super::keys::{key_hash, rendezvous, KeyExtractor};
 use super::metrics::{ControllerMetrics, ModelMetrics, ReplicaMetrics, StateMetrics};
 use super::pressure::CpuPressure;
-use super::replica::{Pending, Replica, Reply, Shared, StartingReplica};
+use super::replica::{Pending, Replica, Reply, RequestTrace, Shared, StartingReplica};
 use super::state::KeyTable;
 use super::stats::ModelStats;
 use super::InferRequest;
@@ -281,6 +281,13 @@ impl ModelVersion {
             enqueued: Instant::now(),
             deadline: req.deadline,
             reply: tx,
+            trace: req.span.map(|request| {
+                let queue = tracing::info_span!(target: crate::telemetry::SPAN_TARGET, parent: &request, "queue", replica);
+                RequestTrace {
+                    request,
+                    queue: Some(queue),
+                }
+            }),
         };
         if let Err(p) = self.replicas[replica].enqueue(pending) {
             self.core.release(1);

@@ -22,6 +22,14 @@ pub struct Answer {
     /// Events in the key's window and its length, when a skip-warmup
     /// window was not full and the model did not run.
     pub window_fill: Option<(usize, usize)>,
+    pub timing: super::request::Timing,
+}
+
+/// A traced request's spans while it is on a replica.
+pub struct RequestTrace {
+    pub request: tracing::Span,
+    /// Open from admission until its batch starts.
+    pub queue: Option<tracing::Span>,
 }
 
 pub type Reply = Result<Answer, EngineError>;
@@ -44,6 +52,7 @@ pub struct Pending {
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
     pub reply: oneshot::Sender<Reply>,
+    pub trace: Option<RequestTrace>,
 }
 
 #[derive(Default)]

@@ -2,6 +2,11 @@
 //! numeric version directories holding the model file (`model.onnx`, or
 //! `model.pt` for TorchScript), and builds each model's backend factory,
 //! placing its replicas on the devices its config asks for.
+//!
+//! Two shortcuts for a first try, each version 1: a model directory holding
+//! the model file itself (`<repo>/<model>/model.onnx`, no version folder),
+//! and a repository that is itself one model (`<dir>/model.onnx`), named
+//! after the directory.
 
 use super::config::ModelConfigFile;
 use super::model::LoadError;
@@ -42,8 +47,28 @@ pub fn scan(repo: &Path) -> Result<Vec<Entry>, LoadError> {
     Ok(out)
 }
 
+/// The model name of a repository that is itself one bare model
+/// (`<dir>/model.onnx`): the directory's name.
+pub fn bare_model_name(repo: &Path) -> Option<String> {
+    model_file(repo)?;
+    let canonical = repo.canonicalize().ok()?;
+    canonical.file_name()?.to_str().map(str::to_string)
+}
+
+/// Where model `name` of `repo` lives: the repository itself when it is one
+/// bare model of that name, else its subdirectory.
+fn model_dir(repo: &Path, name: &str) -> PathBuf {
+    match bare_model_name(repo) {
+        Some(n) if n == name => repo.to_path_buf(),
+        _ => repo.join(name),
+    }
+}
+
 /// The model names of a repository (its directories), sorted.
 pub fn list_models(repo: &Path) -> Result<Vec<String>, LoadError> {
+    if let Some(name) = bare_model_name(repo) {
+        return Ok(vec![name]);
+    }
     let dir = std::fs::read_dir(repo).map_err(|e| repo_err(repo, format!("cannot read: {e}")))?;
     let mut names: Vec<String> = dir
         .filter_map(|e| e.ok())
@@ -58,7 +83,7 @@ pub fn list_models(repo: &Path) -> Result<Vec<String>, LoadError> {
 /// The versions of one model, sorted. `name` must be one of
 /// [`list_models`]: it is joined to the repository path as it is.
 pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
-    let mdir = repo.join(name);
+    let mdir = model_dir(repo, name);
     let cfg_path = mdir.join("config.toml");
     let (config, text) = if cfg_path.exists() {
         let text = std::fs::read_to_string(&cfg_path)
@@ -84,9 +109,19 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
         .collect();
     versions.sort();
     if versions.is_empty() {
+        if let Some(file) = model_file(&mdir) {
+            tracing::info!(
+                model = %name,
+                file = %file.display(),
+                "serving a bare model file as version 1 of model {name:?} (no version directory)"
+            );
+            versions.push((1, mdir.clone()));
+        }
+    }
+    if versions.is_empty() {
         return Err(repo_err(
             &mdir,
-            "no numeric version directory (e.g. 1/model.onnx)",
+            "no numeric version directory (e.g. 1/model.onnx) and no model file (model.onnx or model.pt) in the model directory",
         ));
     }
     let mut out = Vec::new();
@@ -119,7 +154,7 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
 /// its version directories and files. Needs no parsing, so a broken model
 /// has one too (a poll retries it only once it changed).
 pub fn fingerprint(repo: &Path, name: &str) -> u64 {
-    let mdir = repo.join(name);
+    let mdir = model_dir(repo, name);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(mdir.join("config.toml")).ok().hash(&mut h);
     let mut dirs: Vec<(String, PathBuf)> = std::fs::read_dir(&mdir)
@@ -131,6 +166,7 @@ pub fn fingerprint(repo: &Path, name: &str) -> u64 {
         })
         .unwrap_or_default();
     dirs.sort();
+    dirs.push((String::new(), mdir.clone()));
     for (n, p) in dirs {
         n.hash(&mut h);
         file_stamp(&p.join("model.onnx")).hash(&mut h);
@@ -397,5 +433,48 @@ mod tests {
                 .to_string();
             assert!(err.contains("`torch` feature"), "{err}");
         }
+    }
+
+    #[test]
+    fn bare_model_files_serve_as_version_one() {
+        let onnx = ffnn_entry(None).path;
+        let dir = tempfile::tempdir().unwrap();
+        // A model directory with the file itself, beside a regular model.
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(repo.join("flat")).unwrap();
+        std::fs::copy(&onnx, repo.join("flat/model.onnx")).unwrap();
+        std::fs::create_dir_all(repo.join("versioned/3")).unwrap();
+        std::fs::copy(&onnx, repo.join("versioned/3/model.onnx")).unwrap();
+        let entries = scan(&repo).unwrap();
+        let got: Vec<(&str, u64)> = entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.version))
+            .collect();
+        assert_eq!(got, [("flat", 1), ("versioned", 3)]);
+        assert_eq!(entries[0].path, repo.join("flat/model.onnx"));
+
+        // A repository that is one bare model: named after its directory.
+        let single = dir.path().join("mnist-classifier");
+        std::fs::create_dir_all(&single).unwrap();
+        std::fs::copy(&onnx, single.join("model.onnx")).unwrap();
+        assert_eq!(list_models(&single).unwrap(), ["mnist-classifier"]);
+        let entries = scan(&single).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            (entries[0].name.as_str(), entries[0].version),
+            ("mnist-classifier", 1)
+        );
+        // Its fingerprint follows the file, so poll mode sees a replacement.
+        let before = fingerprint(&single, "mnist-classifier");
+        std::fs::write(single.join("model.onnx"), b"changed").unwrap();
+        assert_ne!(before, fingerprint(&single, "mnist-classifier"));
+
+        // An empty model directory still says what it looked for.
+        std::fs::create_dir_all(repo.join("empty")).unwrap();
+        let err = scan(&repo).unwrap_err().to_string();
+        assert!(
+            err.contains("no model file") && err.contains("empty"),
+            "{err}"
+        );
     }
 }

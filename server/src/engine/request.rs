@@ -1,7 +1,7 @@
 //! Requests and responses as the engine sees them, free of any protocol.
 
 use crate::tensor::Tensor;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One inference request.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +24,9 @@ pub struct InferRequest {
     pub sequence_start: bool,
     /// Free the key's state after this request (Triton's `sequence_end`).
     pub sequence_end: bool,
+    /// The call's trace span (`crate::telemetry::request_span`): the engine
+    /// hangs its queue, assembly and compute spans under it. `None`: untraced.
+    pub span: Option<tracing::Span>,
 }
 
 /// A response parameter value.
@@ -43,4 +46,20 @@ pub struct InferResponse {
     pub outputs: Vec<Tensor>,
     /// E.g. `window_fill` while a skip-warmup window is not yet full.
     pub parameters: Vec<(String, Param)>,
+    /// Where the request's time went, for logs and response headers.
+    pub timing: Timing,
+}
+
+/// Where one request's time went on its replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    /// From admission to its batch's start.
+    pub queue: Duration,
+    /// Its batch's backend run.
+    pub compute: Duration,
+    /// The batch it ran in (unique in the process) and the batch's rows.
+    pub batch_id: u64,
+    pub batch_rows: usize,
+    /// The correlation key's hash, for logs that must not hold the key.
+    pub key_hash: Option<u64>,
 }
