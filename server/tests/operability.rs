@@ -596,6 +596,7 @@ async fn traces_continue_the_callers_trace_with_queue_assembly_compute_and_encod
         assert_eq!(root.name, name);
         assert_eq!(root.kind, 2, "a SERVER span: {root:?}");
         assert_eq!(attr(root, "model").as_deref(), Some("ffnn"));
+        assert_eq!(attr(root, "model.version").as_deref(), Some("1"));
         let batch = attr(root, "batch.id").expect("the request span names its batch");
         assert_eq!(attr(root, "batch.size").as_deref(), Some("1"));
         let mut got: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();

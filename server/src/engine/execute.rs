@@ -74,6 +74,7 @@ pub fn execute(
         if let Some(t) = p.trace.as_mut() {
             t.queue = None;
             t.request.record("batch.id", batch_id);
+            t.request.record("model.version", core.version);
             t.request.record("replica", replica);
         }
         let timing = Timing {
