@@ -6,7 +6,9 @@ against the flags in the container's args, the Service and ServiceMonitor
 against the pod, shared memory and sockets between a sidecar and its app.
 """
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +21,8 @@ SIDECAR_VALUES = CHART / "values-sidecar.yaml"
 FULL_VALUES = ROOT / "helm" / "tests" / "values-full.yaml"
 EXAMPLE = ROOT / "helm" / "examples" / "kafka-consumer-sidecar"
 NAMESPACE = "demo"
+# The binary in the image (Dockerfile: COPY ... /usr/local/bin/shoal, its ENTRYPOINT).
+SHOAL_BIN = "/usr/local/bin/shoal"
 
 
 def helm_bin():
@@ -86,6 +90,31 @@ def port_number(container, port):
     by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert port in by_name, f"port {port!r} names no container port"
     return by_name[port]
+
+
+def healthcheck_url(container, probe):
+    """The URL of an exec probe running `shoal healthcheck --url URL --timeout-ms MS`."""
+    command = container[probe]["exec"]["command"]
+    assert "httpGet" not in container[probe], probe
+    assert command[:3] == [SHOAL_BIN, "healthcheck", "--url"], command
+    assert command[4] == "--timeout-ms" and len(command) == 6, command
+    assert all(isinstance(x, str) for x in command), command
+    return command[3]
+
+
+# What each probe asks for: liveness and startup /v2/health/live, readiness /v2/health/ready.
+PROBE_PATHS = {
+    "startupProbe": "/v2/health/live",
+    "livenessProbe": "/v2/health/live",
+    "readinessProbe": "/v2/health/ready",
+}
+
+
+def check_exec_probes(container, host="127.0.0.1"):
+    """Every probe is an exec healthcheck of the metrics port in the args, plain HTTP."""
+    port = int(flags(container)["--metrics-port"])
+    for probe, path in PROBE_PATHS.items():
+        assert healthcheck_url(container, probe) == f"http://{host}:{port}{path}", probe
 
 
 def mounts(container):
@@ -295,9 +324,9 @@ def check_sidecar_pod(spec, app_name):
     c = shoal_container(spec)
     f = flags(c)
     assert f["--bind"] == "127.0.0.1"
-    # kubelet probes reach the pod IP, which a loopback bind does not answer
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert probe not in c
+    # kubelet httpGet probes reach the pod IP, which a loopback bind does not answer:
+    # the probes run `shoal healthcheck` inside the container instead
+    check_exec_probes(c)
     shm = volumes(spec)["shm"]
     assert shm["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes(spec)["sockets"]
@@ -342,6 +371,76 @@ def test_sidecar_bound_beyond_loopback_gets_probes():
     assert port_number(c, c["readinessProbe"]["httpGet"]["port"]) == int(flags(c)["--http-port"])
 
 
+@pytest.mark.parametrize("name", ["sidecar", "sidecar-not-native", "example"])
+def test_sidecar_probes_are_exec_healthchecks_on_the_metrics_port(name):
+    c = shoal_container(pod(ALL_RENDERS[name]()))
+    check_exec_probes(c)
+    assert healthcheck_url(c, "livenessProbe") == "http://127.0.0.1:8002/v2/health/live"
+    assert healthcheck_url(c, "readinessProbe") == "http://127.0.0.1:8002/v2/health/ready"
+
+
+@pytest.mark.parametrize("chart,values,prefix", [
+    (CHART, [SIDECAR_VALUES], ""),
+    (EXAMPLE, [], "shoal."),
+])
+def test_sidecar_exec_probes_follow_a_non_default_metrics_port(chart, values, prefix):
+    sets = [f"{prefix}ports.metrics=9402", f"{prefix}ports.http=9400"]
+    c = shoal_container(pod(render(chart, values=values, sets=sets)))
+    assert flags(c)["--metrics-port"] == "9402"
+    check_exec_probes(c)
+    assert healthcheck_url(c, "readinessProbe") == "http://127.0.0.1:9402/v2/health/ready"
+    # not the HTTP port, whatever probes.port says: httpGet's choice, not exec's
+    c = shoal_container(pod(render(chart, values=values, sets=sets + [f"{prefix}probes.port=http"])))
+    check_exec_probes(c)
+
+
+def test_exec_probes_keep_the_probe_timings_and_give_up_before_the_kubelet():
+    c = shoal_container(pod(render(values=[SIDECAR_VALUES], sets=[
+        "probes.liveness.timeoutSeconds=5", "probes.readiness.timeoutSeconds=1",
+        "probes.liveness.periodSeconds=7"])))
+    live, ready = c["livenessProbe"], c["readinessProbe"]
+    assert live["timeoutSeconds"] == 5 and live["periodSeconds"] == 7
+    assert live["exec"]["command"][-1] == "4800"
+    assert ready["exec"]["command"][-1] == "800"
+    assert c["startupProbe"]["failureThreshold"] == 60
+
+
+def test_exec_probe_binary_is_the_images_entrypoint():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f'ENTRYPOINT ["{SHOAL_BIN}"]' in dockerfile
+    assert re.search(rf"^COPY --from=build \S+ {re.escape(SHOAL_BIN)}$", dockerfile, re.MULTILINE)
+
+
+@pytest.mark.parametrize("bind,host", [("::1", "[::1]"), ("127.0.0.2", "127.0.0.2")])
+def test_exec_probes_dial_the_loopback_address_shoal_binds(bind, host):
+    c = shoal_container(pod(render(values=[SIDECAR_VALUES], sets=[f"bind={bind}"])))
+    check_exec_probes(c, host)
+
+
+def test_probe_handler_can_be_chosen():
+    # exec in standalone too (e.g. TLS on the HTTP port): dialled over loopback
+    c = shoal_container(pod(render(sets=["probes.handler=exec"])))
+    check_exec_probes(c)
+    c = shoal_container(pod(render(sets=["probes.handler=exec", "bind=::"])))
+    check_exec_probes(c, "[::1]")
+    # httpGet explicitly, standalone: as auto
+    assert shoal_container(pod(render(sets=["probes.handler=httpGet"])))["livenessProbe"] == \
+        shoal_container(pod(render()))["livenessProbe"]
+    # none: for an image without the healthcheck subcommand
+    for values in ([], [SIDECAR_VALUES]):
+        c = shoal_container(pod(render(values=values, sets=["probes.handler=none"])))
+        for probe in PROBE_PATHS:
+            assert probe not in c
+
+
+def test_standalone_probes_stay_http_get():
+    for make in (ALL_RENDERS["standalone"], ALL_RENDERS["full"]):
+        c = shoal_container(pod(make()))
+        for probe, path in PROBE_PATHS.items():
+            assert "exec" not in c[probe], probe
+            assert c[probe]["httpGet"]["path"] == path, probe
+
+
 def test_sidecar_gets_the_unix_socket_path_in_its_environment():
     spec = pod(render(values=[SIDECAR_VALUES], sets=["grpcUds=/run/shoal/grpc.sock"]))
     [app] = spec["containers"]
@@ -364,6 +463,109 @@ def test_kafka_consumer_example():
     assert render(EXAMPLE, sets=["consumer.replicas=2"])["Deployment"]["spec"]["replicas"] == 2
 
 
+# --- Grafana dashboard -----------------------------------------------------------------
+
+DASHBOARD_FILE = CHART / "dashboards" / "shoal.json"
+
+
+def dashboard_configmap(objs):
+    cm = objs["ConfigMap"]
+    assert list(cm["data"]) == ["shoal.json"]
+    return cm, json.loads(cm["data"]["shoal.json"])
+
+
+def targets(dashboard):
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL_RENDERS) - {"full"}))
+def test_no_dashboard_unless_asked(name):
+    assert "ConfigMap" not in ALL_RENDERS[name]()
+
+
+def test_full_values_render_the_dashboard_where_asked():
+    meta = dashboard_configmap(render(values=[FULL_VALUES]))[0]["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["annotations"] == {"grafana_folder": "Inference"}
+
+
+def test_dashboard_config_map_carries_the_sidecar_label_and_the_dashboard():
+    objs = render(sets=["grafanaDashboard.enabled=true"])
+    cm, dashboard = dashboard_configmap(objs)
+    meta = cm["metadata"]
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/instance"] == "shoal"
+    assert meta["namespace"] == NAMESPACE
+    assert "annotations" not in meta
+    # the file verbatim, as JSON
+    assert dashboard == json.loads(DASHBOARD_FILE.read_text())
+    assert dashboard["uid"] == "shoal"
+    assert len(dashboard["panels"]) >= 10
+    assert len(list(targets(dashboard))) >= 15
+
+
+def test_dashboard_label_namespace_and_annotations_are_settable():
+    objs = render(sets=["grafanaDashboard.enabled=true",
+                        "grafanaDashboard.labels.grafana_dashboard=null",
+                        "grafanaDashboard.labels.dashboards=shoal",
+                        "grafanaDashboard.namespace=monitoring",
+                        "grafanaDashboard.annotations.grafana_folder=Inference"])
+    meta = dashboard_configmap(objs)[0]["metadata"]
+    assert meta["labels"]["dashboards"] == "shoal"
+    assert "grafana_dashboard" not in meta["labels"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["annotations"] == {"grafana_folder": "Inference"}
+
+
+def test_dashboard_from_a_parent_chart_and_as_a_sidecar():
+    for objs in (render(EXAMPLE, sets=["shoal.grafanaDashboard.enabled=true"]),
+                 render(values=[SIDECAR_VALUES], sets=["grafanaDashboard.enabled=true"])):
+        assert set(objs) == {"Deployment", "ConfigMap"}
+        assert dashboard_configmap(objs)[1]["uid"] == "shoal"
+
+
+def test_dashboard_queries_are_well_formed():
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    titles = set()
+    for panel, target in targets(dashboard):
+        titles.add(panel["title"])
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+        expr = target["expr"]
+        assert "shoal_" in expr, panel["title"]
+        assert expr.count("(") == expr.count(")"), expr
+        if "histogram_quantile" in expr:
+            # over the rates of a histogram's buckets, keeping le
+            assert re.search(r"rate\(shoal_\w+_bucket\{", expr), expr
+            assert re.search(r"by \([^)]*\ble\b", expr), expr
+        for rated in re.findall(r"(?:rate|increase)\((shoal_\w+)", expr):
+            assert rated.endswith(("_total", "_bucket", "_sum", "_count")), expr
+        if "shoal_gpu" not in expr:  # the GPU series have no model label
+            assert 'model=~"$model"' in expr, expr
+    for want in ["Request rate", "Request latency p50 / p99", "Queue depth", "Batch size",
+                 "Adaptive target batch size", "Shed, objective missed, deadline exceeded",
+                 "GPU utilisation", "GPU memory"]:
+        assert want in titles
+
+
+def test_dashboard_metric_names_are_in_the_server_source():
+    """The names, against the server's source; server/tests/dashboard.rs checks them
+    against a scrape of the real binary (which needs a build)."""
+    source = "\n".join(p.read_text() for p in (ROOT / "server" / "src").rglob("*.rs"))
+    declared = set(re.findall(r'"(shoal_[a-z0-9_]+)"', source))
+    for _, target in targets(json.loads(DASHBOARD_FILE.read_text())):
+        for name in re.findall(r"\bshoal_[a-zA-Z0-9_:]+", target["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in declared or base in declared, (name, target["expr"])
+
+
 # --- bad values fail at render time, saying why ------------------------------------------
 
 
@@ -374,6 +576,10 @@ def test_kafka_consumer_example():
     (["grpcUds=/tmp/grpc.sock"], [], "must lie in sidecar.socketDir"),
     (["mode=daemonset"], [], "mode: mode must be one of"),
     (["probes.port=grpc"], [], "probes.port: probes.port must be one of"),
+    (["probes.handler=tcp"], [], "probes.handler: probes.handler must be one of"),
+    (["probes.handler=httpGet"], [SIDECAR_VALUES], "httpGet cannot reach shoal bound to 127.0.0.1"),
+    (["probes.handler=httpGet", "bind=::1"], [], "httpGet cannot reach shoal bound to ::1"),
+    (["grafanaDashboard.enable=true"], [], "Additional property enable is not allowed"),
     # values.schema.json: typos, ports the kubelet would refuse, wrong types
     (["serviceMonitor.enable=true"], [], "Additional property enable is not allowed"),
     (["ports.http=0"], [], "ports.http: Must be greater than or equal to 1"),

@@ -57,6 +57,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (hasPrefix "127." $bind) (eq $bind "::1") }}true{{ end }}
 {{- end }}
 
+{{/*
+How the kubelet probes shoal: "httpGet", "exec" or "none". probes.handler auto is exec
+with a loopback bind (the kubelet's httpGet comes from the node, which a loopback bind
+does not answer) and httpGet otherwise.
+*/}}
+{{- define "shoal.probeHandler" -}}
+{{- $h := .values.probes.handler | default "auto" -}}
+{{- if eq $h "auto" }}{{ ternary "exec" "httpGet" (eq (include "shoal.loopback" .) "true") }}{{ else }}{{ $h }}{{ end }}
+{{- end }}
+
+{{/*
+The host an exec probe dials from inside the container: the bind address itself, loopback
+for a wildcard bind, brackets around an IPv6 address.
+*/}}
+{{- define "shoal.probeHost" -}}
+{{- $bind := include "shoal.bind" . -}}
+{{- if eq $bind "0.0.0.0" }}127.0.0.1
+{{- else if eq $bind "::" }}[::1]
+{{- else if contains ":" $bind }}{{ printf "[%s]" (trimAll "[]" $bind) }}
+{{- else }}{{ $bind }}
+{{- end }}
+{{- end }}
+
 {{/* Fails on settings that would give a pod that cannot start, with the reason. */}}
 {{- define "shoal.validate" -}}
 {{- $v := .values -}}
@@ -79,6 +102,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $path (not (hasPrefix (printf "%s/" (trimSuffix "/" $v.sidecar.socketDir)) $path)) }}
 {{- fail (printf "%s: %s must lie in sidecar.socketDir (%s), the writable directory the chart mounts for sockets" $key $path $v.sidecar.socketDir) }}
 {{- end }}
+{{- end }}
+{{- if and (eq ($v.probes.handler | default "auto") "httpGet") (include "shoal.loopback" .) }}
+{{- fail (printf "probes.handler: httpGet cannot reach shoal bound to %s (the kubelet probes from the node); use auto or exec, or a bind other than loopback" (include "shoal.bind" .)) }}
 {{- end }}
 {{- if not (has $v.probes.port (list "http" "metrics")) }}
 {{- fail (printf "probes.port: %q is not http or metrics" $v.probes.port) }}
@@ -123,10 +149,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or .sidecar .values.sharedMemory.enabled }}true{{ end }}
 {{- end }}
 
+{{/*
+One probe. exec: `shoal healthcheck` GETs http://<host>:<port><path> from inside the
+container and gives up 200 ms before the kubelet would (at least 100 ms), so the
+probe's event says why it failed.
+*/}}
 {{- define "shoal.probe" -}}
+{{- $ms := max 100 (sub (mul (int (default 1 .cfg.timeoutSeconds)) 1000) 200) -}}
+{{- if .exec -}}
+exec:
+  command:
+    - /usr/local/bin/shoal
+    - healthcheck
+    - --url
+    - {{ printf "http://%s:%d%s" .host (int .port) .path | quote }}
+    - --timeout-ms
+    - {{ printf "%d" (int $ms) | quote }}
+{{- else -}}
 httpGet:
   path: {{ .path }}
   port: {{ .port }}
+{{- end }}
 initialDelaySeconds: {{ default 0 .cfg.initialDelaySeconds }}
 periodSeconds: {{ .cfg.periodSeconds }}
 timeoutSeconds: {{ .cfg.timeoutSeconds }}
@@ -164,13 +207,17 @@ failureThreshold: {{ .cfg.failureThreshold }}
   envFrom:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- if not (include "shoal.loopback" .) }}
+  {{- $handler := include "shoal.probeHandler" . }}
+  {{- if ne $handler "none" }}
+  {{- $exec := eq $handler "exec" }}
+  {{- /* exec probes speak plain HTTP, which the metrics port always is */}}
+  {{- $how := dict "exec" $exec "host" (include "shoal.probeHost" .) "port" (ternary (int $v.ports.metrics) $v.probes.port $exec) }}
   startupProbe:
-    {{- include "shoal.probe" (dict "path" "/v2/health/live" "port" $v.probes.port "cfg" $v.probes.startup) | nindent 4 }}
+    {{- include "shoal.probe" (merge (dict "path" "/v2/health/live" "cfg" $v.probes.startup) $how) | nindent 4 }}
   livenessProbe:
-    {{- include "shoal.probe" (dict "path" "/v2/health/live" "port" $v.probes.port "cfg" $v.probes.liveness) | nindent 4 }}
+    {{- include "shoal.probe" (merge (dict "path" "/v2/health/live" "cfg" $v.probes.liveness) $how) | nindent 4 }}
   readinessProbe:
-    {{- include "shoal.probe" (dict "path" "/v2/health/ready" "port" $v.probes.port "cfg" $v.probes.readiness) | nindent 4 }}
+    {{- include "shoal.probe" (merge (dict "path" "/v2/health/ready" "cfg" $v.probes.readiness) $how) | nindent 4 }}
   {{- end }}
   {{- $resources := deepCopy (default dict $v.resources) }}
   {{- if gt (int $v.gpu.count) 0 }}
