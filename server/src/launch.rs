@@ -19,6 +19,19 @@ pub struct Launched {
     /// Unix socket paths, when started with `--http-uds` / `--grpc-uds`.
     pub http_uds: Option<PathBuf>,
     pub grpc_uds: Option<PathBuf>,
+    /// Its stderr lines, when started with [`Options::capture_stderr`].
+    pub stderr: Option<std::sync::mpsc::Receiver<String>>,
+}
+
+/// How [`Launched::start_with`] starts the child.
+#[derive(Debug, Clone, Default)]
+pub struct Options<'a> {
+    /// RUST_LOG.
+    pub log: &'a str,
+    /// More environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Read stderr into [`Launched::stderr`] instead of inheriting it.
+    pub capture_stderr: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +84,25 @@ impl Launched {
         extra: &[&str],
         log: &str,
     ) -> Result<Self, LaunchError> {
+        Self::start_with(
+            bin,
+            repository,
+            extra,
+            &Options {
+                log,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// [`Launched::start`] with more control over the child's environment
+    /// and stderr.
+    pub fn start_with(
+        bin: &Path,
+        repository: &Path,
+        extra: &[&str],
+        opts: &Options<'_>,
+    ) -> Result<Self, LaunchError> {
         let mut child = Command::new(bin)
             .arg("--model-repository")
             .arg(repository)
@@ -83,14 +115,28 @@ impl Launched {
                 "0",
             ])
             .args(extra)
-            .env("RUST_LOG", log)
+            .env("RUST_LOG", opts.log)
+            .envs(opts.env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if opts.capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .map_err(|source| LaunchError::Spawn {
                 bin: bin.display().to_string(),
                 source,
             })?;
+        let stderr = child.stderr.take().map(|err| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        });
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -111,6 +157,7 @@ impl Launched {
             metrics,
             http_uds,
             grpc_uds,
+            stderr,
         })
     }
 

@@ -89,14 +89,21 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     if !(0.0..=1.0).contains(&cfg.trace_rate) {
         return Err(TelemetryError::Rate(cfg.trace_rate));
     }
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    for d in [format!("{SPAN_TARGET}=off")]
-        .into_iter()
-        .chain((!cfg.access_log).then(|| format!("{ACCESS_TARGET}=off")))
-        .chain(cfg.access_log.then(|| format!("{ACCESS_TARGET}=info")))
-    {
-        filter = filter.add_directive(d.parse().expect("static directive"));
-    }
+    // Request spans are for the OpenTelemetry layer only; the access log
+    // is on or off by its flag, whatever RUST_LOG says.
+    let access = if cfg.access_log { "info" } else { "off" };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{SPAN_TARGET}=off")
+                .parse()
+                .expect("static directive"),
+        )
+        .add_directive(
+            format!("{ACCESS_TARGET}={access}")
+                .parse()
+                .expect("static directive"),
+        );
     let fmt = match cfg.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

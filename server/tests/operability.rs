@@ -17,9 +17,9 @@ use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
 use serde_json::{json, Value};
 use shoal_proto as pb;
 use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,88 +54,48 @@ fn grpc_request(input: &[f32]) -> pb::ModelInferRequest {
     }
 }
 
-/// The binary started here rather than through `common::Server`, for the
-/// tests that read its log (stderr) or set its environment.
+/// The binary with its stderr read here, for the tests that read its log
+/// or set its environment.
 struct Captured {
-    child: Child,
+    inner: shoal::launch::Launched,
     http: String,
     grpc: String,
-    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 impl Captured {
     fn start(repo: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("--model-repository")
-            .arg(repo)
-            .args([
-                "--http-port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start shoal");
-        let (tx, stderr) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let addrs = loop {
-            line.clear();
-            if out.read_line(&mut line).unwrap() == 0 {
-                panic!("shoal exited before listening");
-            }
-            if let Some(a) = shoal::launch::parse_listening(line.trim()) {
-                break a;
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let inner = shoal::launch::Launched::start_with(
+            Path::new(env!("CARGO_BIN_EXE_shoal")),
+            repo,
+            extra,
+            &shoal::launch::Options {
+                log: "info",
+                env,
+                capture_stderr: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         Self {
-            child,
-            http: addrs.0,
-            grpc: addrs.1,
-            stderr,
+            http: inner.http.clone(),
+            grpc: inner.grpc.clone(),
+            inner,
         }
     }
 
-    /// SIGTERM, wait for the exit, and every stderr line it wrote.
+    /// SIGTERM, wait for a clean exit, and every stderr line it wrote.
     fn stop(mut self) -> Vec<String> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "shoal exited with {status}");
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(30), "shoal did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.inner.sigterm();
+        let code = self
+            .inner
+            .wait_exit(Duration::from_secs(30))
+            .expect("shoal did not exit after SIGTERM");
+        assert_eq!(code, Some(0), "shoal's exit code");
+        let stderr = self.inner.stderr.take().expect("stderr is captured");
         let mut lines = Vec::new();
-        while let Ok(l) = self.stderr.recv_timeout(Duration::from_secs(2)) {
+        while let Ok(l) = stderr.recv_timeout(Duration::from_secs(2)) {
             lines.push(l);
         }
         lines
-    }
-}
-
-impl Drop for Captured {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -139,9 +139,9 @@ where
         let bytes_in = Arc::new(AtomicU64::new(0));
         let counted = bytes_in.clone();
         let req = req.map(|b| {
-            B::rebox(Counted {
+            B::rebox(Watched {
                 inner: b,
-                bytes: counted,
+                watch: Counter(counted),
             })
         });
         let fut = self.inner.call(req);
@@ -160,9 +160,9 @@ where
                 start,
             };
             Ok(resp.map(|b| {
-                B::rebox(Logged {
+                B::rebox(Watched {
                     inner: b,
-                    record: Some(record),
+                    watch: Some(record),
                 })
             }))
         }))
@@ -173,13 +173,20 @@ fn grpc_status(h: &HeaderMap) -> Option<i32> {
     h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
-/// A request body that counts the bytes read from it.
-struct Counted<B> {
-    inner: B,
-    bytes: Arc<AtomicU64>,
+/// What a [`Watched`] body reports to: each frame it passes on, and its
+/// end (the last frame, or the body dropped early), once.
+trait Watch {
+    fn frame(&mut self, f: &Frame<Bytes>);
+    fn end(&mut self) {}
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+/// A body passed through unchanged while a [`Watch`] sees it.
+struct Watched<B, W: Watch> {
+    inner: B,
+    watch: W,
+}
+
+impl<B: Body<Data = Bytes> + Unpin, W: Watch + Unpin> Body for Watched<B, W> {
     type Data = Bytes;
     type Error = B::Error;
     fn poll_frame(
@@ -187,10 +194,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
+        match &r {
+            Poll::Ready(Some(Ok(f))) => self.watch.frame(f),
+            Poll::Ready(None) => self.watch.end(),
+            _ => {}
         }
         r
     }
@@ -199,6 +206,23 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<B, W: Watch> Drop for Watched<B, W> {
+    fn drop(&mut self) {
+        self.watch.end();
+    }
+}
+
+/// Counts the request bytes read.
+struct Counter(Arc<AtomicU64>);
+
+impl Watch for Counter {
+    fn frame(&mut self, f: &Frame<Bytes>) {
+        if let Some(d) = f.data_ref() {
+            self.0.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -239,46 +263,20 @@ impl Record {
     }
 }
 
-/// A response body that counts what it sends, takes the gRPC status from
-/// the trailers, and writes the record when it is done or dropped.
-struct Logged<B> {
-    inner: B,
-    record: Option<Record>,
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Logged<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(f))), Some(rec)) = (&r, self.record.as_mut()) {
+/// The response side: counts what is sent, takes the gRPC status from the
+/// trailers, and writes the record at the end.
+impl Watch for Option<Record> {
+    fn frame(&mut self, f: &Frame<Bytes>) {
+        if let Some(rec) = self {
             if let Some(d) = f.data_ref() {
                 rec.bytes_out += d.len() as u64;
             } else if let Some(t) = f.trailers_ref() {
                 rec.grpc_status = grpc_status(t).or(rec.grpc_status);
             }
         }
-        if let Poll::Ready(None) = r {
-            if let Some(rec) = self.record.take() {
-                rec.write();
-            }
-        }
-        r
     }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for Logged<B> {
-    fn drop(&mut self) {
-        if let Some(rec) = self.record.take() {
+    fn end(&mut self) {
+        if let Some(rec) = self.take() {
             rec.write();
         }
     }

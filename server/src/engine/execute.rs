@@ -6,7 +6,6 @@
 use super::batcher::BatchPolicy;
 use super::config::{InputSource, Warmup};
 use super::error::EngineError;
-use super::keys::key_hash;
 use super::model::ModelCore;
 use super::replica::{Answer, Pending, Taken};
 use super::request::Timing;
@@ -54,12 +53,10 @@ pub fn execute(
     let cfg = &core.config;
     let n = taken.requests.len();
     let batch_id = NEXT_BATCH.fetch_add(1, Relaxed);
-    let mut queued = Vec::with_capacity(n);
     for p in &taken.requests {
         let waited = start.saturating_duration_since(p.enqueued);
         core.metrics.queue_duration.record(waited.as_secs_f64());
         core.stats.queue.add(waited);
-        queued.push(waited);
     }
     core.release(n);
     core.replica_metrics[replica].requests.increment(n as u64);
@@ -70,7 +67,7 @@ pub fn execute(
     let store = core.keys.store(replica);
     let counters = &core.keys.counters;
     let mut slots: Vec<Slot> = Vec::with_capacity(n);
-    for ((mut p, owner), waited) in taken.requests.into_iter().zip(taken.owners).zip(queued) {
+    for (mut p, owner) in taken.requests.into_iter().zip(taken.owners) {
         if let Some(t) = p.trace.as_mut() {
             t.queue = None;
             t.request.record("batch.id", batch_id);
@@ -78,9 +75,9 @@ pub fn execute(
             t.request.record("replica", replica);
         }
         let timing = Timing {
-            queue: waited,
+            queue: start.saturating_duration_since(p.enqueued),
             batch_id,
-            key_hash: p.key.as_deref().map(key_hash),
+            key_hash: p.key_hash,
             ..Timing::default()
         };
         let state = match (&p.key, stateful) {

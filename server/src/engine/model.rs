@@ -271,6 +271,7 @@ impl ModelVersion {
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             key,
+            key_hash: hash,
             ticket,
             sequence_start: req.sequence_start,
             sequence_end: req.sequence_end,

@@ -38,6 +38,8 @@ pub type Reply = Result<Answer, EngineError>;
 pub struct Pending {
     /// The correlation key and its ticket in the key's order.
     pub key: Option<Key>,
+    /// The key's hash, computed once at admission (routing, logs).
+    pub key_hash: Option<u64>,
     pub ticket: u64,
     pub sequence_start: bool,
     pub sequence_end: bool,
