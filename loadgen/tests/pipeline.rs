@@ -1,7 +1,8 @@
 //! The pipeline end to end, in memory: every processor mode with the real
 //! engine and the real FFNN, exact reconciliation, the sustainable-rate
 //! search against a processor of known capacity, and a stall that shows in
-//! the open-loop latency of every event scheduled during it.
+//! the open-loop latency of every event scheduled during it. Burst recovery
+//! has a binary of its own (`burst.rs`).
 
 mod common;
 
@@ -160,41 +161,6 @@ async fn a_full_input_topic_rejects_and_the_books_still_balance() {
     assert!(s.reconciled, "{}", s.reconciliation_line());
     assert_eq!(s.failed["rejected_at_input"], r.input_rejected);
     assert!(!s.sustainable());
-}
-
-#[tokio::test]
-async fn burst_recovery_matches_the_backlog_arithmetic() {
-    // Capacity 400 ev/s (2 tasks x 5 ms); 200 ev/s with 1 s bursts of
-    // 800 ev/s every 5 s. Each burst leaves ~400 events of backlog that
-    // drain at 400 - 200 = 200 ev/s: about 2 s to recover.
-    let schedule = Schedule::Bursts {
-        base: 200.0,
-        burst: 800.0,
-        burst_len: Duration::from_secs(1),
-        period: Duration::from_secs(5),
-    };
-    let exp = Experiment {
-        load: Load::Open(schedule.clone()),
-        duration: Duration::from_secs(13),
-        mp: 2,
-        rows: 1,
-        point_len: 4,
-        keys: None,
-        zipf: None,
-        seed: 13,
-        partition_capacity: 1 << 16,
-        data: None,
-    };
-    let r = run(&exp, Scorer::Synthetic(Duration::from_millis(5))).await;
-    assert!(summarize(&r, 0.0).reconciled);
-    let rec = shoal_loadgen::analyze::burst_recovery(&r, &schedule);
-    assert_eq!(rec.len(), 2, "{rec:?}");
-    for b in &rec {
-        let t = b
-            .recovery_s
-            .unwrap_or_else(|| panic!("no recovery: {rec:?}"));
-        assert!((1.3..=3.0).contains(&t), "recovery {t} s: {rec:?}");
-    }
 }
 
 #[tokio::test]
