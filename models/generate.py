@@ -372,6 +372,9 @@ def main(argv=None) -> int:
             ("ffnn/1", out / "ffnn" / "1", args.seed, build_ffnn),
             ("ffnn/2", out / "ffnn" / "2", args.seed + 1, build_ffnn),
             ("ffnn_nobatch/1", out / "ffnn_nobatch" / "1", args.seed, out / "ffnn" / "1"),
+            # A model that exists only as Triton's config.pbtxt.
+            ("ffnn_triton/1", out / "ffnn_triton" / "1", args.seed, out / "ffnn" / "1"),
+            ("ffnn_triton/2", out / "ffnn_triton" / "2", args.seed + 1, out / "ffnn" / "2"),
         ]
     if "resnet50" in only:
         jobs.append(("resnet50/1", out / "resnet50" / "1", args.seed, build_resnet50))

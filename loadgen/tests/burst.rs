@@ -49,7 +49,7 @@ async fn burst_recovery_matches_the_backlog_arithmetic() {
     };
     let exp = Experiment {
         load: Load::Open(schedule.clone()),
-        duration: Duration::from_secs(11),
+        duration: Duration::from_secs(13),
         mp: TASKS,
         rows: 1,
         point_len: 4,

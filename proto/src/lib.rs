@@ -9,3 +9,8 @@ pub mod inference {
 }
 
 pub use inference::*;
+
+/// The encoded `FileDescriptorSet` of both protos (`inference.ModelConfig`
+/// among them), for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/descriptor_set.bin"));

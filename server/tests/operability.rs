@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_close, ffnn_input, reference_ffnn, Server};
+use common::{assert_close, ffnn_input, reference_ffnn, Captured, Server};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 use shoal_proto as pb;
 use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,51 +50,6 @@ fn grpc_request(input: &[f32]) -> pb::ModelInferRequest {
         }],
         raw_input_contents: vec![bytes::Bytes::copy_from_slice(bytemuck::cast_slice(input))],
         ..Default::default()
-    }
-}
-
-/// The binary with its stderr read here, for the tests that read its log
-/// or set its environment.
-struct Captured {
-    inner: shoal::launch::Launched,
-    http: String,
-    grpc: String,
-}
-
-impl Captured {
-    fn start(repo: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let inner = shoal::launch::Launched::start_with(
-            Path::new(env!("CARGO_BIN_EXE_shoal")),
-            repo,
-            extra,
-            &shoal::launch::Options {
-                log: "info",
-                env,
-                capture_stderr: true,
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        Self {
-            http: inner.http.clone(),
-            grpc: inner.grpc.clone(),
-            inner,
-        }
-    }
-
-    /// SIGTERM, wait for a clean exit, and every stderr line it wrote.
-    fn stop(mut self) -> Vec<String> {
-        self.inner.sigterm();
-        let code = self
-            .inner
-            .wait_exit(Duration::from_secs(30))
-            .expect("shoal did not exit after SIGTERM");
-        assert_eq!(code, Some(0), "shoal's exit code");
-        let stderr = self.inner.stderr.take().expect("stderr is captured");
-        let mut lines = Vec::new();
-        while let Ok(l) = stderr.recv_timeout(Duration::from_secs(2)) {
-            lines.push(l);
-        }
-        lines
     }
 }
 

@@ -725,3 +725,53 @@ def test_server_healthy_after_errors(shoal_server, client, protocol):
     result = client.infer("ffnn", [_make_input(protocol, "input", x, "FP32", True)])
     np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=0, atol=1e-5)
     assert client.is_server_ready() is True
+
+
+# --------------------------------------------------------------------------
+# a model that exists only as Triton's config.pbtxt (model_repository/ffnn_triton)
+
+
+def test_triton_config_pbtxt_metadata_and_config(client, protocol):
+    md = _metadata(client, protocol, "ffnn_triton")
+    # Triton's default version policy: the latest version only.
+    assert list(md["versions"]) == ["2"]
+    assert md["platform"] == "onnxruntime_onnx"
+    assert md["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 784]}]
+    cfg = client.get_model_config("ffnn_triton")
+    if protocol == "grpc":
+        c = cfg.config
+        got = {
+            "max_batch_size": c.max_batch_size,
+            "latest": c.version_policy.latest.num_versions,
+            "groups": [(g.count, grpcclient.model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in c.instance_group],
+            "preferred": list(c.dynamic_batching.preferred_batch_size),
+            "delay": c.dynamic_batching.max_queue_delay_microseconds,
+            "intra": c.parameters["intra_op_thread_count"].string_value,
+        }
+    else:
+        got = {
+            "max_batch_size": cfg["max_batch_size"],
+            "latest": cfg["version_policy"]["latest"]["num_versions"],
+            "groups": [(g["count"], g["kind"]) for g in cfg["instance_group"]],
+            "preferred": cfg["dynamic_batching"]["preferred_batch_size"],
+            "delay": cfg["dynamic_batching"]["max_queue_delay_microseconds"],
+            "intra": cfg["parameters"]["intra_op_thread_count"]["string_value"],
+        }
+    assert got == {
+        "max_batch_size": 16,
+        "latest": 1,
+        "groups": [(2, "KIND_CPU")],
+        "preferred": [4, 8],
+        "delay": 100,
+        "intra": "1",
+    }
+
+
+def test_triton_config_pbtxt_infer(shoal_server, client, protocol):
+    x = _ffnn_input(seed=77, batch=3)
+    (expected,) = _reference(shoal_server.model_repository, "ffnn_triton", "2", {"input": x})
+    result = client.infer("ffnn_triton", [_make_input(protocol, "input", x, "FP32", True)])
+    assert _response(result)["model_version"] == "2"
+    np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=0, atol=1e-5)
+    # Version 1 is on disk but not served.
+    _expect_error(protocol, "not_found", client.get_model_metadata, "ffnn_triton", "1")

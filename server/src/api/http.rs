@@ -138,46 +138,14 @@ async fn model_ready(
     })
 }
 
-fn dtype_name(code: i32) -> String {
-    DataType::ALL
-        .into_iter()
-        .find(|d| d.triton_enum() == code)
-        .map_or_else(|| "TYPE_INVALID".into(), |d| d.triton_config_name())
-}
-
 async fn model_config(
     State(st): State<HttpState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<Value>, ApiError> {
     let mv = st.engine.model(&p.m, p.v.as_deref())?;
-    let c = metadata::model_config(&mv);
-    let mut v = j!({
-        "name": c.name,
-        "platform": c.platform,
-        "backend": c.backend,
-        "version_policy": {"all": {}},
-        "max_batch_size": c.max_batch_size,
-        "input": c.input.iter().map(|i| j!({
-            "name": i.name, "data_type": dtype_name(i.data_type), "format": "FORMAT_NONE", "dims": i.dims,
-            "optional": false,
-        })).collect::<Vec<_>>(),
-        "output": c.output.iter().map(|o| j!({
-            "name": o.name, "data_type": dtype_name(o.data_type), "dims": o.dims,
-        })).collect::<Vec<_>>(),
-        "instance_group": c.instance_group.iter().map(|g| j!({
-            "name": g.name, "kind": "KIND_CPU", "count": g.count, "gpus": [],
-        })).collect::<Vec<_>>(),
-        "default_model_filename": c.default_model_filename,
-        "parameters": {},
-    });
-    if let Some(db) = c.dynamic_batching {
-        v["dynamic_batching"] = j!({
-            "preferred_batch_size": db.preferred_batch_size,
-            "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
-            "preserve_ordering": false,
-        });
-    }
-    Ok(Json(v))
+    Ok(Json(crate::engine::pbtxt::to_json(
+        &metadata::model_config(&mv),
+    )))
 }
 
 fn stats_json(s: shoal_proto::ModelStatisticsResponse) -> Value {

@@ -46,59 +46,87 @@ pub fn model_metadata(engine: &Engine, mv: &ModelVersion) -> pb::ModelMetadataRe
     }
 }
 
+/// The configuration as loaded: the user's config.pbtxt where there was
+/// one (every field they wrote, as Triton returns it), with what is in
+/// effect written over it: the platform, version policy, batch size, the
+/// I/O completed from the graph, the batcher and the instance groups.
 pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
+    use crate::engine::config::VersionPolicy;
+    use pb::model_version_policy::{All, Latest, PolicyChoice, Specific};
     let cfg = mv.config();
-    pb::ModelConfig {
-        name: cfg.name.clone(),
-        platform: cfg.platform.clone(),
-        backend: if cfg.platform == crate::engine::repository::TORCH_PLATFORM {
-            "pytorch".into()
-        } else {
-            "onnxruntime".into()
-        },
-        version_policy: Some(pb::ModelVersionPolicy {
-            policy_choice: Some(pb::model_version_policy::PolicyChoice::All(
-                pb::model_version_policy::All {},
-            )),
-        }),
-        max_batch_size: cfg.max_batch_size as i32,
-        input: cfg
-            .inputs
-            .iter()
-            .map(|s| pb::ModelInput {
-                name: s.name.clone(),
-                data_type: s.datatype.triton_enum(),
-                format: 0,
-                dims: s.dims.clone(),
-                optional: false,
-            })
-            .collect(),
-        output: cfg
-            .outputs
-            .iter()
-            .map(|s| pb::ModelOutput {
-                name: s.name.clone(),
-                data_type: s.datatype.triton_enum(),
-                dims: s.dims.clone(),
-            })
-            .collect(),
-        dynamic_batching: cfg
-            .dynamic_batching
-            .as_ref()
-            .map(|d| pb::ModelDynamicBatching {
-                preferred_batch_size: d.preferred_batch_sizes.iter().map(|&p| p as i32).collect(),
-                max_queue_delay_microseconds: d.max_queue_delay.as_micros() as u64,
-                preserve_ordering: false,
+    let mut c = cfg.triton.as_deref().cloned().unwrap_or_default();
+    let torch = cfg.platform == crate::engine::repository::TORCH_PLATFORM;
+    c.name = cfg.name.clone();
+    c.platform = cfg.platform.clone();
+    c.backend = if torch { "pytorch" } else { "onnxruntime" }.into();
+    c.version_policy = Some(pb::ModelVersionPolicy {
+        policy_choice: Some(match &cfg.version_policy {
+            VersionPolicy::All => PolicyChoice::All(All {}),
+            VersionPolicy::Latest(n) => PolicyChoice::Latest(Latest { num_versions: *n }),
+            VersionPolicy::Specific(v) => PolicyChoice::Specific(Specific {
+                versions: v.iter().map(|&x| x as i64).collect(),
             }),
-        instance_group: vec![pb::ModelInstanceGroup {
-            name: format!("{}_0", cfg.name),
+        }),
+    });
+    c.max_batch_size = cfg.max_batch_size as i32;
+    let written_inputs = std::mem::take(&mut c.input);
+    c.input = cfg
+        .inputs
+        .iter()
+        .map(|s| pb::ModelInput {
+            name: s.name.clone(),
+            data_type: s.datatype.triton_enum(),
+            dims: s.dims.clone(),
+            ..written_inputs
+                .iter()
+                .find(|w| w.name == s.name)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let written_outputs = std::mem::take(&mut c.output);
+    c.output = cfg
+        .outputs
+        .iter()
+        .map(|s| pb::ModelOutput {
+            name: s.name.clone(),
+            data_type: s.datatype.triton_enum(),
+            dims: s.dims.clone(),
+            ..written_outputs
+                .iter()
+                .find(|w| w.name == s.name)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let written_batching = c.dynamic_batching.take();
+    c.dynamic_batching = cfg
+        .dynamic_batching
+        .as_ref()
+        .map(|d| pb::ModelDynamicBatching {
+            preferred_batch_size: d.preferred_batch_sizes.iter().map(|&p| p as i32).collect(),
+            max_queue_delay_microseconds: d.max_queue_delay.as_micros() as u64,
+            ..written_batching.unwrap_or_default()
+        });
+    if c.instance_group.is_empty() {
+        c.instance_group = vec![pb::ModelInstanceGroup {
             kind: pb::model_instance_group::Kind::Cpu as i32,
             count: cfg.instance_count as i32,
-            gpus: vec![],
-        }],
-        default_model_filename: "model.onnx".into(),
-        parameters: Default::default(),
+            ..Default::default()
+        }];
     }
+    for (i, g) in c.instance_group.iter_mut().enumerate() {
+        if g.name.is_empty() {
+            g.name = format!("{}_{i}", cfg.name);
+        }
+        if g.count == 0 {
+            g.count = 1;
+        }
+    }
+    if c.default_model_filename.is_empty() {
+        c.default_model_filename = if torch { "model.pt" } else { "model.onnx" }.into();
+    }
+    c
 }
 
 pub fn model_statistics(mv: &ModelVersion) -> pb::ModelStatistics {

@@ -57,6 +57,69 @@ pub struct ModelConfigFile {
     #[serde(default)]
     pub sequence_state: Vec<SequenceStateFile>,
     pub window: Option<WindowFile>,
+    /// Which of the version directories load: `"all"` (the default of a
+    /// config.toml), `"latest"`, `{ latest = N }` or `{ specific = [..] }`.
+    /// A config.pbtxt without one loads the latest version only, as Triton.
+    pub version_policy: Option<VersionPolicy>,
+    /// The Triton `ModelConfig` this file was read from (config.pbtxt), so
+    /// the model-config calls return what the user wrote, completed.
+    #[serde(skip)]
+    pub triton: Option<std::sync::Arc<shoal_proto::ModelConfig>>,
+}
+
+/// Triton's `version_policy`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "VersionPolicyRepr")]
+pub enum VersionPolicy {
+    All,
+    /// The N highest version numbers (`"latest"` alone is N = 1).
+    Latest(u32),
+    Specific(Vec<u64>),
+}
+
+/// How config.toml writes a version policy.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum VersionPolicyRepr {
+    Name(String),
+    Latest { latest: u32 },
+    Specific { specific: Vec<u64> },
+}
+
+impl TryFrom<VersionPolicyRepr> for VersionPolicy {
+    type Error = String;
+    fn try_from(r: VersionPolicyRepr) -> Result<Self, String> {
+        match r {
+            VersionPolicyRepr::Name(n) if n == "all" => Ok(VersionPolicy::All),
+            VersionPolicyRepr::Name(n) if n == "latest" => Ok(VersionPolicy::Latest(1)),
+            VersionPolicyRepr::Name(n) => Err(format!(
+                "version_policy {n:?} is not \"all\", \"latest\", {{ latest = N }} or {{ specific = [..] }}"
+            )),
+            VersionPolicyRepr::Latest { latest: 0 } => {
+                Err("version_policy latest must be >= 1".into())
+            }
+            VersionPolicyRepr::Latest { latest } => Ok(VersionPolicy::Latest(latest)),
+            VersionPolicyRepr::Specific { specific } => Ok(VersionPolicy::Specific(specific)),
+        }
+    }
+}
+
+impl VersionPolicy {
+    /// The versions of `available` (sorted ascending) this policy loads.
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        match self {
+            VersionPolicy::All => available.to_vec(),
+            VersionPolicy::Latest(n) => {
+                let keep = (*n as usize).min(available.len());
+                available[available.len() - keep..].to_vec()
+            }
+            VersionPolicy::Specific(v) => available
+                .iter()
+                .copied()
+                .filter(|a| v.contains(a))
+                .collect(),
+        }
+    }
 }
 
 /// `device = "cuda"` or `device = ["cuda:0", "cpu"]`.
@@ -237,6 +300,9 @@ pub struct ModelConfig {
     pub keyed_limits: KeyedLimits,
     pub states: Vec<StateSpec>,
     pub window: Option<WindowSpec>,
+    pub version_policy: VersionPolicy,
+    /// The config.pbtxt this came from, if any.
+    pub triton: Option<std::sync::Arc<shoal_proto::ModelConfig>>,
 }
 
 impl ModelConfig {
@@ -489,6 +555,8 @@ impl ModelConfigFile {
             keyed_limits,
             states,
             window,
+            version_policy: self.version_policy.clone().unwrap_or(VersionPolicy::All),
+            triton: self.triton.clone(),
         })
     }
 

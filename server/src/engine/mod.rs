@@ -11,6 +11,7 @@ pub mod execute;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod pbtxt;
 pub mod pressure;
 pub mod replica;
 pub mod repository;

@@ -1,4 +1,5 @@
-//! Scans a model repository directory: `<repo>/<model>/config.toml` and
+//! Scans a model repository directory: `<repo>/<model>/config.toml` (or
+//! Triton's `config.pbtxt`, see [`super::pbtxt`]) and
 //! numeric version directories holding the model file (`model.onnx`, or
 //! `model.pt` for TorchScript), and builds each model's backend factory,
 //! placing its replicas on the devices its config asks for.
@@ -84,14 +85,7 @@ pub fn list_models(repo: &Path) -> Result<Vec<String>, LoadError> {
 /// [`list_models`]: it is joined to the repository path as it is.
 pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
     let mdir = model_dir(repo, name);
-    let cfg_path = mdir.join("config.toml");
-    let (config, text) = if cfg_path.exists() {
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| repo_err(&cfg_path, format!("cannot read: {e}")))?;
-        (ModelConfigFile::parse(name, &text)?, text)
-    } else {
-        (ModelConfigFile::default(), String::new())
-    };
+    let (config, text) = read_config(&mdir, name)?;
     if !cfg!(feature = "torch") && config.platform.as_deref() == Some(TORCH_PLATFORM) {
         // One repository serves both builds; a build without libtorch
         // leaves its TorchScript models out rather than refusing to start.
@@ -124,6 +118,19 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
             "no numeric version directory (e.g. 1/model.onnx) and no model file (model.onnx or model.pt) in the model directory",
         ));
     }
+    if let Some(policy) = &config.version_policy {
+        let available: Vec<u64> = versions.iter().map(|(v, _)| *v).collect();
+        let keep = policy.select(&available);
+        if keep.is_empty() {
+            return Err(repo_err(
+                &mdir,
+                format!(
+                    "version_policy {policy:?} selects none of the versions on disk {available:?}"
+                ),
+            ));
+        }
+        versions.retain(|(v, _)| keep.contains(v));
+    }
     let mut out = Vec::new();
     for (version, vdir) in versions {
         let path = model_file(&vdir).ok_or_else(|| {
@@ -150,6 +157,35 @@ pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
     Ok(out)
 }
 
+/// A model directory's config: `config.toml` (shoal's), else
+/// `config.pbtxt` (Triton's), else none (completed from the graph). Also
+/// returns the text, whose hash stamps the versions.
+fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), LoadError> {
+    let toml_path = mdir.join("config.toml");
+    let pbtxt_path = mdir.join("config.pbtxt");
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| repo_err(p, format!("cannot read: {e}")));
+    if toml_path.exists() {
+        if pbtxt_path.exists() {
+            tracing::warn!(
+                model = %name,
+                "the model directory has both config.toml and config.pbtxt: config.toml wins, config.pbtxt is not read"
+            );
+        }
+        let text = read(&toml_path)?;
+        return Ok((ModelConfigFile::parse(name, &text)?, text));
+    }
+    if pbtxt_path.exists() {
+        let text = read(&pbtxt_path)?;
+        let parsed = super::pbtxt::parse(name, &pbtxt_path.display().to_string(), &text)?;
+        for w in &parsed.warnings {
+            tracing::warn!(model = %name, file = %pbtxt_path.display(), "config.pbtxt: {w}");
+        }
+        return Ok((parsed.config, text));
+    }
+    Ok((ModelConfigFile::default(), String::new()))
+}
+
 /// Changes when anything a load of `name` reads changes: its config and
 /// its version directories and files. Needs no parsing, so a broken model
 /// has one too (a poll retries it only once it changed).
@@ -157,6 +193,7 @@ pub fn fingerprint(repo: &Path, name: &str) -> u64 {
     let mdir = model_dir(repo, name);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(mdir.join("config.toml")).ok().hash(&mut h);
+    std::fs::read(mdir.join("config.pbtxt")).ok().hash(&mut h);
     let mut dirs: Vec<(String, PathBuf)> = std::fs::read_dir(&mdir)
         .map(|d| {
             d.filter_map(|e| e.ok())

@@ -173,3 +173,48 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The binary with its stderr read here, for the tests that read its log
+/// or set its environment.
+pub struct Captured {
+    pub inner: shoal::launch::Launched,
+    pub http: String,
+    pub grpc: String,
+}
+
+impl Captured {
+    pub fn start(repo: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let inner = shoal::launch::Launched::start_with(
+            Path::new(env!("CARGO_BIN_EXE_shoal")),
+            repo,
+            extra,
+            &shoal::launch::Options {
+                log: "info",
+                env,
+                capture_stderr: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            http: inner.http.clone(),
+            grpc: inner.grpc.clone(),
+            inner,
+        }
+    }
+
+    /// SIGTERM, wait for a clean exit, and every stderr line it wrote.
+    pub fn stop(mut self) -> Vec<String> {
+        self.inner.sigterm();
+        let code = self
+            .inner
+            .wait_exit(Duration::from_secs(30))
+            .expect("shoal did not exit after SIGTERM");
+        assert_eq!(code, Some(0), "shoal's exit code");
+        let stderr = self.inner.stderr.take().expect("stderr is captured");
+        let mut lines = Vec::new();
+        while let Ok(l) = stderr.recv_timeout(Duration::from_secs(2)) {
+            lines.push(l);
+        }
+        lines
+    }
+}

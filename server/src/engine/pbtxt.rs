@@ -1,0 +1,736 @@
+//! Triton's `config.pbtxt`: parsed with a real protobuf text-format parser
+//! (prost-reflect) against shoal's declaration of Triton's `ModelConfig`,
+//! mapped onto [`ModelConfigFile`], and checked field by field so that what
+//! shoal does not implement is named at load: a warning where ignoring it
+//! cannot change a result, an error where it could.
+
+use super::config::{
+    ConfigError, DeviceFile, DynamicBatchingFile, IoFile, ModelConfigFile, VersionPolicy,
+};
+use crate::tensor::DataType;
+use miette::Diagnostic;
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value,
+};
+use shoal_proto as pb;
+use std::sync::{Arc, OnceLock};
+
+/// A config.pbtxt read into shoal's terms, and what of it shoal ignores.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: ModelConfigFile,
+    /// One line per ignored field, naming it.
+    pub warnings: Vec<String>,
+}
+
+/// The `inference.ModelConfig` descriptor compiled into shoal-proto.
+pub fn model_config_descriptor() -> MessageDescriptor {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET)
+            .expect("shoal-proto's build wrote a valid descriptor set")
+    })
+    .get_message_by_name("inference.ModelConfig")
+    .expect("model_config.proto declares inference.ModelConfig")
+}
+
+/// What shoal does with a field of `ModelConfig`, by its path of field
+/// names (list and map positions left out).
+enum Verdict {
+    /// In effect (the mapping below reads it).
+    Use,
+    /// A message whose fields get their own verdicts.
+    Descend,
+    /// Ignoring it could change what a client gets back: the load fails.
+    Refuse(&'static str),
+}
+
+fn verdict(path: &str) -> Option<Verdict> {
+    use Verdict::*;
+    Some(match path {
+        "name" | "platform" | "backend" | "max_batch_size" | "default_model_filename"
+        | "version_policy" | "parameters" => Use,
+        "input" | "output" | "instance_group" | "dynamic_batching" => Descend,
+        "input.name" | "input.data_type" | "input.dims" | "input.format" => Use,
+        "output.name" | "output.data_type" | "output.dims" => Use,
+        "instance_group.name" | "instance_group.kind" | "instance_group.count"
+        | "instance_group.gpus" => Use,
+        "dynamic_batching.preferred_batch_size"
+        | "dynamic_batching.max_queue_delay_microseconds"
+        | "dynamic_batching.preserve_ordering" => Use,
+        "dynamic_batching.default_queue_policy" => Descend,
+        "dynamic_batching.default_queue_policy.max_queue_size" => Use,
+        "ensemble_scheduling" => Refuse("ensembles are not served by shoal"),
+        "sequence_batching" => Refuse(
+            "sequence batching (control tensors, implicit state) is not implemented; \
+             shoal's keyed state (config.toml `sequence_state`) is the nearest equivalent",
+        ),
+        "input.reshape" | "output.reshape" => {
+            Refuse("reshape is not implemented: the model would see other shapes than Triton gives it")
+        }
+        "input.is_shape_tensor" | "output.is_shape_tensor" => {
+            Refuse("shape tensors (a TensorRT feature) are not implemented")
+        }
+        "batch_input" | "batch_output" => {
+            Refuse("batch inputs and outputs are not implemented: the model would miss tensors Triton adds")
+        }
+        "model_transaction_policy" => {
+            Refuse("decoupled models (several responses per request) are not implemented")
+        }
+        _ => return None,
+    })
+}
+
+/// The `parameters` keys shoal reads, as Triton's onnxruntime backend names them.
+const PARAMETERS: [&str; 2] = ["intra_op_thread_count", "inter_op_thread_count"];
+
+/// Parses `text`, the config.pbtxt of model directory `model` (`file` is
+/// its path, for messages).
+pub fn parse(model: &str, file: &str, text: &str) -> Result<Parsed, ConfigError> {
+    let err = |reason: String| ConfigError {
+        model: model.to_string(),
+        reason: format!("{file}: {reason}"),
+    };
+    let (normalized, inserted) = list_colons(text);
+    let msg =
+        DynamicMessage::parse_text_format(model_config_descriptor(), &normalized).map_err(|e| {
+            let at = e
+                .labels()
+                .and_then(|mut l| l.next())
+                .map(|l| {
+                    let off = l.offset();
+                    line_col(text, off - inserted.iter().filter(|&&i| i < off).count())
+                })
+                .map_or_else(String::new, |(l, c)| format!("line {l}, column {c}: "));
+            err(format!("{at}{e}"))
+        })?;
+    let mut refused = Vec::new();
+    let mut warnings = Vec::new();
+    check(&msg, "", &mut refused, &mut warnings);
+    if let Some(first) = refused.into_iter().next() {
+        return Err(err(first));
+    }
+    let tc: pb::ModelConfig = msg
+        .transcode_to()
+        .map_err(|e| err(format!("cannot read the parsed config: {e}")))?;
+    let config = map(model, &tc, &mut warnings).map_err(err)?;
+    Ok(Parsed { config, warnings })
+}
+
+/// Protobuf's own text-format parser (which Triton uses) lets a field name
+/// stand before a list without a colon (`input [ { ... } ]`, the way every
+/// Triton example writes it); prost-reflect wants `input: [ ... ]`. Adds
+/// the colon where a field name (an identifier that is not a value after a
+/// colon) meets `[`, skipping strings and comments, and returns the offsets
+/// (in the result) where it did, to map error positions back.
+fn list_colons(text: &str) -> (String, Vec<usize>) {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Prev {
+        Colon,
+        FieldName,
+        Other,
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut inserted = Vec::new();
+    let mut prev = Prev::Other;
+    let mut chars = text.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        match c {
+            '#' => {
+                out.push(c);
+                for (_, c) in chars.by_ref() {
+                    out.push(c);
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' | '\'' => {
+                out.push(c);
+                while let Some((_, d)) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        if let Some((_, e)) = chars.next() {
+                            out.push(e);
+                        }
+                    } else if d == c || d == '\n' {
+                        break;
+                    }
+                }
+                prev = Prev::Other;
+            }
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                out.push(c);
+                while let Some(&(_, d)) = chars.peek() {
+                    if !(d.is_ascii_alphanumeric() || d == '_') {
+                        break;
+                    }
+                    out.push(d);
+                    chars.next();
+                }
+                prev = if prev == Prev::Colon {
+                    Prev::Other
+                } else {
+                    Prev::FieldName
+                };
+            }
+            c if c.is_whitespace() => out.push(c),
+            '[' if prev == Prev::FieldName => {
+                inserted.push(out.len());
+                out.push(':');
+                out.push('[');
+                prev = Prev::Other;
+            }
+            ':' => {
+                out.push(c);
+                prev = Prev::Colon;
+            }
+            _ => {
+                out.push(c);
+                prev = Prev::Other;
+            }
+        }
+    }
+    (out, inserted)
+}
+
+/// 1-based line and column of byte `offset` of `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Collects a refusal or warning for every set field shoal does not use.
+fn check(
+    msg: &DynamicMessage,
+    prefix: &str,
+    refused: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    for (fd, value) in msg.fields() {
+        let path = if prefix.is_empty() {
+            fd.name().to_string()
+        } else {
+            format!("{prefix}.{}", fd.name())
+        };
+        match verdict(&path) {
+            Some(Verdict::Use) => {}
+            Some(Verdict::Descend) => {
+                let items: Vec<&DynamicMessage> = match value {
+                    Value::Message(m) => vec![m],
+                    Value::List(l) => l.iter().filter_map(Value::as_message).collect(),
+                    _ => vec![],
+                };
+                for m in items {
+                    check(m, &path, refused, warnings);
+                }
+            }
+            Some(Verdict::Refuse(why)) => {
+                refused.push(format!("field `{path}`: {why}"));
+            }
+            None => warnings.push(format!(
+                "field `{path}` is not implemented by shoal and is ignored"
+            )),
+        }
+    }
+}
+
+fn data_type(code: i32, what: &str) -> Result<String, String> {
+    DataType::ALL
+        .into_iter()
+        .find(|d| d.triton_enum() == code)
+        .map(|d| d.as_str().to_string())
+        .ok_or_else(|| format!("{what}: data_type TYPE_INVALID (or missing)"))
+}
+
+/// Triton's platform and backend names onto shoal's platform.
+fn platform(c: &pb::ModelConfig) -> Result<Option<String>, String> {
+    let from_platform = match c.platform.as_str() {
+        "" => None,
+        p @ ("onnxruntime_onnx" | "pytorch_libtorch") => Some(p),
+        "ensemble" => return Err("platform `ensemble`: ensembles are not served by shoal".into()),
+        other => {
+            return Err(format!(
+                "platform `{other}` is not served by shoal (onnxruntime_onnx, pytorch_libtorch)"
+            ))
+        }
+    };
+    let from_backend = match c.backend.as_str() {
+        "" => None,
+        "onnxruntime" => Some("onnxruntime_onnx"),
+        "pytorch" => Some("pytorch_libtorch"),
+        other => {
+            return Err(format!(
+                "backend `{other}` is not served by shoal (onnxruntime, pytorch)"
+            ))
+        }
+    };
+    match (from_platform, from_backend) {
+        (Some(p), Some(b)) if p != b => Err(format!(
+            "platform `{}` and backend `{}` disagree",
+            c.platform, c.backend
+        )),
+        (p, b) => Ok(p.or(b).map(str::to_string)),
+    }
+}
+
+/// Instance groups onto a replica count and a device per replica.
+fn instances(
+    groups: &[pb::ModelInstanceGroup],
+    warnings: &mut Vec<String>,
+) -> Result<(Option<usize>, Option<DeviceFile>), String> {
+    use pb::model_instance_group::Kind;
+    if groups.is_empty() {
+        return Ok((None, None));
+    }
+    let mut devices = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let count = match g.count {
+            0 => 1,
+            n if n < 0 => return Err(format!("instance_group {i}: count {n} is negative")),
+            n => n as usize,
+        };
+        let kind = Kind::try_from(g.kind)
+            .map_err(|_| format!("instance_group {i}: unknown kind {}", g.kind))?;
+        let per_device = |prefix: &str| -> Vec<String> {
+            if g.gpus.is_empty() {
+                vec![prefix.to_string(); count]
+            } else {
+                g.gpus
+                    .iter()
+                    .flat_map(|n| std::iter::repeat_n(format!("cuda:{n}"), count))
+                    .collect()
+            }
+        };
+        match kind {
+            Kind::Cpu | Kind::Model => {
+                if !g.gpus.is_empty() {
+                    return Err(format!(
+                        "instance_group {i}: gpus may not be given with kind {}",
+                        kind.as_str_name()
+                    ));
+                }
+                if kind == Kind::Model {
+                    warnings.push(format!(
+                        "instance_group {i}: KIND_MODEL runs on the CPU in shoal"
+                    ));
+                }
+                devices.extend(std::iter::repeat_n("cpu".to_string(), count));
+            }
+            Kind::Gpu => devices.extend(per_device("cuda")),
+            // KIND_AUTO with listed GPUs means those GPUs (Triton falls back
+            // to the CPU only when one is missing); without, any GPU or CPU.
+            Kind::Auto => devices.extend(per_device("auto")),
+        }
+    }
+    let n = devices.len();
+    let device = if devices.iter().all(|d| d == "cpu") {
+        None
+    } else {
+        Some(DeviceFile::Many(devices))
+    };
+    Ok((Some(n), device))
+}
+
+fn map(
+    model: &str,
+    c: &pb::ModelConfig,
+    warnings: &mut Vec<String>,
+) -> Result<ModelConfigFile, String> {
+    if !c.name.is_empty() && c.name != model {
+        return Err(format!(
+            "name `{}` differs from the model directory's name `{model}` (Triton requires them equal)",
+            c.name
+        ));
+    }
+    let platform = platform(c)?;
+    if !matches!(
+        c.default_model_filename.as_str(),
+        "" | "model.onnx" | "model.pt"
+    ) {
+        return Err(format!(
+            "default_model_filename `{}`: shoal loads model.onnx or model.pt",
+            c.default_model_filename
+        ));
+    }
+    let max_batch_size = u32::try_from(c.max_batch_size)
+        .map_err(|_| format!("max_batch_size {} is negative", c.max_batch_size))?;
+    let input = c
+        .input
+        .iter()
+        .map(|t| {
+            Ok(IoFile {
+                name: t.name.clone(),
+                datatype: data_type(t.data_type, &format!("input `{}`", t.name))?,
+                dims: t.dims.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    for t in c.input.iter().filter(|t| t.optional) {
+        warnings.push(format!(
+            "input `{}`: optional is not implemented; requests must carry it",
+            t.name
+        ));
+    }
+    let output = c
+        .output
+        .iter()
+        .map(|t| {
+            Ok(IoFile {
+                name: t.name.clone(),
+                datatype: data_type(t.data_type, &format!("output `{}`", t.name))?,
+                dims: t.dims.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let (instance_count, device) = instances(&c.instance_group, warnings)?;
+    let mut threads = [None, None];
+    for (key, p) in &c.parameters {
+        match PARAMETERS.iter().position(|k| k == key) {
+            Some(i) => {
+                let n: usize = p.string_value.trim().parse().map_err(|_| {
+                    format!(
+                        "parameters `{key}`: string_value {:?} is not a whole number",
+                        p.string_value
+                    )
+                })?;
+                // Triton's onnxruntime backend reads 0 as "ORT's default".
+                threads[i] = (n > 0).then_some(n);
+            }
+            None => warnings.push(format!(
+                "parameters `{key}` is not a parameter shoal reads ({}) and is ignored",
+                PARAMETERS.join(", ")
+            )),
+        }
+    }
+    // Without a dynamic_batching block Triton runs each request alone.
+    let (dynamic_batching, batching) = match &c.dynamic_batching {
+        None => (None, (max_batch_size > 0).then(|| "none".to_string())),
+        Some(d) => {
+            let preferred = d
+                .preferred_batch_size
+                .iter()
+                .map(|&p| {
+                    u32::try_from(p).map_err(|_| {
+                        format!("dynamic_batching preferred_batch_size {p} is negative")
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let max_queue_size =
+                match d.default_queue_policy.as_ref().map(|q| q.max_queue_size) {
+                    None | Some(0) => None,
+                    Some(n) => Some(usize::try_from(n).map_err(|_| {
+                        format!("default_queue_policy max_queue_size {n} is negative")
+                    })?),
+                };
+            if d.default_queue_policy
+                .as_ref()
+                .is_some_and(|q| q.max_queue_size == 0)
+            {
+                warnings.push(format!(
+                    "dynamic_batching default_queue_policy max_queue_size 0 (unbounded in Triton) is bounded at {} in shoal",
+                    super::config::DEFAULT_MAX_QUEUE_SIZE
+                ));
+            }
+            (
+                Some(DynamicBatchingFile {
+                    max_queue_delay_us: d.max_queue_delay_microseconds,
+                    preferred_batch_sizes: preferred,
+                    max_queue_size,
+                }),
+                None,
+            )
+        }
+    };
+    let version_policy = match c
+        .version_policy
+        .as_ref()
+        .and_then(|v| v.policy_choice.as_ref())
+    {
+        None => VersionPolicy::Latest(1),
+        Some(pb::model_version_policy::PolicyChoice::All(_)) => VersionPolicy::All,
+        Some(pb::model_version_policy::PolicyChoice::Latest(l)) if l.num_versions == 0 => {
+            return Err("version_policy latest: num_versions must be >= 1".into())
+        }
+        Some(pb::model_version_policy::PolicyChoice::Latest(l)) => {
+            VersionPolicy::Latest(l.num_versions)
+        }
+        Some(pb::model_version_policy::PolicyChoice::Specific(s)) => VersionPolicy::Specific(
+            s.versions
+                .iter()
+                .map(|&v| {
+                    u64::try_from(v)
+                        .map_err(|_| format!("version_policy specific: version {v} is negative"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    Ok(ModelConfigFile {
+        platform,
+        device,
+        max_batch_size,
+        instance_count,
+        intra_op_threads: threads[0],
+        inter_op_threads: threads[1],
+        dynamic_batching,
+        batching,
+        input,
+        output,
+        version_policy: Some(version_policy),
+        triton: Some(Arc::new(c.clone())),
+        ..ModelConfigFile::default()
+    })
+}
+
+/// `ModelConfig` as Triton's REST API renders it: every scalar, list and
+/// map field (defaults included), message fields where set, enums by name,
+/// and 64-bit integers as JSON numbers (where protobuf's JSON would quote
+/// them).
+pub fn to_json(c: &pb::ModelConfig) -> serde_json::Value {
+    let bytes = prost::Message::encode_to_vec(c);
+    match DynamicMessage::decode(model_config_descriptor(), bytes.as_slice()) {
+        Ok(m) => message_json(&m),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+fn message_json(m: &DynamicMessage) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for fd in m.descriptor().fields() {
+        if fd.kind().as_message().is_some() && !fd.is_list() && !fd.is_map() && !m.has_field(&fd) {
+            continue;
+        }
+        if let Some(oneof) = fd.containing_oneof() {
+            if !m.has_field(&fd) && !oneof.is_synthetic() {
+                continue;
+            }
+        }
+        let v = m.get_field(&fd);
+        out.insert(fd.name().to_string(), value_json(&v, &fd.kind()));
+    }
+    serde_json::Value::Object(out)
+}
+
+fn value_json(v: &Value, kind: &prost_reflect::Kind) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::Bool(b) => json!(b),
+        Value::I32(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::F32(x) => json!(x),
+        Value::F64(x) => json!(x),
+        Value::String(s) => json!(s),
+        Value::Bytes(b) => json!(b.iter().map(|x| *x as u32).collect::<Vec<_>>()),
+        Value::EnumNumber(n) => match kind.as_enum().and_then(|e| e.get_value(*n)) {
+            Some(ev) => json!(ev.name()),
+            None => json!(n),
+        },
+        Value::Message(m) => message_json(m),
+        Value::List(l) => serde_json::Value::Array(l.iter().map(|x| value_json(x, kind)).collect()),
+        Value::Map(mp) => {
+            let value_kind = kind
+                .as_message()
+                .map(|e| e.map_entry_value_field().kind())
+                .unwrap_or_else(|| kind.clone());
+            let mut entries: Vec<(String, serde_json::Value)> = mp
+                .iter()
+                .map(|(k, x)| (map_key(k), value_json(x, &value_kind)))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().collect())
+        }
+    }
+}
+
+fn map_key(k: &MapKey) -> String {
+    match k {
+        MapKey::Bool(b) => b.to_string(),
+        MapKey::I32(x) => x.to_string(),
+        MapKey::I64(x) => x.to_string(),
+        MapKey::U32(x) => x.to_string(),
+        MapKey::U64(x) => x.to_string(),
+        MapKey::String(s) => s.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Written the way Triton's docs write them: comments, both list
+    /// syntaxes, repeated blocks, enum names.
+    const DOCS_STYLE: &str = r#"
+# An image classifier, as in Triton's model configuration docs.
+name: "clf"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+version_policy: { specific: { versions: [1, 3] } }
+input [
+  {
+    name: "input"   # the image
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, 224, 224 ]
+  }
+]
+output {
+  name: "output"
+  data_type: TYPE_FP32
+  dims: 1000
+  label_filename: "labels.txt"
+}
+instance_group [ { count: 2 kind: KIND_CPU } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 8 ]
+  preferred_batch_size: 2
+  max_queue_delay_microseconds: 100
+  default_queue_policy { max_queue_size: 16 }
+}
+parameters { key: "intra_op_thread_count" value: { string_value: "2" } }
+parameters [ { key: "some_backend_knob" value { string_value: "x" } } ]
+model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "input" value { data_type: TYPE_FP32 dims: [3, 224, 224] zero_data: true } } } ]
+"#;
+
+    #[test]
+    fn a_docs_style_config_maps_onto_shoals_terms() {
+        let p = parse("clf", "clf/config.pbtxt", DOCS_STYLE).unwrap();
+        let c = &p.config;
+        assert_eq!(c.platform.as_deref(), Some("onnxruntime_onnx"));
+        assert_eq!(c.max_batch_size, 8);
+        assert_eq!(c.instance_count, Some(2));
+        assert!(c.device.is_none());
+        assert_eq!(c.intra_op_threads, Some(2));
+        assert_eq!(c.inter_op_threads, None);
+        assert_eq!(c.input.len(), 1);
+        assert_eq!(
+            (c.input[0].name.as_str(), c.input[0].datatype.as_str()),
+            ("input", "FP32")
+        );
+        assert_eq!(c.input[0].dims, vec![3, 224, 224]);
+        assert_eq!(c.output[0].dims, vec![1000]);
+        let db = c.dynamic_batching.as_ref().unwrap();
+        assert_eq!(db.preferred_batch_sizes, vec![4, 8, 2]);
+        assert_eq!(db.max_queue_delay_us, 100);
+        assert_eq!(db.max_queue_size, Some(16));
+        assert_eq!(c.batching, None);
+        assert_eq!(c.version_policy, Some(VersionPolicy::Specific(vec![1, 3])));
+        let joined = p.warnings.join("\n");
+        for named in ["output.label_filename", "model_warmup", "some_backend_knob"] {
+            assert!(joined.contains(named), "{named} not named in {joined}");
+        }
+        assert_eq!(p.warnings.len(), 3, "{joined}");
+        assert_eq!(c.triton.as_ref().unwrap().name, "clf");
+    }
+
+    #[test]
+    fn triton_defaults_latest_version_no_batching_and_gpu_groups() {
+        let p = parse(
+            "m",
+            "m/config.pbtxt",
+            "backend: \"onnxruntime\"\nmax_batch_size: 4\ninstance_group [{ kind: KIND_GPU gpus: [0, 1] count: 2 }, { kind: KIND_CPU }]\n",
+        )
+        .unwrap();
+        let c = &p.config;
+        assert_eq!(c.platform.as_deref(), Some("onnxruntime_onnx"));
+        assert_eq!(c.version_policy, Some(VersionPolicy::Latest(1)));
+        assert_eq!(c.batching.as_deref(), Some("none"));
+        assert!(c.dynamic_batching.is_none());
+        assert_eq!(c.instance_count, Some(5));
+        assert_eq!(
+            c.device,
+            Some(DeviceFile::Many(
+                ["cuda:0", "cuda:0", "cuda:1", "cuda:1", "cpu"]
+                    .map(String::from)
+                    .to_vec()
+            ))
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+
+    fn fails(text: &str) -> String {
+        parse("m", "repo/m/config.pbtxt", text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn lists_without_a_colon_parse_and_errors_after_them_keep_their_column() {
+        let (n, at) = list_colons("input [ { dims: [1] } ] # x [\nname: \"a [\"\n");
+        assert_eq!(n, "input :[ { dims: [1] } ] # x [\nname: \"a [\"\n");
+        assert_eq!(at, vec![6]);
+        let e = fails("input [ { name: \"x\" } ] output [ { nme: \"y\" } ]\n");
+        assert!(e.contains("line 1, column 36"), "{e}");
+    }
+
+    #[test]
+    fn bad_files_name_the_file_line_and_field() {
+        let e =
+            fails("name: \"m\"\nmax_batch_size: 4\n  input { name: \"x\" data_typ: TYPE_FP32 }\n");
+        assert!(e.contains("repo/m/config.pbtxt: line 3, column 21"), "{e}");
+        assert!(e.contains("data_typ"), "{e}");
+        let e = fails("max_batch_size: \"four\"\n");
+        assert!(e.contains("line 1, column 17"), "{e}");
+        let e = fails("max_batch_size: 4\ninput { name: \"x\" data_type: TYPE_FLOAT32 }\n");
+        assert!(e.contains("line 2") && e.contains("TYPE_FLOAT32"), "{e}");
+        let e = fails("name: \"m\"\ninput [ { name: \"x\" ]\n");
+        assert!(e.contains("line 2"), "{e}");
+        let e = fails("name: \"other\"\n");
+        assert!(e.contains("`other`") && e.contains("`m`"), "{e}");
+    }
+
+    #[test]
+    fn what_would_change_results_is_refused_by_name() {
+        for (text, named) in [
+            (
+                "platform: \"ensemble\"\nensemble_scheduling { step [ { model_name: \"a\" model_version: -1 } ] }\n",
+                "ensemble",
+            ),
+            (
+                "max_batch_size: 4\nsequence_batching { max_sequence_idle_microseconds: 5000 }\n",
+                "sequence_batching",
+            ),
+            (
+                "input { name: \"x\" data_type: TYPE_FP32 dims: [4] reshape { shape: [2, 2] } }\n",
+                "input.reshape",
+            ),
+            ("platform: \"tensorrt_plan\"\n", "tensorrt_plan"),
+            ("backend: \"python\"\n", "python"),
+            (
+                "parameters { key: \"intra_op_thread_count\" value { string_value: \"many\" } }\n",
+                "intra_op_thread_count",
+            ),
+            ("version_policy { latest { num_versions: 0 } }\n", "num_versions"),
+        ] {
+            let e = fails(text);
+            assert!(e.contains(named), "{named}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_json_form_has_every_field_enums_by_name_and_numbers_unquoted() {
+        let p = parse("clf", "clf/config.pbtxt", DOCS_STYLE).unwrap();
+        let j = to_json(p.config.triton.as_ref().unwrap());
+        assert_eq!(j["name"], "clf");
+        assert_eq!(j["max_batch_size"], 8);
+        assert_eq!(j["input"][0]["data_type"], "TYPE_FP32");
+        assert_eq!(j["input"][0]["format"], "FORMAT_NCHW");
+        assert_eq!(j["input"][0]["dims"], serde_json::json!([3, 224, 224]));
+        assert_eq!(j["output"][0]["label_filename"], "labels.txt");
+        assert_eq!(
+            j["version_policy"],
+            serde_json::json!({"specific": {"versions": [1, 3]}})
+        );
+        assert_eq!(
+            j["parameters"]["intra_op_thread_count"]["string_value"],
+            "2"
+        );
+        assert_eq!(j["model_warmup"][0]["inputs"]["input"]["zero_data"], true);
+        // Unset messages stay out, unset lists are empty.
+        assert!(j.get("sequence_batching").is_none());
+        assert_eq!(j["batch_input"], serde_json::json!([]));
+    }
+}

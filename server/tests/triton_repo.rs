@@ -1,0 +1,304 @@
+//! A Triton model repository served unchanged by the real binary: models
+//! that exist only as `config.pbtxt`, written as Triton's docs write them,
+//! with version policies, instance groups, a batcher and fields shoal
+//! ignores (named in the log), beside broken and refused configs that fail
+//! alone; the config calls return what was written, completed.
+
+mod common;
+
+use common::{assert_close, ffnn_input, reference_ffnn};
+use serde_json::{json, Value};
+use shoal_proto as pb;
+use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use std::path::Path;
+use std::time::Duration;
+
+const CLF: &str = r#"
+# The Crayfish FFNN as a Triton user writes it.
+name: "clf"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  {
+    name: "input"
+    data_type: TYPE_FP32
+    dims: [ 784 ]
+  }
+]
+output {
+  name: "output"
+  data_type: TYPE_FP32
+  dims: 10
+  label_filename: "labels.txt"  # ignored, with a warning
+}
+instance_group [ { count: 2, kind: KIND_CPU } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 8 ]
+  max_queue_delay_microseconds: 100
+  default_queue_policy { max_queue_size: 32 }
+}
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+model_warmup [
+  { name: "zeros" batch_size: 1 inputs { key: "input" value { data_type: TYPE_FP32 dims: [784] zero_data: true } } }
+]
+"#;
+
+/// Version directory `v` of `model` holding the FFNN's version `ffnn_v`.
+fn version(repo: &Path, model: &str, v: u32, ffnn_v: u32) {
+    let src = common::model_repository().join(format!("ffnn/{ffnn_v}"));
+    let dir = repo.join(model);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), dir.join(v.to_string()))
+        .unwrap();
+}
+
+fn config(repo: &Path, model: &str, file: &str, text: &str) {
+    std::fs::write(repo.join(model).join(file), text).unwrap();
+}
+
+fn triton_repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    // Three versions on disk; Triton's default policy loads the latest.
+    for (v, f) in [(1, 1), (2, 1), (3, 2)] {
+        version(r, "clf", v, f);
+    }
+    config(r, "clf", "config.pbtxt", CLF);
+    for m in [
+        "every",
+        "pinned",
+        "bare",
+        "both",
+        "syntax",
+        "ensemble",
+        "wrong_type",
+    ] {
+        version(r, m, 1, 1);
+        version(r, m, 2, 2);
+    }
+    config(
+        r,
+        "every",
+        "config.pbtxt",
+        "platform: \"onnxruntime_onnx\"\nmax_batch_size: 4\nversion_policy: { all { } }\n",
+    );
+    config(
+        r,
+        "pinned",
+        "config.pbtxt",
+        "backend: \"onnxruntime\"\nmax_batch_size: 4\nversion_policy: { specific: { versions: [1] } }\n",
+    );
+    // Nothing but the backend: inputs and outputs come from the graph.
+    config(r, "bare", "config.pbtxt", "backend: \"onnxruntime\"\n");
+    config(r, "both", "config.pbtxt", "max_batch_size: 2\n");
+    config(r, "both", "config.toml", "max_batch_size = 16\n");
+    config(
+        r,
+        "syntax",
+        "config.pbtxt",
+        "name: \"syntax\"\nmax_batch_size: 4\ninput [ { name: \"input\" data_type: TYPE_FP32 dims: [784] } }\n",
+    );
+    config(
+        r,
+        "ensemble",
+        "config.pbtxt",
+        "platform: \"ensemble\"\nensemble_scheduling { step [ { model_name: \"clf\" model_version: -1 } ] }\n",
+    );
+    config(
+        r,
+        "wrong_type",
+        "config.pbtxt",
+        "max_batch_size: 4\ninput [ { name: \"input\" data_type: TYPE_INT32 dims: [784] } ]\n",
+    );
+    dir
+}
+
+async fn index(c: &reqwest::Client, http: &str) -> Vec<Value> {
+    c.post(format!("{http}/v2/repository/index"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn reason(ix: &[Value], model: &str) -> String {
+    ix.iter()
+        .filter(|e| e["name"] == model)
+        .map(|e| format!("{} {}", e["state"], e["reason"]))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[tokio::test]
+async fn a_triton_repository_is_served_unchanged() {
+    let repo = triton_repo();
+    // Explicit mode loads each model on its own, so the broken ones fail
+    // alone (Triton's --exit-on-error=false); the default mode's startup
+    // fails on the first, below.
+    let s = common::Captured::start(
+        repo.path(),
+        &["--model-control-mode", "explicit", "--load-model", "*"],
+        &[],
+    );
+    let c = reqwest::Client::new();
+
+    // Versions as the policies say.
+    for (model, want) in [
+        ("clf", vec!["3"]),
+        ("every", vec!["1", "2"]),
+        ("pinned", vec!["1"]),
+        ("bare", vec!["2"]),
+    ] {
+        let md: Value = common::get_json(&c, format!("{}/v2/models/{model}", s.http)).await;
+        assert_eq!(md["versions"], json!(want), "{model}: {md}");
+    }
+
+    // The config as loaded: what was written, completed.
+    let cfg: Value = common::get_json(&c, format!("{}/v2/models/clf/config", s.http)).await;
+    assert_eq!(cfg["name"], "clf");
+    assert_eq!(cfg["backend"], "onnxruntime");
+    assert_eq!(cfg["max_batch_size"], 8);
+    assert_eq!(
+        cfg["version_policy"],
+        json!({"latest": {"num_versions": 1}})
+    );
+    assert_eq!(cfg["input"][0]["dims"], json!([784]));
+    assert_eq!(cfg["input"][0]["data_type"], "TYPE_FP32");
+    assert_eq!(cfg["output"][0]["label_filename"], "labels.txt");
+    assert_eq!(cfg["instance_group"][0]["count"], 2);
+    assert_eq!(cfg["instance_group"][0]["kind"], "KIND_CPU");
+    assert_eq!(cfg["instance_group"][0]["name"], "clf_0");
+    assert_eq!(
+        cfg["dynamic_batching"]["preferred_batch_size"],
+        json!([4, 8])
+    );
+    assert_eq!(
+        cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"],
+        32
+    );
+    assert_eq!(cfg["model_warmup"][0]["name"], "zeros");
+    assert_eq!(cfg["default_model_filename"], "model.onnx");
+    // Autocompleted from the graph; no batcher where none was written.
+    let bare: Value = common::get_json(&c, format!("{}/v2/models/bare/config", s.http)).await;
+    assert_eq!(bare["input"][0]["name"], "input", "{bare}");
+    // No max_batch_size: 0, so the dims are the graph's whole shape.
+    assert_eq!(bare["max_batch_size"], 0, "{bare}");
+    assert_eq!(bare["output"][0]["dims"], json!([-1, 10]), "{bare}");
+    assert!(bare.get("dynamic_batching").is_none(), "{bare}");
+    let both: Value = common::get_json(&c, format!("{}/v2/models/both/config", s.http)).await;
+    assert_eq!(both["max_batch_size"], 16, "config.toml wins: {both}");
+
+    // gRPC gives the same message.
+    let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    let gc = g
+        .model_config(pb::ModelConfigRequest {
+            name: "clf".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(gc.max_batch_size, 8);
+    assert_eq!(gc.instance_group[0].count, 2);
+    assert_eq!(gc.model_warmup.len(), 1);
+    assert_eq!(gc.output[0].label_filename, "labels.txt");
+
+    // It serves: the latest version is the FFNN's version 2.
+    let x = ffnn_input(3, 7);
+    let body =
+        json!({"inputs": [{"name": "input", "shape": [3, 784], "datatype": "FP32", "data": x}]});
+    let r: Value = c
+        .post(format!("{}/v2/models/clf/infer", s.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["model_version"], "3", "{r}");
+    let got: Vec<f32> = r["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_close(&got, &reference_ffnn(2, &x), 1e-5);
+
+    // Broken and refused configs fail alone, saying where and why.
+    let ix = index(&c, &s.http).await;
+    let syntax = reason(&ix, "syntax");
+    assert!(
+        syntax.contains("UNAVAILABLE") && syntax.contains("syntax/config.pbtxt: line 3"),
+        "{syntax}"
+    );
+    let ens = reason(&ix, "ensemble");
+    assert!(
+        ens.contains("UNAVAILABLE") && ens.contains("ensemble"),
+        "{ens}"
+    );
+    let wrong = reason(&ix, "wrong_type");
+    assert!(
+        wrong.contains("UNAVAILABLE") && wrong.contains("INT32"),
+        "{wrong}"
+    );
+
+    let log = s.stop().join("\n");
+    for named in ["model_warmup", "output.label_filename"] {
+        assert!(
+            log.contains(named),
+            "{named} is not named in the log:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("both config.toml and config.pbtxt"),
+        "the precedence is not said:\n{log}"
+    );
+}
+
+#[test]
+fn a_broken_config_pbtxt_stops_the_default_startup_naming_file_and_line() {
+    let repo = triton_repo();
+    std::fs::remove_dir_all(repo.path().join("ensemble")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("wrong_type")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["--model-repository"])
+        .arg(repo.path())
+        .args([
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("shoal started with a broken config.pbtxt");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("syntax/config.pbtxt: line 3, column"),
+        "the error names the file and line: {err}"
+    );
+}
