@@ -118,7 +118,16 @@ impl Scorer {
                 }
                 match client.model_infer(req).await {
                     Ok(_) => Outcome::Scored,
-                    Err(s) if s.code() == tonic::Code::ResourceExhausted => Outcome::Rejected,
+                    // shoal and Triton answer a full queue UNAVAILABLE
+                    // (older shoal: RESOURCE_EXHAUSTED).
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                        ) =>
+                    {
+                        Outcome::Rejected
+                    }
                     Err(s) if s.code() == tonic::Code::DeadlineExceeded => Outcome::TimedOut,
                     Err(_) => Outcome::TransportError,
                 }
@@ -152,7 +161,7 @@ impl Scorer {
                         Ok(_) => Outcome::Scored,
                         Err(_) => Outcome::TransportError,
                     },
-                    Ok(resp) if resp.status() == 429 => Outcome::Rejected,
+                    Ok(resp) if matches!(resp.status().as_u16(), 429 | 503) => Outcome::Rejected,
                     Ok(resp) if resp.status() == 504 => Outcome::TimedOut,
                     _ => Outcome::TransportError,
                 }

@@ -15,9 +15,28 @@ use std::path::PathBuf;
     after_help = "Subcommands:\n  shoal healthcheck [--url URL] [--timeout-ms MS]   exit 0 when a health endpoint answers 200 (exec probes); see `shoal healthcheck --help`"
 )]
 pub struct Args {
-    /// Model repository: <dir>/<model>/<version>/model.onnx and <dir>/<model>/config.toml.
-    #[arg(long, env = "SHOAL_MODEL_REPOSITORY")]
+    /// Model repository: <dir>/<model>/<version>/model.onnx and
+    /// <dir>/<model>/config.toml (or Triton's config.pbtxt). `--model-store`
+    /// is Triton's older name for it.
+    #[arg(long, env = "SHOAL_MODEL_REPOSITORY", alias = "model-store")]
     pub model_repository: PathBuf,
+
+    /// As Triton's: true (the default) stops startup when a model fails to
+    /// load in mode none; false serves the others, the failures in the index.
+    #[arg(long, env = "SHOAL_EXIT_ON_ERROR", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub exit_on_error: bool,
+
+    /// As Triton's: true refuses a model whose config does not declare its
+    /// inputs and outputs (no completion from the graph).
+    #[arg(long, env = "SHOAL_STRICT_MODEL_CONFIG", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub strict_model_config: bool,
+
+    /// As Triton's: a level above 0 logs at debug level where RUST_LOG does
+    /// not say otherwise.
+    #[arg(long, env = "SHOAL_LOG_VERBOSE", default_value_t = 0)]
+    pub log_verbose: u32,
 
     /// Address every listener binds to; the loopback default suits a sidecar.
     #[arg(long, env = "SHOAL_BIND", default_value = "127.0.0.1")]
@@ -144,6 +163,7 @@ impl Args {
             access_log_keys: self.access_log_keys,
             otlp_endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
             trace_rate: self.trace_rate,
+            verbose: self.log_verbose > 0,
         }
     }
 

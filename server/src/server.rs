@@ -95,10 +95,14 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     crate::gpu::spawn_metrics(std::time::Duration::from_secs(5));
     let options = EngineOptions {
         ort_library: args.ort_library.clone(),
+        strict_model_config: args.strict_model_config,
     };
     let repo = args.model_repository.clone();
     let mode = args.model_control_mode;
-    let engine = if mode == ControlMode::None {
+    // Mode none with --exit-on-error=false loads model by model, as the
+    // other modes do, so one broken model leaves the rest serving.
+    let each = mode == ControlMode::None && !args.exit_on_error;
+    let engine = if mode == ControlMode::None && !each {
         let options = options.clone();
         tokio::task::spawn_blocking(move || Engine::load(&repo, &options))
             .await
@@ -113,7 +117,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         mode,
         Duration::from_secs(args.shutdown_timeout_secs),
     );
-    control.initial_load(&args.load_models).await?;
+    if each {
+        control.load_every_model().await?;
+    } else {
+        control.initial_load(&args.load_models).await?;
+    }
     for (name, model) in engine.models().iter() {
         for (v, mv) in &model.versions {
             let c = mv.config();

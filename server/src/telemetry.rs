@@ -51,6 +51,8 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// Share of root requests traced (a sampled `traceparent` is always followed).
     pub trace_rate: f64,
+    /// Debug level where RUST_LOG is unset (Triton's `--log-verbose`).
+    pub verbose: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +94,12 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     // Request spans are for the OpenTelemetry layer only; the access log
     // is on or off by its flag, whatever RUST_LOG says.
     let access = if cfg.access_log { "info" } else { "off" };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+    // An empty RUST_LOG counts as unset (it would otherwise mean errors only).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(if cfg.verbose { "debug" } else { "info" }))
         .add_directive(
             format!("{SPAN_TARGET}=off")
                 .parse()

@@ -268,7 +268,8 @@ fn a_broken_config_pbtxt_stops_the_default_startup_naming_file_and_line() {
     std::fs::remove_dir_all(repo.path().join("ensemble")).unwrap();
     std::fs::remove_dir_all(repo.path().join("wrong_type")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["--model-repository"])
+        // Triton's older name of the flag.
+        .args(["--model-store"])
         .arg(repo.path())
         .args([
             "--http-port",
@@ -301,4 +302,134 @@ fn a_broken_config_pbtxt_stops_the_default_startup_naming_file_and_line() {
         err.contains("syntax/config.pbtxt: line 3, column"),
         "the error names the file and line: {err}"
     );
+}
+
+#[tokio::test]
+async fn tritons_flags_exit_on_error_strict_config_and_verbose_logs() {
+    let repo = triton_repo();
+    let s = common::Captured::start(
+        repo.path(),
+        &[
+            "--exit-on-error=false",
+            "--strict-model-config",
+            "--log-verbose",
+            "1",
+        ],
+        &[("RUST_LOG", "")],
+    );
+    let c = reqwest::Client::new();
+    let ix = index(&c, &s.http).await;
+    // Mode none, but one model's failure no longer stops the others.
+    assert!(reason(&ix, "clf").contains("READY"), "{ix:?}");
+    assert!(reason(&ix, "syntax").contains("line 3"), "{ix:?}");
+    // Strict: a config that leaves the I/O to the graph is refused.
+    for m in ["bare", "every"] {
+        let r = reason(&ix, m);
+        assert!(
+            r.contains("UNAVAILABLE") && r.contains("--strict-model-config"),
+            "{m}: {r}"
+        );
+    }
+    // Changes are still refused in mode none.
+    let r = c
+        .post(format!("{}/v2/repository/models/bare/load", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200);
+    let log = s.stop().join("\n");
+    assert!(
+        log.contains("DEBUG") && log.contains("reading Triton's config.pbtxt"),
+        "--log-verbose 1 logs at debug level:\n{log}"
+    );
+}
+
+/// A ResNet50 with room for one queued request: concurrent callers overflow it.
+fn one_slot_repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("slow");
+    std::fs::create_dir_all(&m).unwrap();
+    let src = common::model_repository().join("resnet50/1");
+    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), m.join("1")).unwrap();
+    config(
+        dir.path(),
+        "slow",
+        "config.pbtxt",
+        r#"
+backend: "onnxruntime"
+max_batch_size: 1
+dynamic_batching { default_queue_policy { max_queue_size: 1 } }
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"#,
+    );
+    dir
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_retryable_unavailable_with_a_retry_hint() {
+    let repo = one_slot_repo();
+    let s = common::Server::start_with_repo(repo.path(), &[]);
+    let image = vec![0u8; 3 * 224 * 224 * 4];
+    let head = serde_json::to_vec(&json!({
+        "inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32",
+                    "parameters": {"binary_data_size": image.len()}}],
+    }))
+    .unwrap();
+    let mut body = head.clone();
+    body.extend_from_slice(&image);
+    let c = reqwest::Client::new();
+    let rest = (0..8).map(|_| {
+        c.post(format!("{}/v2/models/slow/infer", s.http))
+            .header("Inference-Header-Content-Length", head.len())
+            .body(body.clone())
+            .send()
+    });
+    let grpc = (0..8).map(|_| {
+        let addr = s.grpc.clone();
+        let image = image.clone();
+        async move {
+            let mut g = GrpcInferenceServiceClient::connect(addr).await.unwrap();
+            g.model_infer(pb::ModelInferRequest {
+                model_name: "slow".into(),
+                inputs: vec![pb::model_infer_request::InferInputTensor {
+                    name: "input".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![1, 3, 224, 224],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![image.into()],
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let (rest, grpc) = tokio::join!(
+        futures::future::join_all(rest),
+        futures::future::join_all(grpc)
+    );
+    let (mut ok, mut rejected) = (0, 0);
+    for r in rest {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            503 => {
+                rejected += 1;
+                assert_eq!(r.headers()["retry-after"], "1");
+                assert_eq!(r.headers()["retry-after-ms"], "100");
+            }
+            other => panic!("REST answered {other}: {}", r.text().await.unwrap()),
+        }
+    }
+    for r in grpc {
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                rejected += 1;
+                assert_eq!(e.metadata().get("retry-after-ms").unwrap(), "100", "{e:?}");
+            }
+            Err(e) => panic!("gRPC answered {e:?}"),
+        }
+    }
+    assert!(ok >= 1 && rejected >= 1, "ok {ok}, rejected {rejected}");
+    assert_eq!(s.stop(), Some(0));
 }

@@ -27,6 +27,18 @@ pub enum ApiErrorKind {
     PermissionDenied,
 }
 
+/// How long a client should wait before retrying a rejection for overload:
+/// REST's `Retry-After` (whole seconds, so 1) and `retry-after-ms`, gRPC's
+/// `retry-after-ms` metadata. A queue that was full drains within
+/// milliseconds at the rates shoal serves; the hint spaces retries out
+/// rather than predicting the drain.
+pub const RETRY_AFTER_MS: u64 = 100;
+
+/// Kinds whose rejection carries the retry hint.
+fn retry_hint(kind: ApiErrorKind) -> bool {
+    kind == ApiErrorKind::Engine(ErrorKind::Overloaded)
+}
+
 /// kind → (HTTP status, gRPC code). Every error of every protocol goes
 /// through this table.
 pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
@@ -35,10 +47,11 @@ pub fn codes(kind: ApiErrorKind) -> (StatusCode, tonic::Code) {
     match kind {
         Engine(InvalidArgument) => (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument),
         Engine(NotFound) => (StatusCode::NOT_FOUND, tonic::Code::NotFound),
-        Engine(Overloaded) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            tonic::Code::ResourceExhausted,
-        ),
+        // A full queue or a shed request is worth retrying: 503 /
+        // UNAVAILABLE as Triton answers it, which clients built for Triton
+        // (Flink's connector among them: 5xx retried, 4xx failed at once)
+        // retry, with a hint (`retry_hint`).
+        Engine(Overloaded) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
         Engine(DeadlineExceeded) => (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded),
         Engine(Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
         // 499: nginx's "client closed request"; nobody is left to read it.
@@ -129,7 +142,14 @@ impl From<EngineError> for ApiError {
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        tonic::Status::new(codes(e.kind).1, e.message)
+        let code = codes(e.kind).1;
+        if retry_hint(e.kind) {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert("retry-after-ms", RETRY_AFTER_MS.into());
+            tonic::Status::with_metadata(code, e.message, md)
+        } else {
+            tonic::Status::new(code, e.message)
+        }
     }
 }
 
@@ -150,6 +170,12 @@ impl IntoResponse for ApiError {
             axum::Json(serde_json::json!({ "error": self.message })),
         )
             .into_response();
+        if retry_hint(self.kind) {
+            let h = response.headers_mut();
+            let secs = RETRY_AFTER_MS.div_ceil(1000).max(1);
+            h.insert(axum::http::header::RETRY_AFTER, secs.into());
+            h.insert("retry-after-ms", RETRY_AFTER_MS.into());
+        }
         if self.kind == ApiErrorKind::Unauthenticated {
             // RFC 6750: say which scheme the client should use.
             response.headers_mut().insert(
@@ -170,11 +196,19 @@ mod tests {
         let overloaded = codes(ApiErrorKind::Engine(ErrorKind::Overloaded));
         assert_eq!(
             overloaded,
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                tonic::Code::ResourceExhausted
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable)
         );
+        let e = ApiError {
+            kind: ApiErrorKind::Engine(ErrorKind::Overloaded),
+            message: "queue full".into(),
+        };
+        let r = e.clone().into_response();
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(r.headers()["retry-after-ms"], "100");
+        let s = tonic::Status::from(e);
+        assert_eq!(s.metadata().get("retry-after-ms").unwrap(), "100");
+        let plain = tonic::Status::from(ApiError::invalid("bad"));
+        assert!(plain.metadata().get("retry-after-ms").is_none());
         let deadline = codes(ApiErrorKind::Engine(ErrorKind::DeadlineExceeded));
         assert_eq!(
             deadline,

@@ -180,8 +180,10 @@ impl ModelControl {
         }
         let wanted: Vec<String> = match self.mode {
             ControlMode::None => return Ok(()),
-            ControlMode::Poll => self.list()?,
-            ControlMode::Explicit if names.iter().any(|n| n == "*") => self.list()?,
+            ControlMode::Poll => return self.load_every_model().await,
+            ControlMode::Explicit if names.iter().any(|n| n == "*") => {
+                return self.load_every_model().await
+            }
             ControlMode::Explicit => {
                 let all = self.list()?;
                 if let Some(missing) = names.iter().find(|n| !all.contains(n)) {
@@ -192,6 +194,15 @@ impl ModelControl {
         };
         for name in wanted {
             // Logged and indexed by `load_model`; the others still load.
+            let _ = self.load_model(&name).await;
+        }
+        Ok(())
+    }
+
+    /// Loads every model of the repository, each on its own: one that
+    /// fails is logged and indexed and the others serve.
+    pub async fn load_every_model(&self) -> Result<(), ControlError> {
+        for name in self.list()? {
             let _ = self.load_model(&name).await;
         }
         Ok(())
@@ -354,16 +365,17 @@ impl ModelControl {
             model: name.to_string(),
             reason,
         };
-        let entries = match repository::scan_model(&self.repo, name) {
-            Ok(e) => e,
-            Err(e) => {
-                let mut tracked = self.tracked.lock();
-                let t = tracked.entry(name.to_string()).or_default();
-                t.attempted = Some(fp);
-                t.failure = Some(e.to_string());
-                return Err(failed(e.to_string()));
-            }
-        };
+        let entries =
+            match repository::scan_model(&self.repo, name, self.options.strict_model_config) {
+                Ok(e) => e,
+                Err(e) => {
+                    let mut tracked = self.tracked.lock();
+                    let t = tracked.entry(name.to_string()).or_default();
+                    t.attempted = Some(fp);
+                    t.failure = Some(e.to_string());
+                    return Err(failed(e.to_string()));
+                }
+            };
         let current = self.engine.models().get(name).cloned();
         let (mut keep, mut todo) = (BTreeMap::new(), Vec::new());
         {

@@ -81,6 +81,9 @@ impl Drop for InFlight {
 pub struct EngineOptions {
     /// Path of libonnxruntime; `None`: `ORT_DYLIB_PATH` or known locations.
     pub ort_library: Option<std::path::PathBuf>,
+    /// Refuse configs that leave inputs or outputs to the graph
+    /// (Triton's `--strict-model-config`).
+    pub strict_model_config: bool,
 }
 
 /// A request the engine has taken; `wait` for its answer.
@@ -165,7 +168,7 @@ impl Engine {
     /// `<repo>/<model>/<version>/model.onnx` with `<repo>/<model>/config.toml`.
     pub fn load(repository: &Path, options: &EngineOptions) -> Result<Self, LoadError> {
         let engine = Self::new();
-        for entry in repository::scan(repository)? {
+        for entry in repository::scan(repository, options.strict_model_config)? {
             let factory =
                 repository::factory_for(&entry, options).map_err(|source| LoadError::Backend {
                     model: entry.name.clone(),

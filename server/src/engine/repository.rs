@@ -40,10 +40,11 @@ fn repo_err(path: &Path, reason: impl Into<String>) -> LoadError {
 }
 
 /// Lists every model version of the repository, sorted by name and version.
-pub fn scan(repo: &Path) -> Result<Vec<Entry>, LoadError> {
+/// `strict`: every config must declare its inputs and outputs.
+pub fn scan(repo: &Path, strict: bool) -> Result<Vec<Entry>, LoadError> {
     let mut out = Vec::new();
     for name in list_models(repo)? {
-        out.extend(scan_model(repo, &name)?);
+        out.extend(scan_model(repo, &name, strict)?);
     }
     Ok(out)
 }
@@ -83,9 +84,15 @@ pub fn list_models(repo: &Path) -> Result<Vec<String>, LoadError> {
 
 /// The versions of one model, sorted. `name` must be one of
 /// [`list_models`]: it is joined to the repository path as it is.
-pub fn scan_model(repo: &Path, name: &str) -> Result<Vec<Entry>, LoadError> {
+pub fn scan_model(repo: &Path, name: &str, strict: bool) -> Result<Vec<Entry>, LoadError> {
     let mdir = model_dir(repo, name);
     let (config, text) = read_config(&mdir, name)?;
+    if strict && (config.input.is_empty() || config.output.is_empty()) {
+        return Err(repo_err(
+            &mdir,
+            "--strict-model-config: the config must declare every input and output (completion from the graph is off)",
+        ));
+    }
     if !cfg!(feature = "torch") && config.platform.as_deref() == Some(TORCH_PLATFORM) {
         // One repository serves both builds; a build without libtorch
         // leaves its TorchScript models out rather than refusing to start.
@@ -176,6 +183,7 @@ fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), Loa
         return Ok((ModelConfigFile::parse(name, &text)?, text));
     }
     if pbtxt_path.exists() {
+        tracing::debug!(model = %name, file = %pbtxt_path.display(), "reading Triton's config.pbtxt");
         let text = read(&pbtxt_path)?;
         let parsed = super::pbtxt::parse(name, &pbtxt_path.display().to_string(), &text)?;
         for w in &parsed.warnings {
@@ -452,7 +460,7 @@ mod tests {
         std::fs::create_dir_all(m.join("1")).unwrap();
         std::fs::write(m.join("config.toml"), "platform = \"pytorch_libtorch\"\n").unwrap();
         std::fs::write(m.join("1/model.pt"), b"not torchscript").unwrap();
-        let entries = scan(dir.path()).unwrap();
+        let entries = scan(dir.path(), false).unwrap();
         if cfg!(feature = "torch") {
             assert_eq!(entries.len(), 1);
             assert_eq!(entries[0].config.platform.as_deref(), Some(TORCH_PLATFORM));
@@ -461,7 +469,7 @@ mod tests {
         }
         // A model.pt without a platform is TorchScript too; without the feature it cannot load, and says why.
         std::fs::write(m.join("config.toml"), "").unwrap();
-        let entries = scan(dir.path()).unwrap();
+        let entries = scan(dir.path(), false).unwrap();
         assert_eq!(entries[0].config.platform.as_deref(), Some(TORCH_PLATFORM));
         if !cfg!(feature = "torch") {
             let err = factory_for(&entries[0], &EngineOptions::default())
@@ -482,7 +490,7 @@ mod tests {
         std::fs::copy(&onnx, repo.join("flat/model.onnx")).unwrap();
         std::fs::create_dir_all(repo.join("versioned/3")).unwrap();
         std::fs::copy(&onnx, repo.join("versioned/3/model.onnx")).unwrap();
-        let entries = scan(&repo).unwrap();
+        let entries = scan(&repo, false).unwrap();
         let got: Vec<(&str, u64)> = entries
             .iter()
             .map(|e| (e.name.as_str(), e.version))
@@ -495,7 +503,7 @@ mod tests {
         std::fs::create_dir_all(&single).unwrap();
         std::fs::copy(&onnx, single.join("model.onnx")).unwrap();
         assert_eq!(list_models(&single).unwrap(), ["mnist-classifier"]);
-        let entries = scan(&single).unwrap();
+        let entries = scan(&single, false).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(
             (entries[0].name.as_str(), entries[0].version),
@@ -508,7 +516,7 @@ mod tests {
 
         // An empty model directory still says what it looked for.
         std::fs::create_dir_all(repo.join("empty")).unwrap();
-        let err = scan(&repo).unwrap_err().to_string();
+        let err = scan(&repo, false).unwrap_err().to_string();
         assert!(
             err.contains("no model file") && err.contains("empty"),
             "{err}"
