@@ -33,6 +33,12 @@ pub struct Args {
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub strict_model_config: bool,
 
+    /// Also export Triton's names (nv_inference_request_success, ...) for the
+    /// series both have, so dashboards built for Triton work unchanged.
+    #[arg(long, env = "SHOAL_METRICS_TRITON_NAMES", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_triton_names: bool,
+
     /// As Triton's: a level above 0 logs at debug level where RUST_LOG does
     /// not say otherwise.
     #[arg(long, env = "SHOAL_LOG_VERBOSE", default_value_t = 0)]

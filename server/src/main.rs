@@ -27,7 +27,13 @@ fn main() -> anyhow::Result<()> {
         let _in_runtime = rt.enter();
         shoal::telemetry::init(&args.telemetry())?
     };
-    let result = rt.block_on(shoal::server::run(args, shoal::server::shutdown_signal()));
+    // Signal handlers are registered here, inside the runtime, before
+    // anything is served.
+    let shutdown = {
+        let _in_runtime = rt.enter();
+        shoal::server::shutdown_signal()
+    };
+    let result = rt.block_on(shoal::server::run(args, shutdown));
     // Flushed while the runtime still runs the exporter's channel.
     telemetry.shutdown();
     result?;

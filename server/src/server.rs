@@ -198,14 +198,18 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
 
     let shm = std::sync::Arc::new(crate::shm::SharedMemory::new());
     let stop = CancellationToken::new();
-    let admin_thread =
-        admin::spawn(admin_l, engine.clone(), prom, stop.clone()).map_err(|source| {
-            ServeError::Bind {
-                what: "metrics",
-                addr: bound.metrics,
-                source,
-            }
-        })?;
+    let admin_thread = admin::spawn(
+        admin_l,
+        engine.clone(),
+        prom,
+        args.metrics_triton_names,
+        stop.clone(),
+    )
+    .map_err(|source| ServeError::Bind {
+        what: "metrics",
+        addr: bound.metrics,
+        source,
+    })?;
 
     let tokio_tcp = |what, l: Option<std::net::TcpListener>| {
         l.map(|l| {
@@ -299,23 +303,37 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    // Registered now, not at the first poll: `run` prints the listening
+    // line before it awaits this, and a SIGTERM in between must not take
+    // the default action (killing the process without a drain).
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (term, int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(term) => {},
+                _ = wait(int) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

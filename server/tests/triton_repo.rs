@@ -139,7 +139,13 @@ async fn a_triton_repository_is_served_unchanged() {
     // fails on the first, below.
     let s = common::Captured::start(
         repo.path(),
-        &["--model-control-mode", "explicit", "--load-model", "*"],
+        &[
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "*",
+            "--metrics-triton-names",
+        ],
         &[],
     );
     let c = reqwest::Client::new();
@@ -230,6 +236,48 @@ async fn a_triton_repository_is_served_unchanged() {
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
     assert_close(&got, &reference_ffnn(2, &x), 1e-5);
+
+    // Triton's metric names beside shoal's, for Triton's dashboards.
+    let text = common::get_text(&c, format!("{}/metrics", s.inner.metrics)).await;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains("model=\"clf\"")
+                    && l.contains("version=\"3\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} for clf 3 in:\n{text}"))
+    };
+    assert_eq!(value("nv_inference_request_success"), 1.0);
+    // The same counts as shoal's own series (which include the load's
+    // warm-up run on each replica).
+    assert_eq!(
+        value("nv_inference_count"),
+        value("shoal_inference_count_total")
+    );
+    assert!(value("nv_inference_count") >= 3.0);
+    assert_eq!(
+        value("nv_inference_exec_count"),
+        value("shoal_execution_count_total")
+    );
+    let us = value("nv_inference_request_duration_us");
+    assert!(
+        us > 0.0 && (us - value("shoal_request_duration_seconds_sum") * 1e6).abs() < 1.0,
+        "{us}"
+    );
+    assert!(value("nv_inference_compute_infer_duration_us") > 0.0);
+    assert_eq!(value("nv_inference_pending_request_count"), 0.0);
+    assert!(text.contains("shoal_request_success_total"));
+    // Triton's own names break three of promtool's naming rules (counters
+    // without _total, `_us`, counters named `_count`); nothing else may.
+    common::promtool_check_allowing(&text, |l| {
+        l.starts_with("nv_")
+            && (l.contains("should have \"_total\" suffix")
+                || l.contains("should not contain abbreviated units")
+                || l.contains("should not have \"_count\" suffix"))
+    });
 
     // Broken and refused configs fail alone, saying where and why.
     let ix = index(&c, &s.http).await;

@@ -36,21 +36,29 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
 struct AdminState {
     engine: Engine,
     handle: PrometheusHandle,
+    /// Also export Triton's names (`--metrics-triton-names`).
+    triton_names: bool,
 }
 
-pub fn router(engine: Engine, handle: PrometheusHandle) -> Router {
+pub fn router(engine: Engine, handle: PrometheusHandle, triton_names: bool) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
-        .with_state(AdminState { engine, handle })
+        .with_state(AdminState {
+            engine,
+            handle,
+            triton_names,
+        })
 }
 
 async fn metrics(State(st): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.handle.render(),
-    )
+    let mut text = st.handle.render();
+    if st.triton_names {
+        let triton = super::triton_metrics::derive(&text);
+        text.push_str(&triton);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn ready(State(st): State<AdminState>) -> StatusCode {
@@ -67,6 +75,7 @@ pub fn spawn(
     listener: std::net::TcpListener,
     engine: Engine,
     handle: PrometheusHandle,
+    triton_names: bool,
     stop: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
@@ -104,7 +113,7 @@ pub fn spawn(
                         return;
                     }
                 };
-                let app = router(engine, handle);
+                let app = router(engine, handle, triton_names);
                 if let Err(e) = axum::serve(listener, app)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await

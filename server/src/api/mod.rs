@@ -10,6 +10,7 @@ pub mod json;
 pub mod metadata;
 pub mod repository;
 pub mod shm;
+pub mod triton_metrics;
 
 /// Protocol extensions this server implements, as listed in server metadata.
 pub const EXTENSIONS: &[&str] = &[
