@@ -105,7 +105,13 @@ if [ ! -x "$SHOAL_BIN" ]; then
   cargo build --release -p shoal
 fi
 [ -x "$SHOAL_BIN" ] || die "no server binary at $SHOAL_BIN"
-[ -f "$MODEL_REPO/$MODEL/config.toml" ] || die "no model $MODEL in $MODEL_REPO (run scripts/setup.sh)"
+# A model is a directory with a version folder or a bare model file
+# (config.toml, Triton's config.pbtxt, or none at all).
+found=0
+for f in "$MODEL_REPO/$MODEL"/[0-9]* "$MODEL_REPO/$MODEL"/model.onnx "$MODEL_REPO/$MODEL"/model.pt; do
+  [ -e "$f" ] && found=1
+done
+[ $found = 1 ] || die "no model $MODEL in $MODEL_REPO (run scripts/setup.sh)"
 
 mkdir -p "$OUT"
 rm -f "$OUT/${MODEL}"_*_c*.csv "$OUT/${MODEL}"_*_c*.log
