@@ -196,7 +196,8 @@ fn list_colons(text: &str) -> (String, Vec<usize>) {
 
 /// 1-based line and column of byte `offset` of `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    // A position inside a multi-byte character (never expected) counts the whole text.
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
@@ -664,6 +665,24 @@ model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "input" value { data_
         assert_eq!(at, vec![6]);
         let e = fails("input [ { name: \"x\" } ] output [ { nme: \"y\" } ]\n");
         assert!(e.contains("line 1, column 36"), "{e}");
+    }
+
+    #[test]
+    fn hostile_text_is_an_error_not_a_panic() {
+        // Columns count characters: the two before `nme` take 6 bytes.
+        let e = fails("name: \"\u{e9}\u{1F600}\" input [ { nme: 1 } ]\n");
+        assert!(e.contains("line 1, column 22"), "{e}");
+        for text in [
+            "name: \"unterminated",
+            "input [ [ [ [",
+            "]]]]",
+            "# only a comment [",
+            "parameters { key: \"intra_op_thread_count\" value { string_value: \"99999999999999999999999\" } }",
+            "max_batch_size: -1",
+            "instance_group [ { count: -3 } ]",
+        ] {
+            let _ = parse("m", "m/config.pbtxt", text);
+        }
     }
 
     #[test]
