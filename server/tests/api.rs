@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, ffnn_input, reference_ffnn, Server};
+use common::{assert_close, f32s, ffnn_input, reference_ffnn, Server};
 use serde_json::{json, Value};
 use shoal_proto as pb;
 use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -19,14 +19,6 @@ fn light_repo() -> tempfile::TempDir {
         std::os::unix::fs::symlink(repo.join(m), dir.path().join(m)).unwrap();
     }
     dir
-}
-
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn binary_body(header: &Value, blobs: &[&[u8]]) -> (Vec<u8>, usize) {

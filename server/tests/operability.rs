@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_close, ffnn_input, reference_ffnn, Captured, Server};
+use common::{assert_close, f32s, ffnn_infer_body, ffnn_input, reference_ffnn, Captured, Server};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -25,18 +25,6 @@ use std::time::{Duration, Instant};
 /// A repository holding only the FFNN's version 1 (`ffnn`), for fast starts.
 fn ffnn_repo() -> tempfile::TempDir {
     common::ffnn_repo_with_config("")
-}
-
-fn infer_body(input: &[f32]) -> Value {
-    json!({"inputs": [{"name": "input", "shape": [input.len() / 784, 784], "datatype": "FP32", "data": input}]})
-}
-
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn grpc_request(input: &[f32]) -> pb::ModelInferRequest {
@@ -69,15 +57,12 @@ async fn a_bare_model_file_is_served_as_a_model_named_after_its_directory() {
     assert_eq!(md["versions"], json!(["1"]), "{md}");
     assert_eq!(md["inputs"][0]["shape"], json!([-1, 784]), "{md}");
     let input = ffnn_input(2, 3);
-    let r: Value = c
-        .post(format!("{}/v2/models/digits/infer", s.http))
-        .json(&infer_body(&input))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = common::post_json(
+        &c,
+        format!("{}/v2/models/digits/infer", s.http),
+        &ffnn_infer_body(&input),
+    )
+    .await;
     assert_close(
         &f32s(&r["outputs"][0]["data"]),
         &reference_ffnn(1, &input),
@@ -135,7 +120,7 @@ async fn json_logs_and_the_access_log_cover_rest_and_grpc() {
     let s = Captured::start(repo.path(), &["--log-format", "json", "--access-log"], &[]);
     let c = reqwest::Client::new();
     let input = ffnn_input(1, 5);
-    let body = serde_json::to_vec(&infer_body(&input)).unwrap();
+    let body = serde_json::to_vec(&ffnn_infer_body(&input)).unwrap();
     let r = c
         .post(format!("{}/v2/models/ffnn/infer", s.http))
         .header("content-type", "application/json")
@@ -148,7 +133,7 @@ async fn json_logs_and_the_access_log_cover_rest_and_grpc() {
     let rest_out = r.bytes().await.unwrap().len();
     let r = c
         .post(format!("{}/v2/models/nope/infer", s.http))
-        .json(&infer_body(&input))
+        .json(&ffnn_infer_body(&input))
         .send()
         .await
         .unwrap();
@@ -247,7 +232,7 @@ async fn rest_bodies_compress_both_ways_within_the_body_limit() {
     let url = format!("{}/v2/models/ffnn/infer", s.http);
     let input = ffnn_input(4, 9);
     let want = reference_ffnn(1, &input);
-    let plain = serde_json::to_vec(&infer_body(&input)).unwrap();
+    let plain = serde_json::to_vec(&ffnn_infer_body(&input)).unwrap();
 
     for (encoding, body) in [
         ("gzip", gzip(&plain)),
@@ -330,7 +315,12 @@ async fn rest_bodies_compress_both_ways_within_the_body_limit() {
     assert_eq!(r.status(), 415);
 
     // The server still serves.
-    let r = c.post(&url).json(&infer_body(&input)).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .json(&ffnn_infer_body(&input))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -452,7 +442,7 @@ async fn traces_continue_the_callers_trace_with_queue_assembly_compute_and_encod
     let r = c
         .post(format!("{}/v2/models/ffnn/infer", s.http))
         .header("traceparent", format!("00-{rest_trace}-{rest_parent}-01"))
-        .json(&infer_body(&input))
+        .json(&ffnn_infer_body(&input))
         .send()
         .await
         .unwrap();

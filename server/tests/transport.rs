@@ -201,23 +201,12 @@ fn bad_transport_flags_fail_clearly() {
         ),
     ];
     for (flags, want) in cases {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("--model-repository")
-            .arg(repo.path())
-            .args([
-                "--http-port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
-            .args(&flags)
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{flags:?} started");
+        let mut args = vec![
+            "--model-repository".to_string(),
+            repo.path().display().to_string(),
+        ];
+        args.extend(flags.iter().cloned());
+        let stderr = common::failed_start(&args);
         assert!(stderr.contains(want), "{flags:?}: {stderr}");
     }
     assert_eq!(std::fs::read(&not_a_socket).unwrap(), b"keep me");

@@ -6,12 +6,11 @@
 
 mod common;
 
-use common::{assert_close, ffnn_input, reference_ffnn};
+use common::{assert_close, f32s, ffnn_infer_body, ffnn_input, reference_ffnn};
 use serde_json::{json, Value};
 use shoal_proto as pb;
 use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use std::path::Path;
-use std::time::Duration;
 
 const CLF: &str = r#"
 # The Crayfish FFNN as a Triton user writes it.
@@ -217,25 +216,14 @@ async fn a_triton_repository_is_served_unchanged() {
 
     // It serves: the latest version is the FFNN's version 2.
     let x = ffnn_input(3, 7);
-    let body =
-        json!({"inputs": [{"name": "input", "shape": [3, 784], "datatype": "FP32", "data": x}]});
-    let r: Value = c
-        .post(format!("{}/v2/models/clf/infer", s.http))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = ffnn_infer_body(&x);
+    let r = common::post_json(&c, format!("{}/v2/models/clf/infer", s.http), &body).await;
     assert_eq!(r["model_version"], "3", "{r}");
-    let got: Vec<f32> = r["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    assert_close(&got, &reference_ffnn(2, &x), 1e-5);
+    assert_close(
+        &f32s(&r["outputs"][0]["data"]),
+        &reference_ffnn(2, &x),
+        1e-5,
+    );
 
     // Triton's metric names beside shoal's, for Triton's dashboards.
     let text = common::get_text(&c, format!("{}/metrics", s.inner.metrics)).await;
@@ -315,37 +303,11 @@ fn a_broken_config_pbtxt_stops_the_default_startup_naming_file_and_line() {
     let repo = triton_repo();
     std::fs::remove_dir_all(repo.path().join("ensemble")).unwrap();
     std::fs::remove_dir_all(repo.path().join("wrong_type")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-        // Triton's older name of the flag.
-        .args(["--model-store"])
-        .arg(repo.path())
-        .args([
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("shoal started with a broken config.pbtxt");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
+    // Triton's older name of the flag.
+    let err = common::failed_start(&[
+        std::ffi::OsStr::new("--model-store"),
+        repo.path().as_os_str(),
+    ]);
     assert!(
         err.contains("syntax/config.pbtxt: line 3, column"),
         "the error names the file and line: {err}"

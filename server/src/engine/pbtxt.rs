@@ -107,8 +107,8 @@ pub fn parse(model: &str, file: &str, text: &str) -> Result<Parsed, ConfigError>
     let mut refused = Vec::new();
     let mut warnings = Vec::new();
     check(&msg, "", &mut refused, &mut warnings);
-    if let Some(first) = refused.into_iter().next() {
-        return Err(err(first));
+    if !refused.is_empty() {
+        return Err(err(refused.join("; ")));
     }
     let tc: pb::ModelConfig = msg
         .transcode_to()
@@ -419,22 +419,21 @@ fn map(
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            let max_queue_size =
-                match d.default_queue_policy.as_ref().map(|q| q.max_queue_size) {
-                    None | Some(0) => None,
-                    Some(n) => Some(usize::try_from(n).map_err(|_| {
+            let max_queue_size = match d.default_queue_policy.as_ref().map(|q| q.max_queue_size) {
+                None => None,
+                Some(0) => {
+                    warnings.push(format!(
+                        "dynamic_batching default_queue_policy max_queue_size 0 (unbounded in Triton) is bounded at {} in shoal",
+                        super::config::DEFAULT_MAX_QUEUE_SIZE
+                    ));
+                    None
+                }
+                Some(n) => {
+                    Some(usize::try_from(n).map_err(|_| {
                         format!("default_queue_policy max_queue_size {n} is negative")
-                    })?),
-                };
-            if d.default_queue_policy
-                .as_ref()
-                .is_some_and(|q| q.max_queue_size == 0)
-            {
-                warnings.push(format!(
-                    "dynamic_batching default_queue_policy max_queue_size 0 (unbounded in Triton) is bounded at {} in shoal",
-                    super::config::DEFAULT_MAX_QUEUE_SIZE
-                ));
-            }
+                    })?)
+                }
+            };
             (
                 Some(DynamicBatchingFile {
                     max_queue_delay_us: d.max_queue_delay_microseconds,

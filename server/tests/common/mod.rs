@@ -46,6 +46,84 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(c: &reqwest::Client, url: 
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// POST `body` as JSON to `url` and its answer parsed as JSON.
+pub async fn post_json(
+    c: &reqwest::Client,
+    url: String,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    c.post(&url)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+/// A REST inference request of `input` (rows of 784) for the FFNN.
+pub fn ffnn_infer_body(input: &[f32]) -> serde_json::Value {
+    serde_json::json!({"inputs": [{"name": "input", "shape": [input.len() / 784, 784], "datatype": "FP32", "data": input}]})
+}
+
+/// A JSON array of numbers as f32s.
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Starts the binary on `args` (port 0 everywhere), expecting it to fail
+/// at startup within two minutes; returns what it wrote on stderr.
+pub fn failed_start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the shoal binary starts");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    // Read on a thread, so a chatty child cannot block on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "shoal started with {:?}",
+                args.iter()
+                    .map(|a| a.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = reader.join().unwrap();
+    assert!(!status.success(), "shoal exited 0 on a failed start: {err}");
+    err
+}
+
 /// GET `url` and its body as text.
 pub async fn get_text(c: &reqwest::Client, url: String) -> String {
     c.get(&url)
