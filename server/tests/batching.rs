@@ -375,3 +375,228 @@ async fn a_failing_backend_load_fails_the_model_load() {
         Err(EngineError::NotFound(_))
     ));
 }
+
+/// Runs `req` in the background and records `label` when it is answered.
+fn tracked(
+    engine: &Engine,
+    req: InferRequest,
+    label: &'static str,
+    done: &Arc<parking_lot::Mutex<Vec<&'static str>>>,
+) -> tokio::task::JoinHandle<Result<(), EngineError>> {
+    let (e, done) = (engine.clone(), done.clone());
+    tokio::spawn(async move {
+        let r = e.infer(req).await;
+        done.lock().push(label);
+        r.map(|_| ())
+    })
+}
+
+fn with_priority(mut r: InferRequest, priority: u64) -> InferRequest {
+    r.priority = priority;
+    r
+}
+
+fn with_timeout(mut r: InferRequest, ms: u64) -> InferRequest {
+    r.timeout = Some(Duration::from_millis(ms));
+    r
+}
+
+#[tokio::test]
+async fn priority_levels_run_the_highest_first_and_bound_each_level() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 1\n[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.2]\nmax_queue_size = 3\n",
+        1,
+        Duration::from_millis(100),
+    );
+    let done = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let busy = tracked(&engine, request(1, 1, 0.0), "busy", &done);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Three of the default (low) level fill its queue; priority 0 and an
+    // out-of-range priority mean the default level, as in Triton.
+    let mut waiting = vec![
+        tracked(&engine, request(1, 1, 1.0), "low1", &done),
+        tracked(&engine, with_priority(request(1, 1, 2.0), 0), "low2", &done),
+        tracked(&engine, with_priority(request(1, 1, 3.0), 9), "low3", &done),
+    ];
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let t = Instant::now();
+    let full = engine.infer(with_priority(request(1, 1, 4.0), 2)).await;
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    match &full {
+        Err(e @ EngineError::Overloaded(_)) => {
+            assert!(e.to_string().contains("priority level 2"), "{e}")
+        }
+        other => panic!("the low level's queue is full: {other:?}"),
+    }
+    // The high level has its own room, and runs first.
+    waiting.push(tracked(
+        &engine,
+        with_priority(request(1, 1, 5.0), 1),
+        "high1",
+        &done,
+    ));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    waiting.push(tracked(
+        &engine,
+        with_priority(request(1, 1, 6.0), 1),
+        "high2",
+        &done,
+    ));
+    busy.await.unwrap().unwrap();
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        *done.lock(),
+        vec!["busy", "high1", "high2", "low1", "low2", "low3"]
+    );
+    assert_eq!(log.batches.lock().len(), 6);
+    // Every level's slots came back.
+    for _ in 0..3 {
+        engine.infer(request(1, 1, 0.0)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn queue_timeout_rejects_unless_the_request_may_override_it() {
+    // REJECT with a default timeout; the request's own timeout is ignored
+    // (allow_timeout_override is off).
+    let (engine, log) = engine_with(
+        "max_batch_size = 1\n[dynamic_batching]\ndefault_timeout_us = 50000\n",
+        1,
+        Duration::from_millis(200),
+    );
+    let done = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let busy = tracked(&engine, request(1, 1, 0.0), "busy", &done);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let r = engine.infer(with_timeout(request(1, 1, 1.0), 10_000)).await;
+    match &r {
+        Err(e @ EngineError::QueueTimeout(_)) => {
+            assert!(e.to_string().contains("timeout expired"), "{e}");
+            assert_eq!(e.kind(), shoal::engine::ErrorKind::Overloaded, "retryable");
+        }
+        other => panic!("the queue timeout expired: {other:?}"),
+    }
+    busy.await.unwrap().unwrap();
+    assert_eq!(
+        *log.batches.lock(),
+        vec![1],
+        "the timed-out request never ran"
+    );
+
+    // With the override allowed, each request's timeout is its own.
+    let (engine, log) = engine_with(
+        "max_batch_size = 1\n[dynamic_batching]\nallow_timeout_override = true\n",
+        1,
+        Duration::from_millis(200),
+    );
+    let busy = tracked(&engine, request(1, 1, 0.0), "busy", &done);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let patient = tracked(
+        &engine,
+        with_timeout(request(1, 1, 1.0), 5_000),
+        "patient",
+        &done,
+    );
+    let hasty = engine.infer(with_timeout(request(1, 1, 2.0), 50)).await;
+    assert!(
+        matches!(hasty, Err(EngineError::QueueTimeout(_))),
+        "{hasty:?}"
+    );
+    busy.await.unwrap().unwrap();
+    patient.await.unwrap().unwrap();
+    assert_eq!(log.batches.lock().len(), 2);
+}
+
+#[tokio::test]
+async fn queue_timeout_delay_moves_the_request_behind_the_others() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 1\n[dynamic_batching]\ntimeout_action = \"delay\"\nallow_timeout_override = true\n",
+        1,
+        Duration::from_millis(150),
+    );
+    let done = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let busy = tracked(&engine, request(1, 1, 0.0), "busy", &done);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let late = tracked(
+        &engine,
+        with_timeout(request(1, 1, 1.0), 20),
+        "timed_out",
+        &done,
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let other = tracked(&engine, request(1, 1, 2.0), "untimed", &done);
+    for h in [busy, late, other] {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(*done.lock(), vec!["busy", "untimed", "timed_out"]);
+    assert_eq!(log.batches.lock().len(), 3, "a delayed request still runs");
+}
+
+#[tokio::test]
+async fn high_priority_keeps_its_latency_while_low_priority_is_shed() {
+    // A saturated replica (2 ms per request, one at a time): 24 low-priority
+    // clients against a low-level bound of 8, and one high-priority client.
+    let (engine, _log) = engine_with(
+        "max_batch_size = 1\n[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.2]\nmax_queue_size = 8\n",
+        1,
+        Duration::from_millis(2),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let low: Vec<_> = (0..24)
+        .map(|_| {
+            let (e, stop, shed) = (engine.clone(), stop.clone(), shed.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match e.infer(request(1, 1, 1.0)).await {
+                        Ok(_) => lat.push(t.elapsed()),
+                        Err(EngineError::Overloaded(_)) => {
+                            shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut high = Vec::new();
+    for _ in 0..60 {
+        let t = Instant::now();
+        engine
+            .infer(with_priority(request(1, 1, 2.0), 1))
+            .await
+            .unwrap();
+        high.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut low_lat = Vec::new();
+    for h in low {
+        low_lat.extend(h.await.unwrap());
+    }
+    let pct = |v: &mut Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * q) as usize]
+    };
+    let high_p99 = pct(&mut high, 0.99);
+    let low_p50 = pct(&mut low_lat, 0.5);
+    let shed = shed.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("high p99 {high_p99:?}, low p50 {low_p50:?}, low shed {shed}");
+    assert!(shed > 0, "the low level was never full");
+    // The high request waits for at most the batch in progress: two
+    // executions, against the low level's queue of eight.
+    assert!(
+        high_p99 < Duration::from_millis(12),
+        "high p99 {high_p99:?}"
+    );
+    assert!(
+        low_p50 > 2 * high_p99,
+        "low p50 {low_p50:?}, high p99 {high_p99:?}"
+    );
+}

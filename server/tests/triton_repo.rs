@@ -155,6 +155,8 @@ async fn a_triton_repository_is_served_unchanged() {
         ("every", vec!["1", "2"]),
         ("pinned", vec!["1"]),
         ("bare", vec!["2"]),
+        // config.toml's default is Triton's too.
+        ("both", vec!["2"]),
     ] {
         let md: Value = common::get_json(&c, format!("{}/v2/models/{model}", s.http)).await;
         assert_eq!(md["versions"], json!(want), "{model}: {md}");

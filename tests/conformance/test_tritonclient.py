@@ -747,6 +747,9 @@ def test_triton_config_pbtxt_metadata_and_config(client, protocol):
             "preferred": list(c.dynamic_batching.preferred_batch_size),
             "delay": c.dynamic_batching.max_queue_delay_microseconds,
             "intra": c.parameters["intra_op_thread_count"].string_value,
+            "levels": (c.dynamic_batching.priority_levels, c.dynamic_batching.default_priority_level),
+            "queue": (c.dynamic_batching.default_queue_policy.allow_timeout_override,
+                      c.dynamic_batching.default_queue_policy.max_queue_size),
         }
     else:
         got = {
@@ -756,6 +759,9 @@ def test_triton_config_pbtxt_metadata_and_config(client, protocol):
             "preferred": cfg["dynamic_batching"]["preferred_batch_size"],
             "delay": cfg["dynamic_batching"]["max_queue_delay_microseconds"],
             "intra": cfg["parameters"]["intra_op_thread_count"]["string_value"],
+            "levels": (cfg["dynamic_batching"]["priority_levels"], cfg["dynamic_batching"]["default_priority_level"]),
+            "queue": (cfg["dynamic_batching"]["default_queue_policy"]["allow_timeout_override"],
+                      cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"]),
         }
     assert got == {
         "max_batch_size": 16,
@@ -764,6 +770,8 @@ def test_triton_config_pbtxt_metadata_and_config(client, protocol):
         "preferred": [4, 8],
         "delay": 100,
         "intra": "1",
+        "levels": (2, 2),
+        "queue": (True, 512),
     }
 
 
@@ -772,6 +780,10 @@ def test_triton_config_pbtxt_infer(shoal_server, client, protocol):
     (expected,) = _reference(shoal_server.model_repository, "ffnn_triton", "2", {"input": x})
     result = client.infer("ffnn_triton", [_make_input(protocol, "input", x, "FP32", True)])
     assert _response(result)["model_version"] == "2"
+    np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=0, atol=1e-5)
+    # Triton's priority and timeout request parameters, as the client sends them.
+    result = client.infer("ffnn_triton", [_make_input(protocol, "input", x, "FP32", True)],
+                          priority=1, timeout=5_000_000)
     np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=0, atol=1e-5)
     # Version 1 is on disk but not served.
     _expect_error(protocol, "not_found", client.get_model_metadata, "ffnn_triton", "1")

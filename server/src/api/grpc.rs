@@ -147,16 +147,24 @@ pub fn decode_request(
     meta: CallMeta,
     shm: &SharedMemory,
 ) -> Result<(InferRequest, ShmOutputs), ApiError> {
-    let header_deadline = meta.deadline;
-    let now = Instant::now();
-    let mut deadline = header_deadline;
-    if let Some(p) = req.parameters.get("timeout") {
-        let us = param_i64(p).filter(|&v| v >= 0).ok_or_else(|| {
-            ApiError::invalid("parameter timeout must be a non-negative integer (µs)")
-        })?;
-        let d = now + Duration::from_micros(us as u64);
-        deadline = Some(deadline.map_or(d, |h| h.min(d)));
-    }
+    let deadline = meta.deadline;
+    let timeout = match req.parameters.get("timeout") {
+        None => None,
+        Some(p) => {
+            let us = param_i64(p).filter(|&v| v >= 0).ok_or_else(|| {
+                ApiError::invalid("parameter timeout must be a non-negative integer (µs)")
+            })?;
+            Some(Duration::from_micros(us as u64))
+        }
+    };
+    let priority = match req.parameters.get("priority") {
+        None => 0,
+        Some(p) => param_i64(p).filter(|&v| v >= 0).ok_or_else(|| {
+            ApiError::invalid(
+                "parameter priority must be a non-negative integer (1 is the highest)",
+            )
+        })? as u64,
+    };
     let explicit = |name: &str| -> Result<Option<String>, ApiError> {
         match req.parameters.get(name) {
             None => Ok(None),
@@ -250,6 +258,8 @@ pub fn decode_request(
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         deadline,
+        timeout,
+        priority,
         correlation_key,
         sequence_start,
         sequence_end,

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json as j, Map, Value};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
@@ -350,15 +350,22 @@ fn decode_infer(
     };
     let req: RestRequest = serde_json::from_slice(&header)
         .map_err(|e| ApiError::invalid(format!("invalid JSON request: {e}")))?;
-    let now = Instant::now();
-    let deadline = match req.parameters.get("timeout") {
+    let timeout = match req.parameters.get("timeout") {
         None => None,
         Some(v) => {
             let us = v.as_u64().ok_or_else(|| {
                 ApiError::invalid("parameter timeout must be a non-negative integer (µs)")
             })?;
-            Some(now + Duration::from_micros(us))
+            Some(Duration::from_micros(us))
         }
+    };
+    let priority = match req.parameters.get("priority") {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            ApiError::invalid(
+                "parameter priority must be a non-negative integer (1 is the highest)",
+            )
+        })?,
     };
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for i in req.inputs {
@@ -488,7 +495,9 @@ fn decode_infer(
         id: req.id.unwrap_or_default(),
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
-        deadline,
+        deadline: None,
+        timeout,
+        priority,
         correlation_key,
         sequence_start: flag(&req.parameters, "sequence_start")?.unwrap_or(false),
         sequence_end: flag(&req.parameters, "sequence_end")?.unwrap_or(false),

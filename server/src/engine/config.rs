@@ -57,9 +57,8 @@ pub struct ModelConfigFile {
     #[serde(default)]
     pub sequence_state: Vec<SequenceStateFile>,
     pub window: Option<WindowFile>,
-    /// Which of the version directories load: `"all"` (the default of a
-    /// config.toml), `"latest"`, `{ latest = N }` or `{ specific = [..] }`.
-    /// A config.pbtxt without one loads the latest version only, as Triton.
+    /// Which of the version directories load: `"latest"` (the default, as
+    /// Triton's), `"all"`, `{ latest = N }` or `{ specific = [..] }`.
     pub version_policy: Option<VersionPolicy>,
     /// The Triton `ModelConfig` this file was read from (config.pbtxt), so
     /// the model-config calls return what the user wrote, completed.
@@ -240,6 +239,90 @@ pub struct DynamicBatchingFile {
     #[serde(default)]
     pub preferred_batch_sizes: Vec<u32>,
     pub max_queue_size: Option<usize>,
+    /// Triton's priority levels: requests name one (parameter `priority`,
+    /// 1 the highest); 0 means none.
+    #[serde(default)]
+    pub priority_levels: u32,
+    /// The level of a request that names none (or one out of range).
+    #[serde(default)]
+    pub default_priority_level: u32,
+    /// Triton's `default_queue_policy`, beside `max_queue_size`:
+    /// `"reject"` (the default) or `"delay"`.
+    pub timeout_action: Option<String>,
+    #[serde(default)]
+    pub default_timeout_us: u64,
+    #[serde(default)]
+    pub allow_timeout_override: bool,
+    /// Per-level policies, keyed by the level (`[dynamic_batching.priority_queue_policy.1]`).
+    #[serde(default)]
+    pub priority_queue_policy: std::collections::BTreeMap<String, QueuePolicyFile>,
+}
+
+/// Triton's `ModelQueuePolicy` (its `max_queue_size` is the table's own
+/// field for the default policy).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueuePolicyFile {
+    /// `"reject"` (the default) or `"delay"`.
+    pub timeout_action: Option<String>,
+    /// Queue timeout of a request that gives none; 0: no timeout.
+    #[serde(default)]
+    pub default_timeout_us: u64,
+    /// The request parameter `timeout` may set a request's queue timeout.
+    #[serde(default)]
+    pub allow_timeout_override: bool,
+    /// Only in per-level policies (the default policy's is the table's).
+    pub max_queue_size: Option<usize>,
+}
+
+/// What happens to a request still queued when its queue timeout expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutAction {
+    /// It fails (UNAVAILABLE / 503, retryable), as Triton's REJECT.
+    Reject,
+    /// It moves behind every request that has not timed out (Triton's DELAY).
+    Delay,
+}
+
+/// One priority level's queue policy, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePolicy {
+    pub timeout_action: TimeoutAction,
+    pub default_timeout: Option<Duration>,
+    pub allow_timeout_override: bool,
+    /// Requests of this level that may wait at once.
+    pub max_queue_size: usize,
+}
+
+/// Priority levels and their queue policies, resolved. With no levels
+/// every request is level 1 and `policies` has that one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Priorities {
+    /// 0: the model has no priority levels.
+    pub levels: u32,
+    pub default_level: u32,
+    /// Index `level - 1` (every level from 1 to `max(levels, 1)`).
+    pub policies: Vec<QueuePolicy>,
+    /// True when some policy sets a timeout or lets requests set one: the
+    /// `timeout` parameter then means Triton's queue timeout (honored only
+    /// where `allow_timeout_override`), not shoal's request deadline.
+    pub triton_timeouts: bool,
+}
+
+impl Priorities {
+    /// The level of a request asking for `asked` (0: none), as Triton's
+    /// `SetPriority`: out of range falls back to the default level.
+    pub fn level(&self, asked: u64) -> u32 {
+        if asked == 0 || asked > self.levels as u64 {
+            self.default_level.max(1)
+        } else {
+            asked as u32
+        }
+    }
+
+    pub fn policy(&self, level: u32) -> &QueuePolicy {
+        &self.policies[(level.max(1) as usize - 1).min(self.policies.len() - 1)]
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -287,7 +370,9 @@ pub struct ModelConfig {
     /// delay, no preferred sizes). `None`: no batching.
     pub dynamic_batching: Option<DynamicBatching>,
     pub adaptive: Option<AdaptiveBatching>,
+    /// Bound on the requests queued for the model (all levels together).
     pub max_queue_size: usize,
+    pub priorities: Priorities,
     /// Inputs as clients send them (state inputs hidden, windowed ones as
     /// one event).
     pub inputs: Vec<IoSpec>,
@@ -374,6 +459,14 @@ impl ModelConfigFile {
         if max_queue_size == 0 {
             return Err(err("max_queue_size must be >= 1".into()));
         }
+        let priorities = self.resolve_priorities(max_queue_size).map_err(err)?;
+        // Each level is bounded by its policy; together they are bounded by
+        // the sum, so a level's bound is never cut by another level's load.
+        let max_queue_size = if priorities.levels > 0 {
+            priorities.policies.iter().map(|p| p.max_queue_size).sum()
+        } else {
+            max_queue_size
+        };
         let routing = match self.routing.as_deref() {
             None | Some("affinity") => Routing::Affinity,
             Some("round_robin") => Routing::RoundRobin,
@@ -547,6 +640,7 @@ impl ModelConfigFile {
             dynamic_batching,
             adaptive,
             max_queue_size,
+            priorities,
             inputs,
             outputs,
             graph_inputs,
@@ -555,7 +649,10 @@ impl ModelConfigFile {
             keyed_limits,
             states,
             window,
-            version_policy: self.version_policy.clone().unwrap_or(VersionPolicy::All),
+            version_policy: self
+                .version_policy
+                .clone()
+                .unwrap_or(VersionPolicy::Latest(1)),
             triton: self.triton.clone(),
         })
     }
@@ -613,6 +710,84 @@ impl ModelConfigFile {
             max_queue_delay: Duration::from_micros(db.max_queue_delay_us),
             preferred_batch_sizes: preferred,
         }))
+    }
+
+    /// Priority levels and queue policies; `queue_size` is the default
+    /// policy's bound.
+    fn resolve_priorities(&self, queue_size: usize) -> Result<Priorities, String> {
+        let db = self.dynamic_batching.as_ref();
+        let levels = db.map_or(0, |d| d.priority_levels);
+        let default_level = db.map_or(0, |d| d.default_priority_level);
+        if levels > 0 && !(1..=levels).contains(&default_level) {
+            return Err(format!(
+                "default_priority_level {default_level} must be in 1..={levels} (priority_levels)"
+            ));
+        }
+        if levels == 0 && default_level != 0 {
+            return Err("default_priority_level needs priority_levels".into());
+        }
+        let resolve =
+            |f: &QueuePolicyFile, size: usize, what: &str| -> Result<QueuePolicy, String> {
+                let timeout_action = match f.timeout_action.as_deref() {
+                    None | Some("reject") | Some("REJECT") => TimeoutAction::Reject,
+                    Some("delay") | Some("DELAY") => TimeoutAction::Delay,
+                    Some(o) => {
+                        return Err(format!(
+                            "{what}: timeout_action {o:?} is not \"reject\" or \"delay\""
+                        ))
+                    }
+                };
+                if size == 0 {
+                    return Err(format!("{what}: max_queue_size must be >= 1"));
+                }
+                Ok(QueuePolicy {
+                    timeout_action,
+                    default_timeout: (f.default_timeout_us > 0)
+                        .then(|| Duration::from_micros(f.default_timeout_us)),
+                    allow_timeout_override: f.allow_timeout_override,
+                    max_queue_size: size,
+                })
+            };
+        let default_file = db.map_or_else(QueuePolicyFile::default, |d| QueuePolicyFile {
+            timeout_action: d.timeout_action.clone(),
+            default_timeout_us: d.default_timeout_us,
+            allow_timeout_override: d.allow_timeout_override,
+            max_queue_size: None,
+        });
+        let default = resolve(&default_file, queue_size, "default queue policy")?;
+        let mut per_level = std::collections::BTreeMap::new();
+        for (key, f) in db.map(|d| &d.priority_queue_policy).into_iter().flatten() {
+            match key.parse::<u32>() {
+                Ok(l) if (1..=levels).contains(&l) => {
+                    per_level.insert(l, f);
+                }
+                _ => {
+                    return Err(format!(
+                        "priority_queue_policy for level {key:?}: levels are 1..={levels} (priority_levels)"
+                    ))
+                }
+            }
+        }
+        let mut policies = Vec::new();
+        for level in 1..=levels.max(1) {
+            policies.push(match per_level.get(&level) {
+                None => default.clone(),
+                Some(f) => resolve(
+                    f,
+                    f.max_queue_size.unwrap_or(queue_size),
+                    &format!("priority_queue_policy for level {level}"),
+                )?,
+            });
+        }
+        let triton_timeouts = policies
+            .iter()
+            .any(|p| p.default_timeout.is_some() || p.allow_timeout_override);
+        Ok(Priorities {
+            levels,
+            default_level,
+            policies,
+            triton_timeouts,
+        })
     }
 
     fn is_keyed_stateful(&self) -> bool {

@@ -40,6 +40,10 @@ pub enum EngineError {
     /// model's latency objective.
     #[error("{0}")]
     Shed(String),
+    /// Still queued when its queue policy's timeout expired (Triton's
+    /// REJECT); retryable, as Triton's UNAVAILABLE.
+    #[error("{0}")]
+    QueueTimeout(String),
     #[error("deadline exceeded before the request could run")]
     DeadlineExceeded,
     #[error("{0}")]
@@ -55,7 +59,9 @@ impl EngineError {
         match self {
             EngineError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             EngineError::NotFound(_) => ErrorKind::NotFound,
-            EngineError::Overloaded(_) | EngineError::Shed(_) => ErrorKind::Overloaded,
+            EngineError::Overloaded(_) | EngineError::Shed(_) | EngineError::QueueTimeout(_) => {
+                ErrorKind::Overloaded
+            }
             EngineError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             EngineError::Unavailable(_) => ErrorKind::Unavailable,
             EngineError::Cancelled => ErrorKind::Cancelled,

@@ -57,6 +57,7 @@ pub fn execute(
         let waited = start.saturating_duration_since(p.enqueued);
         core.metrics.queue_duration.record(waited.as_secs_f64());
         core.stats.queue.add(waited);
+        core.release_level(p.level);
     }
     core.release(n);
     core.replica_metrics[replica].requests.increment(n as u64);

@@ -276,7 +276,15 @@ impl Engine {
                 }
             }
         };
-        let deadline = request.deadline;
+        let mut deadline = request.deadline;
+        if let Some(t) = request.timeout {
+            if !mv.core.config.priorities.triton_timeouts {
+                let d = started + t;
+                deadline = Some(deadline.map_or(d, |h| h.min(d)));
+            }
+        }
+        let mut request = request;
+        request.deadline = deadline;
         let id = request.id.clone();
         let rx = if self.inner.stopping.load(Ordering::Relaxed) {
             Err(EngineError::Unavailable("server is shutting down".into()))

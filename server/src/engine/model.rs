@@ -37,6 +37,9 @@ pub struct ModelCore {
     wakers: Vec<Arc<Shared>>,
     /// Requests admitted and not yet taken into a batch.
     queued: AtomicUsize,
+    /// The same per priority level (index `level - 1`), when the model
+    /// has levels: each level's queue policy bounds its own.
+    level_queued: Vec<AtomicUsize>,
     /// Round-robin position, and the counter random routing hashes.
     spread: AtomicU64,
 }
@@ -62,6 +65,14 @@ impl ModelCore {
     pub fn release(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::Relaxed);
         self.metrics.queue_depth.decrement(n as f64);
+    }
+
+    /// Frees a priority level's slot for a request that left the queue
+    /// (with [`ModelCore::release`] for the model's).
+    pub fn release_level(&self, level: u32) {
+        if let Some(c) = self.level_queued.get(level.saturating_sub(1) as usize) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -163,6 +174,9 @@ impl ModelVersion {
             initial_state,
             wakers: starting.iter().map(StartingReplica::shared).collect(),
             queued: AtomicUsize::new(0),
+            level_queued: (0..config.priorities.levels)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
             spread: AtomicU64::new(0),
             version,
             config,
@@ -232,10 +246,28 @@ impl ModelVersion {
                 )));
             }
         }
-        // Admission: a full model answers at once, never blocks or grows.
+        let priorities = &cfg.priorities;
+        let level = priorities.level(req.priority);
+        let policy = priorities.policy(level);
+        let queue_timeout = match req.timeout {
+            Some(t) if policy.allow_timeout_override && !t.is_zero() => Some(t),
+            _ => policy.default_timeout,
+        };
+        // Admission: a full model (or priority level) answers at once,
+        // never blocks or grows.
+        if let Some(c) = self.core.level_queued.get(level as usize - 1) {
+            if c.fetch_add(1, Ordering::Relaxed) >= policy.max_queue_size {
+                c.fetch_sub(1, Ordering::Relaxed);
+                return Err(EngineError::Overloaded(format!(
+                    "{} (priority level {level})",
+                    cfg.name
+                )));
+            }
+        }
         let prev = self.core.queued.fetch_add(1, Ordering::Relaxed);
         if prev >= cfg.max_queue_size {
             self.core.queued.fetch_sub(1, Ordering::Relaxed);
+            self.core.release_level(level);
             return Err(EngineError::Overloaded(cfg.name.clone()));
         }
         self.core.metrics.queue_depth.increment(1.0);
@@ -261,6 +293,7 @@ impl ModelVersion {
                 Ok(t) => (t.replica, t.number),
                 Err(_) => {
                     self.core.release(1);
+                    self.core.release_level(level);
                     return Err(EngineError::Overloaded(format!(
                         "{}: all {} tracked keys have requests in flight",
                         cfg.name, cfg.keyed_limits.max_keys
@@ -269,7 +302,11 @@ impl ModelVersion {
             },
         };
         let (tx, rx) = oneshot::channel();
+        let enqueued = Instant::now();
         let pending = Pending {
+            level,
+            delayed: false,
+            queue_deadline: queue_timeout.map(|t| enqueued + t),
             key,
             key_hash: hash,
             ticket,
@@ -279,7 +316,7 @@ impl ModelVersion {
             rows,
             signature,
             outputs,
-            enqueued: Instant::now(),
+            enqueued,
             deadline: req.deadline,
             reply: tx,
             trace: req.span.map(|request| {
@@ -292,6 +329,7 @@ impl ModelVersion {
         };
         if let Err(p) = self.replicas[replica].enqueue(pending) {
             self.core.release(1);
+            self.core.release_level(level);
             if let Some(k) = &p.key {
                 self.core.keys.finish(k, p.ticket, replica, None);
             }

@@ -5,7 +5,8 @@
 //! cannot change a result, an error where it could.
 
 use super::config::{
-    ConfigError, DeviceFile, DynamicBatchingFile, IoFile, ModelConfigFile, VersionPolicy,
+    ConfigError, DeviceFile, DynamicBatchingFile, IoFile, ModelConfigFile, QueuePolicyFile,
+    VersionPolicy,
 };
 use crate::tensor::DataType;
 use miette::Diagnostic;
@@ -58,8 +59,10 @@ fn verdict(path: &str) -> Option<Verdict> {
         "dynamic_batching.preferred_batch_size"
         | "dynamic_batching.max_queue_delay_microseconds"
         | "dynamic_batching.preserve_ordering" => Use,
-        "dynamic_batching.default_queue_policy" => Descend,
-        "dynamic_batching.default_queue_policy.max_queue_size" => Use,
+        "dynamic_batching.default_queue_policy"
+        | "dynamic_batching.priority_levels"
+        | "dynamic_batching.default_priority_level"
+        | "dynamic_batching.priority_queue_policy" => Use,
         "ensemble_scheduling" => Refuse("ensembles are not served by shoal"),
         "sequence_batching" => Refuse(
             "sequence batching (control tensors, implicit state) is not implemented; \
@@ -419,26 +422,58 @@ fn map(
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            let max_queue_size = match d.default_queue_policy.as_ref().map(|q| q.max_queue_size) {
-                None => None,
-                Some(0) => {
-                    warnings.push(format!(
-                        "dynamic_batching default_queue_policy max_queue_size 0 (unbounded in Triton) is bounded at {} in shoal",
-                        super::config::DEFAULT_MAX_QUEUE_SIZE
-                    ));
-                    None
+            let policy = |q: &pb::ModelQueuePolicy, what: &str, warnings: &mut Vec<String>| {
+                let max_queue_size = match q.max_queue_size {
+                    0 => {
+                        warnings.push(format!(
+                            "dynamic_batching {what} max_queue_size 0 (unbounded in Triton) is bounded at {} in shoal",
+                            super::config::DEFAULT_MAX_QUEUE_SIZE
+                        ));
+                        None
+                    }
+                    n => Some(n as usize),
+                };
+                let action = match pb::model_queue_policy::TimeoutAction::try_from(q.timeout_action)
+                {
+                    Ok(pb::model_queue_policy::TimeoutAction::Delay) => "delay",
+                    _ => "reject",
+                };
+                QueuePolicyFile {
+                    timeout_action: Some(action.to_string()),
+                    default_timeout_us: q.default_timeout_microseconds,
+                    allow_timeout_override: q.allow_timeout_override,
+                    max_queue_size,
                 }
-                Some(n) => {
-                    Some(usize::try_from(n).map_err(|_| {
-                        format!("default_queue_policy max_queue_size {n} is negative")
-                    })?)
-                }
+            };
+            let default = d
+                .default_queue_policy
+                .as_ref()
+                .map(|q| policy(q, "default_queue_policy", warnings))
+                .unwrap_or_default();
+            let mut priority_queue_policy = std::collections::BTreeMap::new();
+            for (&level, q) in &d.priority_queue_policy {
+                let level = u32::try_from(level)
+                    .map_err(|_| format!("priority_queue_policy level {level} is out of range"))?;
+                let what = format!("priority_queue_policy {level}");
+                priority_queue_policy.insert(level.to_string(), policy(q, &what, warnings));
+            }
+            let levels = |v: u64, what: &str| {
+                u32::try_from(v).map_err(|_| format!("dynamic_batching {what} {v} is out of range"))
             };
             (
                 Some(DynamicBatchingFile {
                     max_queue_delay_us: d.max_queue_delay_microseconds,
                     preferred_batch_sizes: preferred,
-                    max_queue_size,
+                    max_queue_size: default.max_queue_size,
+                    priority_levels: levels(d.priority_levels, "priority_levels")?,
+                    default_priority_level: levels(
+                        d.default_priority_level,
+                        "default_priority_level",
+                    )?,
+                    timeout_action: default.timeout_action,
+                    default_timeout_us: default.default_timeout_us,
+                    allow_timeout_override: default.allow_timeout_override,
+                    priority_queue_policy,
                 }),
                 None,
             )
@@ -594,6 +629,68 @@ parameters { key: "intra_op_thread_count" value: { string_value: "2" } }
 parameters [ { key: "some_backend_knob" value { string_value: "x" } } ]
 model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "input" value { data_type: TYPE_FP32 dims: [3, 224, 224] zero_data: true } } } ]
 "#;
+
+    #[test]
+    fn priorities_and_queue_policies_take_effect() {
+        use crate::backend::{Signature, TensorSpec};
+        use crate::engine::config::TimeoutAction;
+        let text = r#"
+max_batch_size: 4
+dynamic_batching {
+  priority_levels: 3
+  default_priority_level: 2
+  default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 500 max_queue_size: 10 }
+  priority_queue_policy { key: 1 value { allow_timeout_override: true max_queue_size: 4 } }
+}
+"#;
+        let p = parse("m", "m/config.pbtxt", text).unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 2],
+        };
+        let graph = Signature {
+            inputs: vec![spec("x")],
+            outputs: vec![spec("y")],
+        };
+        let c = p.config.resolve("m", &graph).unwrap();
+        let pr = &c.priorities;
+        assert_eq!((pr.levels, pr.default_level), (3, 2));
+        assert_eq!(
+            (pr.level(0), pr.level(1), pr.level(3), pr.level(4)),
+            (2, 1, 3, 2)
+        );
+        assert_eq!(pr.policy(1).max_queue_size, 4);
+        assert!(pr.policy(1).allow_timeout_override);
+        assert_eq!(pr.policy(1).timeout_action, TimeoutAction::Reject);
+        assert_eq!(pr.policy(1).default_timeout, None);
+        for level in [2, 3] {
+            let q = pr.policy(level);
+            assert_eq!(q.timeout_action, TimeoutAction::Delay);
+            assert_eq!(
+                q.default_timeout,
+                Some(std::time::Duration::from_micros(500))
+            );
+            assert_eq!(q.max_queue_size, 10);
+        }
+        assert!(pr.triton_timeouts);
+        // The model's bound is the levels' together.
+        assert_eq!(c.max_queue_size, 24);
+
+        for (bad, says) in [
+            ("priority_levels: 2 default_priority_level: 3", "default_priority_level 3"),
+            ("priority_levels: 2 default_priority_level: 1 priority_queue_policy { key: 5 value { } }", "level \"5\""),
+        ] {
+            let text = format!("max_batch_size: 4\ndynamic_batching {{ {bad} }}\n");
+            let e = parse("m", "m/config.pbtxt", &text)
+                .unwrap()
+                .config
+                .resolve("m", &graph)
+                .unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn a_docs_style_config_maps_onto_shoals_terms() {

@@ -2,6 +2,7 @@
 //! queue, and the batching loop. Inference never runs on tokio threads.
 
 use super::batcher::{BatchPolicy, Decision, QueueView};
+use super::config::TimeoutAction;
 use super::error::EngineError;
 use super::keys::Key;
 use super::model::ModelCore;
@@ -41,6 +42,13 @@ pub struct Pending {
     /// The key's hash, computed once at admission (routing, logs).
     pub key_hash: Option<u64>,
     pub ticket: u64,
+    /// Priority level (1 the highest; 1 for a model without levels).
+    pub level: u32,
+    /// Its queue timeout expired under a DELAY policy: it runs after every
+    /// request that has not timed out.
+    pub delayed: bool,
+    /// When its queue policy's timeout expires, if it has one.
+    pub queue_deadline: Option<Instant>,
     pub sequence_start: bool,
     pub sequence_end: bool,
     /// Inputs in the model's input order.
@@ -57,6 +65,17 @@ pub struct Pending {
     pub trace: Option<RequestTrace>,
 }
 
+impl Pending {
+    /// Dispatch rank: lower runs first.
+    fn rank(&self) -> u32 {
+        if self.delayed {
+            u32::MAX
+        } else {
+            self.level
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Pending>,
@@ -64,10 +83,23 @@ struct Queue {
     rows: usize,
     /// Queued requests that carry a key (their order needs the key table).
     keyed: usize,
+    /// Queued requests with a queue timeout (the purge then scans them all).
+    timed: usize,
     /// Rows ever queued here: the policy's arrival rate.
     arrived_rows: u64,
     stopping: bool,
     sleep: Sleep,
+}
+
+impl Queue {
+    /// Removes the request at `i`, keeping the counts.
+    fn take(&mut self, i: usize) -> Option<Pending> {
+        let p = self.items.remove(i)?;
+        self.rows -= p.rows;
+        self.keyed -= p.key.is_some() as usize;
+        self.timed -= p.queue_deadline.is_some() as usize;
+        Some(p)
+    }
 }
 
 /// What the worker is doing, so producers wake it only when it matters:
@@ -224,7 +256,16 @@ impl Replica {
         q.rows += p.rows;
         q.arrived_rows += p.rows as u64;
         q.keyed += p.key.is_some() as usize;
-        q.items.push_back(p);
+        q.timed += p.queue_deadline.is_some() as usize;
+        // The queue stays ordered by rank, arrival order within a rank, so
+        // the front the dispatch scans holds the most urgent requests. The
+        // walk from the back is one step when every request has one rank.
+        let rank = p.rank();
+        let mut at = q.items.len();
+        while at > 0 && q.items[at - 1].rank() > rank {
+            at -= 1;
+        }
+        q.items.insert(at, p);
         let wake = match q.sleep {
             Sleep::Busy => false,
             Sleep::Idle => true,
@@ -363,7 +404,7 @@ impl Worker {
                 None => (0..window).find(|&i| eligible(i)),
                 Some(_) => (0..window)
                     .filter(|&i| eligible(i))
-                    .min_by_key(|&i| (due(&q.items[i]), i)),
+                    .min_by_key(|&i| (q.items[i].rank(), due(&q.items[i]), i)),
             };
             let Some(head) = head else {
                 // Every request waits on a key busy elsewhere; the replica
@@ -391,7 +432,8 @@ impl Worker {
                     .iter()
                     .any(|&(i, _)| q.items[i].deadline.is_some())
             {
-                sc.picked.sort_by_key(|&(i, _)| (due(&q.items[i]), i));
+                sc.picked
+                    .sort_by_key(|&(i, _)| (q.items[i].rank(), due(&q.items[i]), i));
             }
             // A batch holds at most max_batch_size requests (each has a row
             // or more); one more tells a policy that the batch cannot grow.
@@ -455,9 +497,7 @@ impl Worker {
             let mut requests = Vec::with_capacity(n);
             let mut owners = Vec::with_capacity(n);
             for &(i, owner) in &chosen {
-                let p = q.items.remove(i).expect("index from this scan");
-                q.rows -= p.rows;
-                q.keyed -= p.key.is_some() as usize;
+                let p = q.take(i).expect("index from this scan");
                 requests.push(p);
                 owners.push(owner);
             }
@@ -478,9 +518,8 @@ impl Worker {
         let mut pokes = Vec::new();
         let n = idx.len();
         for &i in idx.iter() {
-            let Some(p) = q.items.remove(i) else { continue };
-            q.rows -= p.rows;
-            q.keyed -= p.key.is_some() as usize;
+            let Some(p) = q.take(i) else { continue };
+            core.release_level(p.level);
             let own_deadline_first = match (p.deadline, objective) {
                 (Some(d), Some(o)) => d < p.enqueued + o,
                 (Some(_), None) => true,
@@ -509,13 +548,61 @@ impl Worker {
         pokes
     }
 
+    /// Applies the queue policies to requests whose queue timeout expired:
+    /// REJECT answers them, DELAY moves them behind every request that has
+    /// not timed out. The whole queue, not the front window: a timed-out
+    /// request's client is waiting for this answer. Returns how many left.
+    fn queue_timeouts(&self, q: &mut Queue, now: Instant, pokes: &mut Vec<usize>) -> usize {
+        let core = &self.core;
+        let mut gone = 0;
+        let mut i = 0;
+        let mut unseen = q.items.len();
+        while i < unseen {
+            if q.items[i].queue_deadline.is_none_or(|d| d > now) {
+                i += 1;
+                continue;
+            }
+            let mut p = q.take(i).expect("index checked above");
+            unseen -= 1;
+            let policy = core.config.priorities.policy(p.level);
+            match policy.timeout_action {
+                TimeoutAction::Delay => {
+                    p.delayed = true;
+                    p.queue_deadline = None;
+                    q.rows += p.rows;
+                    q.keyed += p.key.is_some() as usize;
+                    q.items.push_back(p);
+                }
+                TimeoutAction::Reject => {
+                    core.release_level(p.level);
+                    // Counted by the caller, which receives this answer.
+                    let _ = p.reply.send(Err(EngineError::QueueTimeout(format!(
+                        "request timeout expired: model {} (priority level {}) did not start it within {} µs",
+                        core.config.name,
+                        p.level,
+                        p.queue_deadline
+                            .map_or(0, |d| d.saturating_duration_since(p.enqueued).as_micros())
+                    ))));
+                    if let Some(key) = &p.key {
+                        pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
+                    }
+                    gone += 1;
+                }
+            }
+        }
+        gone
+    }
+
     /// How many queued requests one dispatch looks at.
     fn scan_limit(&self) -> usize {
         (4 * self.core.config.max_batch_size).max(64)
     }
 
     fn earliest_deadline(&self, items: &VecDeque<Pending>) -> Option<Instant> {
-        items.iter().filter_map(|p| p.deadline).min()
+        items
+            .iter()
+            .flat_map(|p| p.deadline.into_iter().chain(p.queue_deadline))
+            .min()
     }
 
     /// Drops requests that can no longer be answered usefully, before they
@@ -525,6 +612,9 @@ impl Worker {
         let core = &self.core;
         let mut pokes = Vec::new();
         let mut gone = 0;
+        if q.timed > 0 {
+            gone += self.queue_timeouts(q, now, &mut pokes);
+        }
         let mut i = 0;
         // The front window only, as for dispatch: a request deeper in the
         // queue is dropped when it gets there (its client already has its
@@ -537,9 +627,8 @@ impl Worker {
                 i += 1;
                 continue;
             }
-            let p = q.items.remove(i).expect("index checked above");
-            q.rows -= p.rows;
-            q.keyed -= p.key.is_some() as usize;
+            let p = q.take(i).expect("index checked above");
+            core.release_level(p.level);
             if expired {
                 // Counted by the caller, which receives this answer.
                 let _ = p.reply.send(Err(EngineError::DeadlineExceeded));

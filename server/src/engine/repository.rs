@@ -9,7 +9,7 @@
 //! and a repository that is itself one model (`<dir>/model.onnx`), named
 //! after the directory.
 
-use super::config::ModelConfigFile;
+use super::config::{ModelConfigFile, VersionPolicy};
 use super::model::LoadError;
 use super::EngineOptions;
 use crate::backend::{Backend, BackendError, BackendFactory, BackendOptions};
@@ -125,7 +125,13 @@ pub fn scan_model(repo: &Path, name: &str, strict: bool) -> Result<Vec<Entry>, L
             "no numeric version directory (e.g. 1/model.onnx) and no model file (model.onnx or model.pt) in the model directory",
         ));
     }
-    if let Some(policy) = &config.version_policy {
+    // Triton's default: only the newest version loads unless the config
+    // says otherwise.
+    {
+        let policy = config
+            .version_policy
+            .as_ref()
+            .unwrap_or(&VersionPolicy::Latest(1));
         let available: Vec<u64> = versions.iter().map(|(v, _)| *v).collect();
         let keep = policy.select(&available);
         if keep.is_empty() {

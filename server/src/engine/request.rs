@@ -16,6 +16,14 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
     /// The request fails with DeadlineExceeded rather than run after this.
     pub deadline: Option<Instant>,
+    /// The request parameter `timeout`. For most models a deadline (the
+    /// earlier of it and `deadline` applies); for a model whose queue
+    /// policy sets timeouts, Triton's queue timeout, honored only where the
+    /// policy allows an override.
+    pub timeout: Option<Duration>,
+    /// The request parameter `priority` (1 the highest; 0: the model's
+    /// default level).
+    pub priority: u64,
     /// The explicit correlation key (parameter `correlation_key`, header
     /// `x-correlation-key`, or Triton's `sequence_id`). A model's regex may
     /// refine it, or find the key in `id` when this is absent.
