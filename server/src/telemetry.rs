@@ -111,7 +111,10 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
                 .expect("static directive"),
         );
     let fmt = match cfg.log_format {
+        // Colours only on a terminal: a pod's log file or a pipe gets
+        // plain text that grep and log shippers read.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -60,6 +60,10 @@ pub struct ModelConfigFile {
     /// Which of the version directories load: `"latest"` (the default, as
     /// Triton's), `"all"`, `{ latest = N }` or `{ specific = [..] }`.
     pub version_policy: Option<VersionPolicy>,
+    /// Samples run on every replica before the version serves (Triton's
+    /// `model_warmup`).
+    #[serde(default)]
+    pub warmup: Vec<WarmupFile>,
     /// The Triton `ModelConfig` this file was read from (config.pbtxt), so
     /// the model-config calls return what the user wrote, completed.
     #[serde(skip)]
@@ -258,6 +262,60 @@ pub struct DynamicBatchingFile {
     pub priority_queue_policy: std::collections::BTreeMap<String, QueuePolicyFile>,
 }
 
+/// One warm-up sample as written (`[[warmup]]`, or Triton's `model_warmup`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupFile {
+    pub name: String,
+    /// Rows of the sample (the inputs are repeated); 1 for a model
+    /// without batching.
+    #[serde(default = "one")]
+    pub batch_size: u32,
+    /// Runs per replica; 0 means 1, as in Triton.
+    #[serde(default)]
+    pub count: u32,
+    pub inputs: Vec<WarmupInputFile>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupInputFile {
+    pub name: String,
+    pub datatype: String,
+    /// One row's dims (without the batch dim).
+    pub dims: Vec<i64>,
+    /// `"zero"` or `"random"`; or give `file`.
+    pub data: Option<String>,
+    /// Raw row-major bytes of one row, in the model directory's `warmup/`.
+    pub file: Option<String>,
+    /// `file`'s content, read with the config.
+    #[serde(skip)]
+    pub file_bytes: Option<bytes::Bytes>,
+}
+
+/// Where a warm-up input's values come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmupData {
+    Zero,
+    Random,
+    /// One row's bytes.
+    File(bytes::Bytes),
+}
+
+/// A resolved warm-up sample: inputs in the model's input order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmupSample {
+    pub name: String,
+    pub batch_size: usize,
+    pub count: usize,
+    /// (dims of one row, data) per model input.
+    pub inputs: Vec<(Vec<i64>, WarmupData)>,
+}
+
 /// Triton's `ModelQueuePolicy` (its `max_queue_size` is the table's own
 /// field for the default policy).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -386,6 +444,7 @@ pub struct ModelConfig {
     pub states: Vec<StateSpec>,
     pub window: Option<WindowSpec>,
     pub version_policy: VersionPolicy,
+    pub warmup: Vec<WarmupSample>,
     /// The config.pbtxt this came from, if any.
     pub triton: Option<std::sync::Arc<shoal_proto::ModelConfig>>,
 }
@@ -627,6 +686,7 @@ impl ModelConfigFile {
             .into_iter()
             .filter(|o| !states.iter().any(|s| s.output == o.name))
             .collect();
+        let warmup = self.resolve_warmup(max_batch_size, &inputs).map_err(err)?;
         Ok(ModelConfig {
             name: model.to_string(),
             platform: self
@@ -653,6 +713,7 @@ impl ModelConfigFile {
                 .version_policy
                 .clone()
                 .unwrap_or(VersionPolicy::Latest(1)),
+            warmup,
             triton: self.triton.clone(),
         })
     }
@@ -710,6 +771,109 @@ impl ModelConfigFile {
             max_queue_delay: Duration::from_micros(db.max_queue_delay_us),
             preferred_batch_sizes: preferred,
         }))
+    }
+
+    /// Warm-up samples checked against the client-facing inputs: every
+    /// input given once, its datatype and (fixed) dims the model's, a
+    /// file's size one row's.
+    fn resolve_warmup(
+        &self,
+        max_batch_size: usize,
+        inputs: &[IoSpec],
+    ) -> Result<Vec<WarmupSample>, String> {
+        let mut out = Vec::new();
+        for w in &self.warmup {
+            let what = format!("warm-up sample {:?}", w.name);
+            let batch_size = w.batch_size as usize;
+            let max = max_batch_size.max(1);
+            if batch_size == 0 || batch_size > max {
+                return Err(format!(
+                    "{what}: batch_size {batch_size} must be in 1..={max}"
+                ));
+            }
+            let mut slots: Vec<Option<(Vec<i64>, WarmupData)>> = vec![None; inputs.len()];
+            for i in &w.inputs {
+                let at = inputs
+                    .iter()
+                    .position(|s| s.name == i.name)
+                    .ok_or_else(|| {
+                        format!(
+                            "{what}: the model has no input {:?} (it takes {:?})",
+                            i.name,
+                            inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+                        )
+                    })?;
+                let spec = &inputs[at];
+                let dt = DataType::parse(&i.datatype).ok_or_else(|| {
+                    format!(
+                        "{what}: input {:?}: unknown datatype {:?}",
+                        i.name, i.datatype
+                    )
+                })?;
+                if dt != spec.datatype {
+                    return Err(format!(
+                        "{what}: input {:?} is {} in the sample and {} in the model",
+                        i.name,
+                        i.datatype,
+                        spec.datatype.as_str()
+                    ));
+                }
+                let fits = i.dims.len() == spec.dims.len()
+                    && i.dims
+                        .iter()
+                        .zip(&spec.dims)
+                        .all(|(&a, &b)| a >= 0 && (b < 0 || a == b));
+                if !fits {
+                    return Err(format!(
+                        "{what}: input {:?} dims {:?} do not fit the model's {:?}",
+                        i.name, i.dims, spec.dims
+                    ));
+                }
+                let data = match (i.data.as_deref(), &i.file_bytes, &i.file) {
+                    (Some("zero"), None, None) => WarmupData::Zero,
+                    (Some("random"), None, None) => WarmupData::Random,
+                    (None, Some(b), Some(f)) => {
+                        let want = crate::tensor::element_count(&i.dims)
+                            .zip(dt.size())
+                            .map(|(n, s)| n * s);
+                        if want.is_some_and(|w| w != b.len()) {
+                            return Err(format!(
+                                "{what}: input {:?}: warmup/{f} holds {} bytes, one row of {} {:?} is {}",
+                                i.name,
+                                b.len(),
+                                i.datatype,
+                                i.dims,
+                                want.unwrap_or(0)
+                            ));
+                        }
+                        WarmupData::File(b.clone())
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{what}: input {:?} needs exactly one of data = \"zero\", data = \"random\" or file",
+                            i.name
+                        ))
+                    }
+                };
+                if slots[at].replace((i.dims.clone(), data)).is_some() {
+                    return Err(format!("{what}: input {:?} given twice", i.name));
+                }
+            }
+            let inputs = slots
+                .into_iter()
+                .zip(inputs)
+                .map(|(s, spec)| {
+                    s.ok_or_else(|| format!("{what}: input {:?} is missing", spec.name))
+                })
+                .collect::<Result<_, _>>()?;
+            out.push(WarmupSample {
+                name: w.name.clone(),
+                batch_size,
+                count: (w.count as usize).max(1),
+                inputs,
+            });
+        }
+        Ok(out)
     }
 
     /// Priority levels and queue policies; `queue_size` is the default
@@ -921,6 +1085,35 @@ mod tests {
         assert_eq!(db.preferred_batch_sizes, vec![2, 4]);
         assert_eq!(db.max_queue_delay, Duration::from_micros(50));
         assert_eq!(c.max_queue_size, DEFAULT_MAX_QUEUE_SIZE);
+    }
+
+    #[test]
+    fn warmup_samples_resolve_against_the_inputs() {
+        let resolve = |text: &str| {
+            ModelConfigFile::parse("m", text)
+                .unwrap()
+                .resolve("m", &graph())
+        };
+        let c = resolve("max_batch_size = 8\n[[warmup]]\nname = \"z\"\nbatch_size = 8\ncount = 3\ninputs = [{ name = \"input\", datatype = \"FP32\", dims = [784], data = \"random\" }]\n").unwrap();
+        assert_eq!(
+            c.warmup,
+            vec![WarmupSample {
+                name: "z".into(),
+                batch_size: 8,
+                count: 3,
+                inputs: vec![(vec![784], WarmupData::Random)],
+            }]
+        );
+        for (bad, says) in [
+            ("batch_size = 9\ninputs = [{ name = \"input\", datatype = \"FP32\", dims = [784], data = \"zero\" }]", "batch_size 9"),
+            ("inputs = [{ name = \"input\", datatype = \"FP64\", dims = [784], data = \"zero\" }]", "FP64 in the sample"),
+            ("inputs = [{ name = \"input\", datatype = \"FP32\", dims = [783], data = \"zero\" }]", "[783] do not fit"),
+            ("inputs = [{ name = \"input\", datatype = \"FP32\", dims = [784], data = \"ones\" }]", "exactly one of"),
+            ("inputs = []", "input \"input\" is missing"),
+        ] {
+            let e = resolve(&format!("max_batch_size = 8\n[[warmup]]\nname = \"w\"\n{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -9,9 +9,7 @@
 
 use super::model::{LoadError, ModelVersion};
 use super::repository::{self, Entry};
-use super::{Engine, EngineOptions, ErrorKind, InferRequest, Model};
-use crate::tensor::{element_count, Tensor};
-use bytes::Bytes;
+use super::{Engine, EngineOptions, ErrorKind, Model};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -565,13 +563,15 @@ fn load_versions(
             })
             .and_then(|f| ModelVersion::load(&e.name, e.version, &e.config, f))
             .map_err(|err| err.to_string())
-            .and_then(|mv| match warm_up(&mv) {
-                Ok(()) => Ok(mv),
-                Err(reason) => {
-                    stop(&mv);
-                    Err(reason)
-                }
-            });
+            .and_then(
+                |mv| match super::warmup::run(&mv, super::warmup::Fallback::Zeros) {
+                    Ok(()) => Ok(mv),
+                    Err(reason) => {
+                        stop(&mv);
+                        Err(reason)
+                    }
+                },
+            );
         match loaded {
             Ok(mv) => done.push((e.stamp, mv)),
             Err(reason) => {
@@ -585,53 +585,4 @@ fn load_versions(
 
 fn stop(mv: &ModelVersion) {
     mv.replicas.iter().for_each(|r| r.stop());
-}
-
-/// One inference of zeros per replica before the version takes traffic,
-/// so the first client request does not pay for lazy initialisation and a
-/// model that cannot run is refused. Skipped where the shapes are not
-/// fixed and for stateful models (a warm-up must not create keyed state).
-fn warm_up(mv: &ModelVersion) -> Result<(), String> {
-    let cfg = mv.config();
-    if cfg.is_stateful() || cfg.inputs.iter().any(|i| i.dims.iter().any(|&d| d < 0)) {
-        return Ok(());
-    }
-    let mut waits = Vec::with_capacity(mv.replicas.len());
-    // Submitted before any answer: each goes to a different, idle replica.
-    for _ in 0..mv.replicas.len() {
-        let inputs = cfg
-            .inputs
-            .iter()
-            .map(|s| {
-                let mut shape = Vec::with_capacity(s.dims.len() + 1);
-                if cfg.max_batch_size > 0 {
-                    shape.push(1);
-                }
-                shape.extend_from_slice(&s.dims);
-                let n = element_count(&shape).unwrap_or(0);
-                // BYTES: every element an empty string (a zero length).
-                let size = s.datatype.size().unwrap_or(4);
-                Tensor {
-                    name: s.name.clone(),
-                    datatype: s.datatype,
-                    shape,
-                    data: Bytes::from(vec![0u8; n * size]),
-                }
-            })
-            .collect();
-        let request = InferRequest {
-            model: cfg.name.clone(),
-            id: "warm-up".into(),
-            inputs,
-            ..Default::default()
-        };
-        waits.push(mv.submit(request).map_err(|e| format!("warm-up: {e}"))?);
-    }
-    for rx in waits {
-        rx.blocking_recv()
-            .map_err(|_| "warm-up: the replica stopped".to_string())?
-            .map_err(|e| format!("warm-up inference failed: {e}"))?;
-    }
-    mv.core.stats.reset();
-    Ok(())
 }

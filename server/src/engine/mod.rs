@@ -19,6 +19,7 @@ pub mod request;
 pub mod smoothed_rate;
 pub mod state;
 pub mod stats;
+pub mod warmup;
 
 pub use config::{ModelConfig, ModelConfigFile};
 pub use error::{EngineError, ErrorKind};
@@ -175,7 +176,15 @@ impl Engine {
                     version: entry.version,
                     source,
                 })?;
-            engine.add_version(&entry.name, entry.version, &entry.config, factory)?;
+            let mv = ModelVersion::load(&entry.name, entry.version, &entry.config, factory)?;
+            if let Err(reason) = warmup::run(&mv, warmup::Fallback::Nothing) {
+                mv.replicas.iter().for_each(|r| r.stop());
+                return Err(LoadError::Config(config::ConfigError {
+                    model: entry.name.clone(),
+                    reason,
+                }));
+            }
+            engine.insert_version(&entry.name, entry.version, Arc::new(mv));
         }
         Ok(engine)
     }
@@ -190,6 +199,11 @@ impl Engine {
         factory: Arc<dyn BackendFactory>,
     ) -> Result<(), LoadError> {
         let mv = Arc::new(ModelVersion::load(name, version, file, factory)?);
+        self.insert_version(name, version, mv);
+        Ok(())
+    }
+
+    fn insert_version(&self, name: &str, version: u64, mv: Arc<ModelVersion>) {
         let mut table = self.inner.models.write();
         let mut next: ModelTable = (**table).clone();
         let mut model = next
@@ -201,7 +215,6 @@ impl Engine {
         model.versions.insert(version, mv);
         next.insert(name.to_string(), Arc::new(model));
         *table = Arc::new(next);
-        Ok(())
     }
 
     /// Puts `model` in place of a model's versions (`None` removes the

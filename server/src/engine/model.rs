@@ -222,6 +222,17 @@ impl ModelVersion {
     /// Validates, admits, routes and enqueues a request; the receiver gets
     /// the answer.
     pub fn submit(&self, req: InferRequest) -> Result<oneshot::Receiver<Reply>, EngineError> {
+        self.submit_to(req, None)
+    }
+
+    /// [`ModelVersion::submit`] to the given replica (warm-up reaches each
+    /// one), or routed as usual with `None`.
+    pub fn submit_to(
+        &self,
+        req: InferRequest,
+        replica: Option<usize>,
+    ) -> Result<oneshot::Receiver<Reply>, EngineError> {
+        let target = replica.filter(|&r| r < self.replicas.len());
         let cfg = &self.core.config;
         let (inputs, rows, signature) = self.validate_inputs(req.inputs)?;
         let outputs = self.select_outputs(&req.outputs)?;
@@ -274,18 +285,9 @@ impl ModelVersion {
         // One routing rule for keyed and keyless requests; the key's hash is
         // computed here, outside the key table's lock.
         let hash = key.as_deref().map(key_hash);
-        let n = self.replicas.len();
-        let pick = || match cfg.routing {
-            Routing::Affinity => match hash {
-                Some(h) => rendezvous(h, 0..n).expect("a model has replicas"),
-                None => self.least_loaded(),
-            },
-            Routing::RoundRobin => {
-                (self.core.spread.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
-            }
-            Routing::Random => {
-                (mix(self.core.spread.fetch_add(1, Ordering::Relaxed)) % n as u64) as usize
-            }
+        let pick = || match target {
+            Some(r) => r,
+            None => self.route(hash),
         };
         let (replica, ticket) = match &key {
             None => (pick(), 0),
@@ -339,6 +341,23 @@ impl ModelVersion {
             )));
         }
         Ok(rx)
+    }
+
+    /// The replica a request with this key hash (or none) goes to.
+    fn route(&self, hash: Option<u64>) -> usize {
+        let n = self.replicas.len();
+        match self.core.config.routing {
+            Routing::Affinity => match hash {
+                Some(h) => rendezvous(h, 0..n).expect("a model has replicas"),
+                None => self.least_loaded(),
+            },
+            Routing::RoundRobin => {
+                (self.core.spread.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
+            }
+            Routing::Random => {
+                (mix(self.core.spread.fetch_add(1, Ordering::Relaxed)) % n as u64) as usize
+            }
+        }
     }
 
     fn least_loaded(&self) -> usize {

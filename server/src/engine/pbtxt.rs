@@ -6,7 +6,7 @@
 
 use super::config::{
     ConfigError, DeviceFile, DynamicBatchingFile, IoFile, ModelConfigFile, QueuePolicyFile,
-    VersionPolicy,
+    VersionPolicy, WarmupFile, WarmupInputFile,
 };
 use crate::tensor::DataType;
 use miette::Diagnostic;
@@ -50,7 +50,7 @@ fn verdict(path: &str) -> Option<Verdict> {
     use Verdict::*;
     Some(match path {
         "name" | "platform" | "backend" | "max_batch_size" | "default_model_filename"
-        | "version_policy" | "parameters" => Use,
+        | "version_policy" | "parameters" | "model_warmup" => Use,
         "input" | "output" | "instance_group" | "dynamic_batching" => Descend,
         "input.name" | "input.data_type" | "input.dims" | "input.format" => Use,
         "output.name" | "output.data_type" | "output.dims" => Use,
@@ -502,9 +502,49 @@ fn map(
                 .collect::<Result<_, _>>()?,
         ),
     };
+    let warmup = c
+        .model_warmup
+        .iter()
+        .map(|w| {
+            let inputs = w
+                .inputs
+                .iter()
+                .map(|(name, i)| {
+                    use pb::model_warmup::input::InputDataType as D;
+                    let what = format!("model_warmup `{}` input `{name}`", w.name);
+                    let (data, file) = match &i.input_data_type {
+                        Some(D::ZeroData(true)) => (Some("zero".to_string()), None),
+                        Some(D::RandomData(true)) => (Some("random".to_string()), None),
+                        Some(D::InputDataFile(f)) => (None, Some(f.clone())),
+                        _ => {
+                            return Err(format!(
+                            "{what}: needs zero_data: true, random_data: true or input_data_file"
+                        ))
+                        }
+                    };
+                    Ok(WarmupInputFile {
+                        name: name.clone(),
+                        datatype: data_type(i.data_type, &what)?,
+                        dims: i.dims.clone(),
+                        data,
+                        file,
+                        file_bytes: None,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok(WarmupFile {
+                name: w.name.clone(),
+                // Triton: a non-batching model's sample is one request.
+                batch_size: w.batch_size.max(1),
+                count: w.count,
+                inputs,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(ModelConfigFile {
         platform,
         device,
+        warmup,
         max_batch_size,
         instance_count,
         intra_op_threads: threads[0],
@@ -716,10 +756,15 @@ dynamic_batching {
         assert_eq!(c.batching, None);
         assert_eq!(c.version_policy, Some(VersionPolicy::Specific(vec![1, 3])));
         let joined = p.warnings.join("\n");
-        for named in ["output.label_filename", "model_warmup", "some_backend_knob"] {
+        for named in ["output.label_filename", "some_backend_knob"] {
             assert!(joined.contains(named), "{named} not named in {joined}");
         }
-        assert_eq!(p.warnings.len(), 3, "{joined}");
+        assert_eq!(p.warnings.len(), 2, "{joined}");
+        assert_eq!(c.warmup.len(), 1);
+        let w = &c.warmup[0];
+        assert_eq!((w.name.as_str(), w.batch_size, w.count), ("zeros", 1, 0));
+        assert_eq!(w.inputs[0].dims, vec![3, 224, 224]);
+        assert_eq!(w.inputs[0].data.as_deref(), Some("zero"));
         assert_eq!(c.triton.as_ref().unwrap().name, "clf");
     }
 

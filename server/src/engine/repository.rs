@@ -186,7 +186,9 @@ fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), Loa
             );
         }
         let text = read(&toml_path)?;
-        return Ok((ModelConfigFile::parse(name, &text)?, text));
+        let mut config = ModelConfigFile::parse(name, &text)?;
+        read_warmup_files(mdir, &mut config)?;
+        return Ok((config, text));
     }
     if pbtxt_path.exists() {
         tracing::debug!(model = %name, file = %pbtxt_path.display(), "reading Triton's config.pbtxt");
@@ -195,9 +197,34 @@ fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), Loa
         for w in &parsed.warnings {
             tracing::warn!(model = %name, file = %pbtxt_path.display(), "config.pbtxt: {w}");
         }
-        return Ok((parsed.config, text));
+        let mut config = parsed.config;
+        read_warmup_files(mdir, &mut config)?;
+        return Ok((config, text));
     }
     Ok((ModelConfigFile::default(), String::new()))
+}
+
+/// Reads the warm-up samples' data files from the model directory's
+/// `warmup/` (where Triton keeps them); a name leaving it is refused.
+fn read_warmup_files(mdir: &Path, config: &mut ModelConfigFile) -> Result<(), LoadError> {
+    let dir = mdir.join("warmup");
+    for input in config.warmup.iter_mut().flat_map(|w| w.inputs.iter_mut()) {
+        let Some(f) = &input.file else { continue };
+        let path = dir.join(f);
+        let plain = Path::new(f)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(repo_err(
+                &path,
+                "a warm-up data file is named relative to the model's warmup/ directory",
+            ));
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| repo_err(&path, format!("cannot read the warm-up data file: {e}")))?;
+        input.file_bytes = Some(bytes.into());
+    }
+    Ok(())
 }
 
 /// Changes when anything a load of `name` reads changes: its config and
@@ -208,6 +235,15 @@ pub fn fingerprint(repo: &Path, name: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(mdir.join("config.toml")).ok().hash(&mut h);
     std::fs::read(mdir.join("config.pbtxt")).ok().hash(&mut h);
+    // Warm-up data files are part of a load too.
+    let mut warm: Vec<PathBuf> = std::fs::read_dir(mdir.join("warmup"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    warm.sort();
+    for p in warm {
+        p.hash(&mut h);
+        file_stamp(&p).hash(&mut h);
+    }
     let mut dirs: Vec<(String, PathBuf)> = std::fs::read_dir(&mdir)
         .map(|d| {
             d.filter_map(|e| e.ok())
