@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 BATCH = "batch"
-MODELS = ("ffnn", "resnet50", "types", "accumulator", "trajectory", "identity_600k")
+MODELS = ("ffnn", "resnet50", "types", "accumulator", "trajectory", "identity_600k", "sequence")
 
 
 # --------------------------------------------------------------------------
@@ -242,6 +242,35 @@ def build_accumulator(seed: int) -> onnx.ModelProto:
     return make_model(graph, "Accumulator with keyed state: h_out = h_in + x, y = h_out")
 
 
+def build_sequence(seed: int) -> onnx.ModelProto:
+    """A Triton sequence model in the shape of Triton's `simple_sequence`
+    example, with implicit state: the server feeds START, READY (INT32 0/1),
+    CORRID (UINT64) and the state ACC_IN; acc = (START ? 0 : ACC_IN) +
+    READY * INPUT, OUTPUT = ACC_OUT = acc, CORRID_OUT = CORRID (so a test
+    sees which id the server fed)."""
+    del seed
+    def vi(name, t):
+        return helper.make_tensor_value_info(name, t, [BATCH, 1])
+    ins = [vi("INPUT", TensorProto.FLOAT), vi("START", TensorProto.INT32),
+           vi("READY", TensorProto.INT32), vi("CORRID", TensorProto.UINT64),
+           vi("ACC_IN", TensorProto.FLOAT)]
+    outs = [vi("OUTPUT", TensorProto.FLOAT), vi("CORRID_OUT", TensorProto.INT64),
+            vi("ACC_OUT", TensorProto.FLOAT)]
+    nodes = [
+        helper.make_node("Cast", ["START"], ["start_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["READY"], ["ready_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "start_f"], ["keep"]),
+        helper.make_node("Mul", ["ACC_IN", "keep"], ["carried"]),
+        helper.make_node("Mul", ["INPUT", "ready_f"], ["step"]),
+        helper.make_node("Add", ["carried", "step"], ["ACC_OUT"]),
+        helper.make_node("Identity", ["ACC_OUT"], ["OUTPUT"]),
+        helper.make_node("Cast", ["CORRID"], ["CORRID_OUT"], to=TensorProto.INT64),
+    ]
+    graph = helper.make_graph(nodes, "sequence", ins, outs,
+                              initializer=[init("one", np.ones((1, 1), np.float32))])
+    return make_model(graph, "Sequence accumulator with START/READY/CORRID controls and implicit state")
+
+
 def build_trajectory(seed: int) -> onnx.ModelProto:
     """The paper's trajectory step: the last 8 2-D positions of an agent
     ([N,8,2]) to 12 future positions ([N,12,2]), one seeded linear layer."""
@@ -388,6 +417,8 @@ def main(argv=None) -> int:
             ("accumulator_rr/1", out / "accumulator_rr" / "1", args.seed, out / "accumulator" / "1"),
             ("accumulator_random/1", out / "accumulator_random" / "1", args.seed, out / "accumulator" / "1"),
         ]
+    if "sequence" in only:
+        jobs.append(("sequence/1", out / "sequence" / "1", args.seed, build_sequence))
     if "trajectory" in only:
         jobs += [
             ("trajectory/1", out / "trajectory" / "1", args.seed, build_trajectory),

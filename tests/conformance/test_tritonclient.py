@@ -787,3 +787,61 @@ def test_triton_config_pbtxt_infer(shoal_server, client, protocol):
     np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=0, atol=1e-5)
     # Version 1 is on disk but not served.
     _expect_error(protocol, "not_found", client.get_model_metadata, "ffnn_triton", "1")
+
+
+# --------------------------------------------------------------------------
+# a Triton sequence model (model_repository/sequence): control inputs
+# START / READY / CORRID and implicit state, driven by tritonclient's own
+# sequence_id / sequence_start / sequence_end arguments
+
+
+def _seq_step(client, protocol, seq_id, value, start=False, end=False):
+    x = np.array([[value]], dtype=np.float32)
+    r = client.infer("sequence", [_make_input(protocol, "INPUT", x, "FP32", True)],
+                     sequence_id=seq_id, sequence_start=start, sequence_end=end)
+    return float(r.as_numpy("OUTPUT")[0][0]), int(r.as_numpy("CORRID_OUT")[0][0])
+
+
+def test_triton_sequence_batching_interleaved_sequences(shoal_server, protocol):
+    import concurrent.futures
+
+    base = 7_000 if protocol == "grpc" else 8_000
+    steps = {base + i: [float(v) for v in np.random.default_rng(i).integers(1, 9, 12)] for i in range(6)}
+
+    def run(seq_id):
+        c = _client(shoal_server, protocol)
+        try:
+            got = []
+            for i, v in enumerate(steps[seq_id]):
+                got.append(_seq_step(c, protocol, seq_id, v, start=i == 0, end=i == len(steps[seq_id]) - 1))
+            return got
+        finally:
+            c.close()
+
+    # Six sequences at once over two replicas: their requests batch together,
+    # each sequence's state stays its own and its steps run in order.
+    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+        results = dict(zip(steps, pool.map(run, steps)))
+    for seq_id, got in results.items():
+        want = list(np.cumsum(steps[seq_id]))
+        assert [o for o, _ in got] == want, (seq_id, got)
+        assert {c for _, c in got} == {seq_id}, "CORRID is the sequence id"
+
+
+def test_triton_sequence_start_resets_and_errors(client, protocol):
+    seq = 9_000 if protocol == "grpc" else 9_500
+    assert _seq_step(client, protocol, seq, 5, start=True) == (5.0, seq)
+    assert _seq_step(client, protocol, seq, 3) == (8.0, seq)
+    # START again: the state is the initial (zero) state.
+    assert _seq_step(client, protocol, seq, 10, start=True) == (10.0, seq)
+    assert _seq_step(client, protocol, seq, 1, end=True) == (11.0, seq)
+    x = np.array([[1.0]], dtype=np.float32)
+    # No sequence id: a sequence model cannot run the request.
+    e = _expect_error(protocol, "invalid", client.infer, "sequence",
+                      [_make_input(protocol, "INPUT", x, "FP32", True)])
+    assert "correlation key" in e.message()
+    # CORRID is UINT64 here, so a string id is refused, naming why.
+    e = _expect_error(protocol, "invalid", client.infer, "sequence",
+                      [_make_input(protocol, "INPUT", x, "FP32", True)],
+                      sequence_id="abc", sequence_start=True)
+    assert "UINT64" in e.message()

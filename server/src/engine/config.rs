@@ -56,6 +56,12 @@ pub struct ModelConfigFile {
     pub keyed_state: Option<KeyedStateFile>,
     #[serde(default)]
     pub sequence_state: Vec<SequenceStateFile>,
+    /// Requests form sequences (Triton's `sequence_batching`): each needs a
+    /// correlation key and carries one row. Implied by `sequence_control`.
+    #[serde(default)]
+    pub sequence: bool,
+    #[serde(default)]
+    pub sequence_control: Vec<ControlFile>,
     pub window: Option<WindowFile>,
     /// Which of the version directories load: `"latest"` (the default, as
     /// Triton's), `"all"`, `{ latest = N }` or `{ specific = [..] }`.
@@ -154,6 +160,44 @@ impl DeviceFile {
 pub struct KeyedStateFile {
     pub max_keys: Option<usize>,
     pub idle_timeout_s: Option<u64>,
+    /// The same in microseconds (Triton's `max_sequence_idle_microseconds`);
+    /// wins over `idle_timeout_s`.
+    pub idle_timeout_us: Option<u64>,
+}
+
+/// A graph input the server fills from the request's sequence flags
+/// (Triton's `sequence_batching.control_input`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    pub input: String,
+    /// `"start"`, `"end"`, `"ready"` or `"corrid"`.
+    pub kind: String,
+    pub datatype: String,
+    /// The values for false and true (start, end, ready); default 0 and 1.
+    pub false_true: Option<[f64; 2]>,
+}
+
+/// What a control input carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    /// The request starts its sequence.
+    Start,
+    /// The request ends its sequence.
+    End,
+    /// The row holds a request (always, since shoal batches only requests).
+    Ready,
+    /// The sequence's correlation id.
+    CorrId,
+}
+
+/// A resolved control input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlSpec {
+    pub input: String,
+    pub kind: ControlKind,
+    pub datatype: DataType,
+    pub false_true: [f64; 2],
 }
 
 /// A state output that feeds a state input of the next request of the key.
@@ -164,6 +208,10 @@ pub struct SequenceStateFile {
     pub output: String,
     #[serde(default)]
     pub initial: f64,
+    /// Optional: checked against the graph when given (Triton's config
+    /// states them).
+    pub datatype: Option<String>,
+    pub dims: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +281,8 @@ pub enum InputSource {
     State(usize),
     /// The key's window, built from the request input at this index.
     Window(usize),
+    /// The request's sequence flag or id, `ModelConfig::controls[i]`.
+    Control(usize),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -443,6 +493,9 @@ pub struct ModelConfig {
     pub keyed_limits: KeyedLimits,
     pub states: Vec<StateSpec>,
     pub window: Option<WindowSpec>,
+    /// A sequence model: keyed, one row per request, even without state.
+    pub sequence: bool,
+    pub controls: Vec<ControlSpec>,
     pub version_policy: VersionPolicy,
     pub warmup: Vec<WarmupSample>,
     /// The config.pbtxt this came from, if any.
@@ -452,7 +505,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// True when requests of a key depend on the key's earlier requests.
     pub fn is_stateful(&self) -> bool {
-        !self.states.is_empty() || self.window.is_some()
+        !self.states.is_empty() || self.window.is_some() || self.sequence
     }
 }
 
@@ -543,9 +596,11 @@ impl ModelConfigFile {
         let keyed = self.keyed_state.clone().unwrap_or_default();
         let keyed_limits = KeyedLimits {
             max_keys: keyed.max_keys.unwrap_or(DEFAULT_MAX_KEYS),
-            idle_timeout: keyed
-                .idle_timeout_s
-                .map_or(DEFAULT_IDLE_TIMEOUT, Duration::from_secs),
+            idle_timeout: match (keyed.idle_timeout_us, keyed.idle_timeout_s) {
+                (Some(us), _) => Duration::from_micros(us),
+                (None, Some(s)) => Duration::from_secs(s),
+                (None, None) => DEFAULT_IDLE_TIMEOUT,
+            },
         };
         if keyed_limits.max_keys == 0 || keyed_limits.idle_timeout.is_zero() {
             return Err(err(
@@ -565,9 +620,10 @@ impl ModelConfigFile {
         )?;
         if self.is_keyed_stateful() && max_batch_size == 0 {
             return Err(err(
-                "sequence_state and window need max_batch_size > 0 (one row per key)".into(),
+                "sequence_state, sequence controls and window need max_batch_size > 0 (one row per key)".into(),
             ));
         }
+        let graph_outputs = resolve_io(model, "output", &[], &graph.outputs, max_batch_size)?;
         let mut states = Vec::new();
         for st in &self.sequence_state {
             let i = graph_io
@@ -579,7 +635,9 @@ impl ModelConfigFile {
                         st.input
                     ))
                 })?;
-            let o = outputs_all
+            // The graph's, not the configured outputs: a Triton config
+            // lists only what clients see, never the state.
+            let o = graph_outputs
                 .iter()
                 .find(|g| g.name == st.output)
                 .ok_or_else(|| {
@@ -588,6 +646,26 @@ impl ModelConfigFile {
                         st.output
                     ))
                 })?;
+            let declared_dt = st.datatype.as_deref().map(|d| (d, DataType::parse(d)));
+            if let Some((d, dt)) = declared_dt {
+                if dt != Some(i.datatype) {
+                    return Err(err(format!(
+                        "sequence_state {:?}: datatype {d} is not the graph's {}",
+                        st.input,
+                        i.datatype.as_str()
+                    )));
+                }
+            }
+            if let Some(d) = &st.dims {
+                let fit = d.len() == i.dims.len()
+                    && d.iter().zip(&i.dims).all(|(&a, &b)| b < 0 || a == b);
+                if !fit {
+                    return Err(err(format!(
+                        "sequence_state {:?}: dims {d:?} are not the graph's {:?}",
+                        st.input, i.dims
+                    )));
+                }
+            }
             let fixed = i.dims.iter().all(|&x| x > 0);
             let same = i.dims.len() == o.dims.len()
                 && i.dims.iter().zip(&o.dims).all(|(&a, &b)| b < 0 || a == b);
@@ -603,6 +681,56 @@ impl ModelConfigFile {
                 datatype: i.datatype,
                 dims: i.dims.clone(),
                 initial: st.initial,
+            });
+        }
+        let mut controls: Vec<ControlSpec> = Vec::new();
+        for c in &self.sequence_control {
+            let what = format!("sequence control input {:?}", c.input);
+            let g = graph_io
+                .iter()
+                .find(|g| g.name == c.input)
+                .ok_or_else(|| err(format!("{what} is not a graph input")))?;
+            let kind = match c.kind.as_str() {
+                "start" => ControlKind::Start,
+                "end" => ControlKind::End,
+                "ready" => ControlKind::Ready,
+                "corrid" => ControlKind::CorrId,
+                o => {
+                    return Err(err(format!(
+                        "{what}: kind {o:?} is not start, end, ready or corrid"
+                    )))
+                }
+            };
+            let datatype = DataType::parse(&c.datatype)
+                .ok_or_else(|| err(format!("{what}: unknown datatype {:?}", c.datatype)))?;
+            let allowed = match kind {
+                ControlKind::CorrId => matches!(
+                    datatype,
+                    DataType::Uint64
+                        | DataType::Int64
+                        | DataType::Uint32
+                        | DataType::Int32
+                        | DataType::Bytes
+                ),
+                _ => datatype != DataType::Bytes,
+            };
+            if !allowed || datatype != g.datatype || !(g.dims.is_empty() || g.dims == [1]) {
+                return Err(err(format!(
+                    "{what}: the graph has it as {} {:?}; a control is one value per row of the configured datatype {} ({})",
+                    g.datatype.as_str(),
+                    g.dims,
+                    c.datatype,
+                    if kind == ControlKind::CorrId { "UINT64, INT64, UINT32, INT32 or BYTES" } else { "numeric or BOOL" }
+                )));
+            }
+            if controls.iter().any(|x| x.input == c.input) {
+                return Err(err(format!("{what} is given twice")));
+            }
+            controls.push(ControlSpec {
+                input: c.input.clone(),
+                kind,
+                datatype,
+                false_true: c.false_true.unwrap_or([0.0, 1.0]),
             });
         }
         let window = match &self.window {
@@ -657,7 +785,9 @@ impl ModelConfigFile {
         };
         let mut inputs = Vec::new();
         for mut c in client_candidates {
-            if states.iter().any(|s| s.input == c.name) {
+            if states.iter().any(|s| s.input == c.name)
+                || controls.iter().any(|x| x.input == c.name)
+            {
                 continue;
             }
             if let Some(w) = window.as_ref().filter(|w| w.input == c.name) {
@@ -669,6 +799,8 @@ impl ModelConfigFile {
         for g in &graph_io {
             let source = if let Some(i) = states.iter().position(|s| s.input == g.name) {
                 InputSource::State(i)
+            } else if let Some(i) = controls.iter().position(|x| x.input == g.name) {
+                InputSource::Control(i)
             } else {
                 let i = inputs
                     .iter()
@@ -709,6 +841,8 @@ impl ModelConfigFile {
             keyed_limits,
             states,
             window,
+            sequence: self.sequence || !controls.is_empty(),
+            controls,
             version_policy: self
                 .version_policy
                 .clone()
@@ -955,7 +1089,10 @@ impl ModelConfigFile {
     }
 
     fn is_keyed_stateful(&self) -> bool {
-        !self.sequence_state.is_empty() || self.window.is_some()
+        !self.sequence_state.is_empty()
+            || self.window.is_some()
+            || self.sequence
+            || !self.sequence_control.is_empty()
     }
 }
 

@@ -4,7 +4,7 @@
 //! answer every request, and let each key's next request go.
 
 use super::batcher::BatchPolicy;
-use super::config::{InputSource, Warmup};
+use super::config::{ControlKind, InputSource, Warmup};
 use super::error::EngineError;
 use super::model::ModelCore;
 use super::replica::{Answer, Pending, Taken};
@@ -12,7 +12,7 @@ use super::request::Timing;
 use super::state::KeyState;
 use crate::backend::{Backend, BatchInput, BatchOutput};
 use crate::telemetry::SPAN_TARGET;
-use crate::tensor::{join_bytes_elements, split_bytes_elements, DataType, Tensor};
+use crate::tensor::{join_bytes_elements, scalar_bytes, split_bytes_elements, DataType, Tensor};
 use bytes::Bytes;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -175,6 +175,36 @@ pub fn execute(
                 .collect()
         }
     };
+    // Control inputs, one value per row: the request's sequence flags and
+    // correlation id (Triton's START / END / READY / CORRID).
+    let control_rows: Vec<Vec<u8>> = cfg
+        .controls
+        .iter()
+        .map(|c| {
+            let mut buf = Vec::new();
+            for s in &slots {
+                let flag = |on: bool| c.false_true[on as usize];
+                let value = match c.kind {
+                    ControlKind::Start => flag(s.p.sequence_start),
+                    ControlKind::End => flag(s.p.sequence_end),
+                    ControlKind::Ready => flag(true),
+                    ControlKind::CorrId => {
+                        let key = s.p.key.as_deref().unwrap_or_default();
+                        if c.datatype == DataType::Bytes {
+                            buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                            buf.extend_from_slice(key.as_bytes());
+                            continue;
+                        }
+                        // Admission checked that a numeric id parses.
+                        buf.extend(corrid_bytes(c.datatype, key).unwrap_or_default());
+                        continue;
+                    }
+                };
+                buf.extend(scalar_bytes(c.datatype, value).unwrap_or_default());
+            }
+            buf
+        })
+        .collect();
     // The backend gathers the batch from the requests' buffers inside its
     // run, so the compute span covers that copy too.
     for s in slots.iter_mut() {
@@ -225,6 +255,12 @@ pub fn execute(
                             .collect(),
                     }
                 }
+                InputSource::Control(j) => BatchInput {
+                    name,
+                    datatype: cfg.controls[j].datatype,
+                    shape: vec![total_rows as i64, 1],
+                    parts: vec![&control_rows[j][..]],
+                },
                 InputSource::Window(_) => {
                     let w = cfg.window.as_ref().expect("window source has a window");
                     BatchInput {
@@ -446,4 +482,16 @@ fn split_rows(
         at += r * row_bytes;
     }
     Ok(out)
+}
+
+/// A numeric correlation id as one little-endian value of `dt`; `None`
+/// when the key is not such a number.
+pub fn corrid_bytes(dt: DataType, key: &str) -> Option<Vec<u8>> {
+    Some(match dt {
+        DataType::Uint64 => key.parse::<u64>().ok()?.to_le_bytes().to_vec(),
+        DataType::Int64 => key.parse::<i64>().ok()?.to_le_bytes().to_vec(),
+        DataType::Uint32 => key.parse::<u32>().ok()?.to_le_bytes().to_vec(),
+        DataType::Int32 => key.parse::<i32>().ok()?.to_le_bytes().to_vec(),
+        _ => return None,
+    })
 }

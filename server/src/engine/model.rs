@@ -256,6 +256,19 @@ impl ModelVersion {
                     cfg.name
                 )));
             }
+            let k = key.as_deref().unwrap_or_default();
+            for c in &cfg.controls {
+                let numeric = c.kind == super::config::ControlKind::CorrId
+                    && c.datatype != crate::tensor::DataType::Bytes;
+                if numeric && super::execute::corrid_bytes(c.datatype, k).is_none() {
+                    return Err(EngineError::invalid(format!(
+                        "model {} takes its sequence id as {} (control input {:?}): {k:?} is not one",
+                        cfg.name,
+                        c.datatype.as_str(),
+                        c.input
+                    )));
+                }
+            }
         }
         let priorities = &cfg.priorities;
         let level = priorities.level(req.priority);

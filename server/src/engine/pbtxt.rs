@@ -5,8 +5,9 @@
 //! cannot change a result, an error where it could.
 
 use super::config::{
-    ConfigError, DeviceFile, DynamicBatchingFile, IoFile, ModelConfigFile, QueuePolicyFile,
-    VersionPolicy, WarmupFile, WarmupInputFile,
+    ConfigError, ControlFile, DeviceFile, DynamicBatchingFile, IoFile, KeyedStateFile,
+    ModelConfigFile, QueuePolicyFile, SequenceStateFile, VersionPolicy, WarmupFile,
+    WarmupInputFile,
 };
 use crate::tensor::DataType;
 use miette::Diagnostic;
@@ -64,10 +65,22 @@ fn verdict(path: &str) -> Option<Verdict> {
         | "dynamic_batching.default_priority_level"
         | "dynamic_batching.priority_queue_policy" => Use,
         "ensemble_scheduling" => Refuse("ensembles are not served by shoal"),
-        "sequence_batching" => Refuse(
-            "sequence batching (control tensors, implicit state) is not implemented; \
-             shoal's keyed state (config.toml `sequence_state`) is the nearest equivalent",
-        ),
+        "sequence_batching" | "sequence_batching.state" | "sequence_batching.direct"
+        | "sequence_batching.oldest" => Descend,
+        "sequence_batching.max_sequence_idle_microseconds"
+        | "sequence_batching.control_input"
+        | "sequence_batching.state.input_name"
+        | "sequence_batching.state.output_name"
+        | "sequence_batching.state.data_type"
+        | "sequence_batching.state.dims"
+        | "sequence_batching.state.initial_state"
+        | "sequence_batching.direct.max_queue_delay_microseconds"
+        | "sequence_batching.oldest.max_queue_delay_microseconds"
+        | "sequence_batching.oldest.preferred_batch_size"
+        | "sequence_batching.oldest.preserve_ordering" => Use,
+        "sequence_batching.iterative_sequence" => {
+            Refuse("iterative sequences (a request run repeatedly by the scheduler) are not implemented")
+        }
         "input.reshape" | "output.reshape" => {
             Refuse("reshape is not implemented: the model would see other shapes than Triton gives it")
         }
@@ -479,6 +492,14 @@ fn map(
             )
         }
     };
+    let sequence = match &c.sequence_batching {
+        None => None,
+        Some(sb) => Some(sequence(c, sb, max_batch_size)?),
+    };
+    let (dynamic_batching, batching) = match &sequence {
+        Some(s) => (Some(s.batching.clone()), None),
+        None => (dynamic_batching, batching),
+    };
     let version_policy = match c
         .version_policy
         .as_ref()
@@ -541,10 +562,18 @@ fn map(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
+    let (sequence_state, sequence_control, keyed_state) = match sequence {
+        Some(s) => (s.states, s.controls, Some(s.keyed)),
+        None => (Vec::new(), Vec::new(), None),
+    };
     Ok(ModelConfigFile {
         platform,
         device,
         warmup,
+        sequence: c.sequence_batching.is_some(),
+        sequence_state,
+        sequence_control,
+        keyed_state,
         max_batch_size,
         instance_count,
         intra_op_threads: threads[0],
@@ -556,6 +585,140 @@ fn map(
         version_policy: Some(version_policy),
         triton: Some(Arc::new(c.clone())),
         ..ModelConfigFile::default()
+    })
+}
+
+/// A `sequence_batching` block in shoal's terms.
+struct Sequence {
+    states: Vec<SequenceStateFile>,
+    controls: Vec<ControlFile>,
+    keyed: KeyedStateFile,
+    batching: DynamicBatchingFile,
+}
+
+/// Maps `sequence_batching`: the correlation id is shoal's key (affinity
+/// keeps a sequence on one replica, in order), implicit state is keyed
+/// state, controls are filled per row, and both strategies batch
+/// different sequences' requests together as the dynamic batcher does.
+fn sequence(
+    c: &pb::ModelConfig,
+    sb: &pb::ModelSequenceBatching,
+    max_batch_size: u32,
+) -> Result<Sequence, String> {
+    use pb::model_sequence_batching::control::Kind;
+    if c.dynamic_batching.is_some() {
+        return Err(
+            "dynamic_batching and sequence_batching are both given; a model has one scheduler"
+                .into(),
+        );
+    }
+    if max_batch_size == 0 {
+        return Err("sequence_batching needs max_batch_size > 0 in shoal (a request is one row of its sequence)".into());
+    }
+    let mut controls = Vec::new();
+    for ci in &sb.control_input {
+        let what = format!("sequence_batching control_input `{}`", ci.name);
+        let [ctl] = ci.control.as_slice() else {
+            return Err(format!("{what}: needs exactly one control"));
+        };
+        let kind =
+            Kind::try_from(ctl.kind).map_err(|_| format!("{what}: unknown kind {}", ctl.kind))?;
+        let pair = |v: &[f64], dt: &str| -> Result<(String, Option<[f64; 2]>), String> {
+            match v {
+                [f, t] => Ok((dt.to_string(), Some([*f, *t]))),
+                _ => Err(format!(
+                    "{what}: a false_true list has two values, not {}",
+                    v.len()
+                )),
+            }
+        };
+        let (datatype, false_true) = if kind == Kind::ControlSequenceCorrid {
+            (data_type(ctl.data_type, &what)?, None)
+        } else if !ctl.int32_false_true.is_empty() {
+            let v: Vec<f64> = ctl.int32_false_true.iter().map(|&x| x as f64).collect();
+            pair(&v, "INT32")?
+        } else if !ctl.fp32_false_true.is_empty() {
+            let v: Vec<f64> = ctl.fp32_false_true.iter().map(|&x| x as f64).collect();
+            pair(&v, "FP32")?
+        } else if !ctl.bool_false_true.is_empty() {
+            let v: Vec<f64> = ctl
+                .bool_false_true
+                .iter()
+                .map(|&x| x as u8 as f64)
+                .collect();
+            pair(&v, "BOOL")?
+        } else {
+            return Err(format!(
+                "{what}: needs int32_false_true, fp32_false_true or bool_false_true"
+            ));
+        };
+        let kind = match kind {
+            Kind::ControlSequenceStart => "start",
+            Kind::ControlSequenceEnd => "end",
+            Kind::ControlSequenceReady => "ready",
+            Kind::ControlSequenceCorrid => "corrid",
+        };
+        controls.push(ControlFile {
+            input: ci.name.clone(),
+            kind: kind.into(),
+            datatype,
+            false_true,
+        });
+    }
+    let mut states = Vec::new();
+    for st in &sb.state {
+        let what = format!("sequence_batching state `{}`", st.input_name);
+        for init in &st.initial_state {
+            if let Some(pb::model_sequence_batching::initial_state::StateData::DataFile(f)) =
+                &init.state_data
+            {
+                return Err(format!(
+                    "{what}: initial_state data_file `{f}` is not implemented (zero_data is)"
+                ));
+            }
+        }
+        states.push(SequenceStateFile {
+            input: st.input_name.clone(),
+            output: st.output_name.clone(),
+            initial: 0.0,
+            datatype: Some(data_type(st.data_type, &what)?),
+            dims: Some(st.dims.clone()),
+        });
+    }
+    use pb::model_sequence_batching::StrategyChoice;
+    let batching = match &sb.strategy_choice {
+        None => DynamicBatchingFile::default(),
+        Some(StrategyChoice::Direct(d)) => DynamicBatchingFile {
+            max_queue_delay_us: d.max_queue_delay_microseconds,
+            ..DynamicBatchingFile::default()
+        },
+        Some(StrategyChoice::Oldest(o)) => DynamicBatchingFile {
+            max_queue_delay_us: o.max_queue_delay_microseconds,
+            preferred_batch_sizes: o
+                .preferred_batch_size
+                .iter()
+                .map(|&p| {
+                    u32::try_from(p).map_err(|_| {
+                        format!("sequence_batching oldest preferred_batch_size {p} is negative")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            ..DynamicBatchingFile::default()
+        },
+    };
+    // Triton's default idle time is one second.
+    let idle = match sb.max_sequence_idle_microseconds {
+        0 => 1_000_000,
+        us => us,
+    };
+    Ok(Sequence {
+        states,
+        controls,
+        keyed: KeyedStateFile {
+            idle_timeout_us: Some(idle),
+            ..KeyedStateFile::default()
+        },
+        batching,
     })
 }
 
@@ -669,6 +832,74 @@ parameters { key: "intra_op_thread_count" value: { string_value: "2" } }
 parameters [ { key: "some_backend_knob" value { string_value: "x" } } ]
 model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "input" value { data_type: TYPE_FP32 dims: [3, 224, 224] zero_data: true } } } ]
 "#;
+
+    #[test]
+    fn sequence_batching_maps_onto_keyed_state_and_controls() {
+        let text = r#"
+max_batch_size: 4
+sequence_batching {
+  max_sequence_idle_microseconds: 2500
+  control_input [
+    { name: "S" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] },
+    { name: "E" control [ { kind: CONTROL_SEQUENCE_END bool_false_true: [ false, true ] } ] },
+    { name: "R" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 5, 7 ] } ] },
+    { name: "C" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_STRING } ] }
+  ]
+  state { input_name: "h_in" output_name: "h_out" data_type: TYPE_FP32 dims: [ 4 ] }
+  direct { max_queue_delay_microseconds: 50 minimum_slot_utilization: 0.5 }
+}
+"#;
+        let p = parse("m", "m/config.pbtxt", text).unwrap();
+        let c = &p.config;
+        assert!(c.sequence);
+        let ctl: Vec<_> = c
+            .sequence_control
+            .iter()
+            .map(|x| {
+                (
+                    x.input.as_str(),
+                    x.kind.as_str(),
+                    x.datatype.as_str(),
+                    x.false_true,
+                )
+            })
+            .collect();
+        assert_eq!(
+            ctl,
+            vec![
+                ("S", "start", "FP32", Some([0.0, 1.0])),
+                ("E", "end", "BOOL", Some([0.0, 1.0])),
+                ("R", "ready", "INT32", Some([5.0, 7.0])),
+                ("C", "corrid", "BYTES", None),
+            ]
+        );
+        assert_eq!(c.sequence_state.len(), 1);
+        assert_eq!(c.sequence_state[0].dims, Some(vec![4]));
+        assert_eq!(c.keyed_state.as_ref().unwrap().idle_timeout_us, Some(2500));
+        let db = c.dynamic_batching.as_ref().unwrap();
+        assert_eq!(db.max_queue_delay_us, 50);
+        assert_eq!(c.batching, None);
+        // A strategy knob shoal has no use for is named, not dropped.
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("minimum_slot_utilization")),
+            "{:?}",
+            p.warnings
+        );
+
+        for (bad, says) in [
+            ("max_batch_size: 4\nsequence_batching { iterative_sequence: true }", "iterative"),
+            ("max_batch_size: 4\nsequence_batching { }\ndynamic_batching { }", "one scheduler"),
+            ("sequence_batching { }", "max_batch_size > 0"),
+            ("max_batch_size: 4\nsequence_batching { state { input_name: \"a\" output_name: \"b\" data_type: TYPE_FP32 dims: 1 initial_state { data_type: TYPE_FP32 dims: 1 data_file: \"f\" } } }", "data_file"),
+            ("max_batch_size: 4\nsequence_batching { control_input { name: \"S\" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [0, 1] }, { kind: CONTROL_SEQUENCE_END int32_false_true: [0, 1] } ] } }", "exactly one control"),
+            ("max_batch_size: 4\nsequence_batching { control_input { name: \"S\" control { kind: CONTROL_SEQUENCE_START } } }", "int32_false_true"),
+        ] {
+            let e = parse("m", "m/config.pbtxt", bad).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn priorities_and_queue_policies_take_effect() {
@@ -850,8 +1081,8 @@ dynamic_batching {
                 "ensemble",
             ),
             (
-                "max_batch_size: 4\nsequence_batching { max_sequence_idle_microseconds: 5000 }\n",
-                "sequence_batching",
+                "max_batch_size: 4\nsequence_batching { iterative_sequence: true }\n",
+                "sequence_batching.iterative_sequence",
             ),
             (
                 "input { name: \"x\" data_type: TYPE_FP32 dims: [4] reshape { shape: [2, 2] } }\n",
