@@ -59,6 +59,21 @@ pub struct BackendOptions {
     pub inter_op_threads: usize,
     /// The device of this replica.
     pub placement: crate::gpu::Placement,
+    /// TensorRT on a GPU replica (ONNX Runtime only).
+    pub tensorrt: TensorRt,
+}
+
+/// Whether a GPU replica runs ONNX Runtime's TensorRT provider before CUDA.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TensorRt {
+    /// Where the library has it (shoal's default).
+    #[default]
+    IfAvailable,
+    /// The config asks for it (Triton's `gpu_execution_accelerator` named
+    /// `tensorrt`): a replica without it fails to load.
+    Required,
+    /// The config lists GPU accelerators without TensorRT: CUDA only.
+    Off,
 }
 
 impl Default for BackendOptions {
@@ -67,6 +82,7 @@ impl Default for BackendOptions {
             intra_op_threads: 1,
             inter_op_threads: 1,
             placement: crate::gpu::Placement::Cpu,
+            tensorrt: TensorRt::IfAvailable,
         }
     }
 }

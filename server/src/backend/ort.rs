@@ -7,7 +7,7 @@
 //! Triton's length-prefixed layout for BYTES) onto ONNX Runtime tensors and back.
 
 use super::{
-    Backend, BackendError, BackendOptions, BatchInput, BatchOutput, Signature, TensorSpec,
+    Backend, BackendError, BackendOptions, BatchInput, BatchOutput, Signature, TensorRt, TensorSpec,
 };
 use crate::gpu::Placement;
 use crate::tensor::{self, DataType};
@@ -267,6 +267,7 @@ fn environment() -> Result<&'static Environment, BackendError> {
 fn register_providers(
     builder: &mut ort::session::builder::SessionBuilder,
     placement: Placement,
+    tensorrt: TensorRt,
 ) -> Result<String, String> {
     use ort::ep::ExecutionProvider;
     let Placement::Cuda(n) = placement else {
@@ -284,13 +285,26 @@ fn register_providers(
         ));
     }
     let mut took = Vec::new();
-    if ort::ep::TensorRT::is_available().unwrap_or(false) {
-        // TensorRT is a bonus where its libraries are present; CUDA below is what the placement needs.
+    let trt_available = ort::ep::TensorRT::is_available().unwrap_or(false);
+    if tensorrt == TensorRt::Required && !trt_available {
+        return Err(format!(
+            "device cuda:{n}: the config asks for the tensorrt accelerator, and this ONNX Runtime has no \
+             {TENSORRT_PROVIDER}"
+        ));
+    }
+    if tensorrt != TensorRt::Off && trt_available {
+        // Unless asked for, TensorRT is a bonus where its libraries are present; CUDA below is what the
+        // placement needs.
         match ort::ep::TensorRT::default()
             .with_device_id(device)
             .register(builder)
         {
             Ok(()) => took.push(TENSORRT_PROVIDER),
+            Err(e) if tensorrt == TensorRt::Required => {
+                return Err(format!(
+                    "device cuda:{n}: {TENSORRT_PROVIDER} (asked for by the config) did not register: {e}"
+                ))
+            }
             Err(e) => tracing::info!(error = %e, "TensorRT execution provider not used"),
         }
     }
@@ -333,7 +347,8 @@ impl OrtBackend {
         }
         let err = |e: &dyn fmt::Display| load_err(e.to_string());
         let mut builder = Session::builder(env).map_err(|e| err(&e))?;
-        let provider = register_providers(&mut builder, opts.placement).map_err(load_err)?;
+        let provider =
+            register_providers(&mut builder, opts.placement, opts.tensorrt).map_err(load_err)?;
         let session = builder
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| err(&e))?

@@ -66,6 +66,10 @@ pub struct ModelConfigFile {
     /// Which of the version directories load: `"latest"` (the default, as
     /// Triton's), `"all"`, `{ latest = N }` or `{ specific = [..] }`.
     pub version_policy: Option<VersionPolicy>,
+    /// ONNX Runtime providers a GPU replica runs before CUDA, as Triton's
+    /// `gpu_execution_accelerator` names them: `["tensorrt"]` requires
+    /// TensorRT, `[]` turns it off; absent, TensorRT where available.
+    pub gpu_execution_accelerators: Option<Vec<String>>,
     /// Samples run on every replica before the version serves (Triton's
     /// `model_warmup`).
     #[serde(default)]

@@ -65,6 +65,12 @@ fn verdict(path: &str) -> Option<Verdict> {
         | "dynamic_batching.default_priority_level"
         | "dynamic_batching.priority_queue_policy" => Use,
         "ensemble_scheduling" => Refuse("ensembles are not served by shoal"),
+        "optimization" | "optimization.execution_accelerators" => Descend,
+        "optimization.execution_accelerators.gpu_execution_accelerator" => Use,
+        "optimization.execution_accelerators.cpu_execution_accelerator" => Refuse(
+            "CPU execution accelerators (OpenVINO) are not in shoal's ONNX Runtime; \
+             the model would run on another provider than Triton gives it",
+        ),
         "sequence_batching" | "sequence_batching.state" | "sequence_batching.direct"
         | "sequence_batching.oldest" => Descend,
         "sequence_batching.max_sequence_idle_microseconds"
@@ -566,10 +572,38 @@ fn map(
         Some(s) => (s.states, s.controls, Some(s.keyed)),
         None => (Vec::new(), Vec::new(), None),
     };
+    let gpu_execution_accelerators = match c
+        .optimization
+        .as_ref()
+        .and_then(|o| o.execution_accelerators.as_ref())
+    {
+        None => None,
+        Some(ea) => {
+            let mut names = Vec::new();
+            for a in &ea.gpu_execution_accelerator {
+                match a.name.as_str() {
+                    "tensorrt" | "cuda" => names.push(a.name.clone()),
+                    other => {
+                        return Err(format!(
+                            "optimization gpu_execution_accelerator `{other}`: shoal offers tensorrt and cuda"
+                        ))
+                    }
+                }
+                for k in a.parameters.keys() {
+                    warnings.push(format!(
+                        "optimization gpu_execution_accelerator `{}` parameter `{k}` is not implemented by shoal and is ignored",
+                        a.name
+                    ));
+                }
+            }
+            Some(names)
+        }
+    };
     Ok(ModelConfigFile {
         platform,
         device,
         warmup,
+        gpu_execution_accelerators,
         sequence: c.sequence_batching.is_some(),
         sequence_state,
         sequence_control,
@@ -899,6 +933,33 @@ sequence_batching {
             let e = parse("m", "m/config.pbtxt", bad).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn execution_accelerators_map_to_providers_or_are_refused() {
+        let p = parse(
+            "m",
+            "m/config.pbtxt",
+            r#"optimization {
+  graph { level: 1 }
+  execution_accelerators {
+    gpu_execution_accelerator [ { name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } } ]
+  }
+}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.config.gpu_execution_accelerators,
+            Some(vec!["tensorrt".to_string()])
+        );
+        let joined = p.warnings.join("\n");
+        for named in ["precision_mode", "optimization.graph"] {
+            assert!(joined.contains(named), "{named} not named in {joined}");
+        }
+        let e = fails("optimization { execution_accelerators { cpu_execution_accelerator { name: \"openvino\" } } }");
+        assert!(e.contains("cpu_execution_accelerator"), "{e}");
+        let e = fails("optimization { execution_accelerators { gpu_execution_accelerator { name: \"migraphx\" } } }");
+        assert!(e.contains("migraphx"), "{e}");
     }
 
     #[test]

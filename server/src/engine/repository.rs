@@ -12,7 +12,7 @@
 use super::config::{ModelConfigFile, VersionPolicy};
 use super::model::LoadError;
 use super::EngineOptions;
-use crate::backend::{Backend, BackendError, BackendFactory, BackendOptions};
+use crate::backend::{Backend, BackendError, BackendFactory, BackendOptions, TensorRt};
 use crate::gpu::{DeviceSpec, Placement};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -307,10 +307,29 @@ pub fn factory_for(
     };
     let platform = entry.config.platform.as_deref().unwrap_or(ONNX_PLATFORM);
     let (slots, auto) = placements(&entry.config).map_err(load_err)?;
+    let tensorrt = match &entry.config.gpu_execution_accelerators {
+        None => TensorRt::IfAvailable,
+        Some(names) => {
+            if let Some(other) = names
+                .iter()
+                .find(|n| !matches!(n.as_str(), "tensorrt" | "cuda"))
+            {
+                return Err(load_err(format!(
+                    "gpu execution accelerator {other:?}: shoal offers tensorrt and cuda (ONNX Runtime's providers)"
+                )));
+            }
+            if names.iter().any(|n| n == "tensorrt") {
+                TensorRt::Required
+            } else {
+                TensorRt::Off
+            }
+        }
+    };
     let base = BackendOptions {
         intra_op_threads: entry.config.intra_op_threads.unwrap_or(1),
         inter_op_threads: entry.config.inter_op_threads.unwrap_or(1),
         placement: Placement::Cpu,
+        tensorrt,
     };
     let path = entry.path.clone();
     let load: Loader =
@@ -445,6 +464,20 @@ mod tests {
                     .map_err(|e| e.to_string())
             })
             .collect()
+    }
+
+    #[test]
+    fn gpu_accelerators_are_named_ones_and_leave_cpu_replicas_alone() {
+        let mut e = ffnn_entry(None);
+        e.config.gpu_execution_accelerators = Some(vec!["tensorrt".into(), "cuda".into()]);
+        // A CPU replica runs as before whatever the GPU accelerators say.
+        assert_eq!(providers(&e, 1).unwrap(), ["CPUExecutionProvider"]);
+        e.config.gpu_execution_accelerators = Some(vec!["openvino".into()]);
+        let err = providers(&e, 1).unwrap_err();
+        assert!(
+            err.contains("\"openvino\"") && err.contains("tensorrt and cuda"),
+            "{err}"
+        );
     }
 
     #[test]
