@@ -71,6 +71,7 @@ fn triton_repo() -> tempfile::TempDir {
         "syntax",
         "ensemble",
         "wrong_type",
+        "wrong_dims",
     ] {
         version(r, m, 1, 1);
         version(r, m, 2, 2);
@@ -108,6 +109,12 @@ fn triton_repo() -> tempfile::TempDir {
         "wrong_type",
         "config.pbtxt",
         "max_batch_size: 4\ninput [ { name: \"input\" data_type: TYPE_INT32 dims: [784] } ]\n",
+    );
+    config(
+        r,
+        "wrong_dims",
+        "config.pbtxt",
+        "# the graph takes [-1, 784]\nmax_batch_size: 4\noutput [\n  {\n    name: \"output\"\n    data_type: TYPE_FP32\n    dims: [ 12 ]\n  }\n]\n",
     );
     dir
 }
@@ -283,8 +290,16 @@ async fn a_triton_repository_is_served_unchanged() {
     );
     let wrong = reason(&ix, "wrong_type");
     assert!(
-        wrong.contains("UNAVAILABLE") && wrong.contains("INT32"),
+        wrong.contains("UNAVAILABLE")
+            && wrong.contains("INT32")
+            && wrong.contains("wrong_type/config.pbtxt line 2 (input `input`)"),
         "{wrong}"
+    );
+    let dims = reason(&ix, "wrong_dims");
+    assert!(
+        dims.contains("wrong_dims/config.pbtxt line 5 (output `output`)")
+            && dims.contains("[12] do not match the graph's [10]"),
+        "{dims}"
     );
 
     let log = s.stop().join("\n");

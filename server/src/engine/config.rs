@@ -443,6 +443,10 @@ pub struct IoFile {
     pub name: String,
     pub datatype: String,
     pub dims: Vec<i64>,
+    /// Where the tensor is written (`dir/config.pbtxt line 7`), so a
+    /// mismatch with the graph names the place.
+    #[serde(skip)]
+    pub at: Option<String>,
 }
 
 /// Batching knobs after validation.
@@ -1140,6 +1144,13 @@ fn resolve_io(
     }
     let mut out = Vec::with_capacity(configured.len());
     for c in configured {
+        let err = |reason: String| ConfigError {
+            model: model.to_string(),
+            reason: match &c.at {
+                Some(at) => format!("{at}: {reason}"),
+                None => reason,
+            },
+        };
         let datatype = DataType::parse(&c.datatype).ok_or_else(|| {
             err(format!(
                 "{kind} {}: unknown datatype {:?}",

@@ -135,8 +135,27 @@ pub fn parse(model: &str, file: &str, text: &str) -> Result<Parsed, ConfigError>
     let tc: pb::ModelConfig = msg
         .transcode_to()
         .map_err(|e| err(format!("cannot read the parsed config: {e}")))?;
-    let config = map(model, &tc, &mut warnings).map_err(err)?;
+    let mut config = map(model, &tc, &mut warnings).map_err(err)?;
+    for (kind, io) in [("input", &mut config.input), ("output", &mut config.output)] {
+        for t in io.iter_mut() {
+            let line =
+                line_of_name(text, &t.name).map_or_else(String::new, |l| format!(" line {l}"));
+            t.at = Some(format!("{file}{line} ({kind} `{}`)", t.name));
+        }
+    }
     Ok(Parsed { config, warnings })
+}
+
+/// The line (1-based) where a tensor's `name: "..."` is written, for
+/// messages about that tensor; the first such line outside comments.
+fn line_of_name(text: &str, name: &str) -> Option<usize> {
+    let quoted = format!("\"{name}\"");
+    text.lines()
+        .position(|l| {
+            let code = l.split('#').next().unwrap_or_default();
+            code.contains("name") && code.contains(&quoted)
+        })
+        .map(|i| i + 1)
 }
 
 /// Protobuf's own text-format parser (which Triton uses) lets a field name
@@ -388,6 +407,7 @@ fn map(
                 name: t.name.clone(),
                 datatype: data_type(t.data_type, &format!("input `{}`", t.name))?,
                 dims: t.dims.clone(),
+                at: None,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -405,6 +425,7 @@ fn map(
                 name: t.name.clone(),
                 datatype: data_type(t.data_type, &format!("output `{}`", t.name))?,
                 dims: t.dims.clone(),
+                at: None,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
