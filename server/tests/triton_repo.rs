@@ -72,6 +72,7 @@ fn triton_repo() -> tempfile::TempDir {
         "ensemble",
         "wrong_type",
         "wrong_dims",
+        "reshaped",
     ] {
         version(r, m, 1, 1);
         version(r, m, 2, 2);
@@ -109,6 +110,18 @@ fn triton_repo() -> tempfile::TempDir {
         "wrong_type",
         "config.pbtxt",
         "max_batch_size: 4\ninput [ { name: \"input\" data_type: TYPE_INT32 dims: [784] } ]\n",
+    );
+    // Clients send 28x28 images and get 2x5 scores; the graph takes 784
+    // values and gives 10.
+    config(
+        r,
+        "reshaped",
+        "config.pbtxt",
+        r#"
+max_batch_size: 4
+input [ { name: "input" data_type: TYPE_FP32 dims: [ 28, 28 ] reshape: { shape: [ 784 ] } } ]
+output [ { name: "output" data_type: TYPE_FP32 dims: [ 2, 5 ] reshape { shape: [ 10 ] } } ]
+"#,
     );
     config(
         r,
@@ -275,6 +288,21 @@ async fn a_triton_repository_is_served_unchanged() {
                 || l.contains("should not contain abbreviated units")
                 || l.contains("should not have \"_count\" suffix"))
     });
+
+    // reshape: the client's shapes outside, the graph's inside.
+    let md: Value = common::get_json(&c, format!("{}/v2/models/reshaped", s.http)).await;
+    assert_eq!(md["inputs"][0]["shape"], json!([-1, 28, 28]), "{md}");
+    assert_eq!(md["outputs"][0]["shape"], json!([-1, 2, 5]), "{md}");
+    let x = ffnn_input(2, 11);
+    let body =
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 28, 28], "data": x}]});
+    let r = common::post_json(&c, format!("{}/v2/models/reshaped/infer", s.http), &body).await;
+    assert_eq!(r["outputs"][0]["shape"], json!([2, 2, 5]), "{r}");
+    assert_close(
+        &f32s(&r["outputs"][0]["data"]),
+        &reference_ffnn(2, &x),
+        1e-5,
+    );
 
     // Broken and refused configs fail alone, saying where and why.
     let ix = index(&c, &s.http).await;

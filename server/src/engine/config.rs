@@ -443,6 +443,8 @@ pub struct IoFile {
     pub name: String,
     pub datatype: String,
     pub dims: Vec<i64>,
+    /// The shape the model sees instead of `dims` (same elements, row-major).
+    pub reshape: Option<Vec<i64>>,
     /// Where the tensor is written (`dir/config.pbtxt line 7`), so a
     /// mismatch with the graph names the place.
     #[serde(skip)]
@@ -463,6 +465,9 @@ pub struct IoSpec {
     pub name: String,
     pub datatype: DataType,
     pub dims: Vec<i64>,
+    /// The model's own dims of one row when they differ from `dims`
+    /// (Triton's `reshape`): the bytes are the same, only the shape changes.
+    pub reshape: Option<Vec<i64>>,
 }
 
 /// Adaptive batching: the controller chooses batch size and wait online to
@@ -1138,6 +1143,7 @@ fn resolve_io(
                     name: g.name.clone(),
                     datatype: g.datatype,
                     dims: graph_dims(g)?,
+                    reshape: None,
                 })
             })
             .collect();
@@ -1174,6 +1180,27 @@ fn resolve_io(
             )));
         }
         let gd = graph_dims(g)?;
+        if let Some(r) = &c.reshape {
+            // Only a relabelling of the same bytes: both shapes fixed, the
+            // same element count, and the model's matching the graph.
+            let fixed = |d: &[i64]| d.iter().all(|&x| x > 0);
+            let count = |d: &[i64]| d.iter().product::<i64>();
+            let graph_fits =
+                gd.len() == r.len() && gd.iter().zip(r).all(|(&g, &r)| g < 0 || g == r);
+            if !fixed(&c.dims) || !fixed(r) || count(&c.dims) != count(r) || !graph_fits {
+                return Err(err(format!(
+                    "{kind} {}: reshape {:?} of dims {:?} needs both fixed, the same element count, and the graph's {:?}",
+                    c.name, r, c.dims, gd
+                )));
+            }
+            out.push(IoSpec {
+                name: c.name.clone(),
+                datatype,
+                dims: c.dims.clone(),
+                reshape: Some(r.clone()),
+            });
+            continue;
+        }
         let compatible = gd.len() == c.dims.len()
             && gd
                 .iter()
@@ -1195,6 +1222,7 @@ fn resolve_io(
             name: c.name.clone(),
             datatype,
             dims,
+            reshape: None,
         });
     }
     if kind == "input" && out.len() != graph.len() {
@@ -1237,6 +1265,25 @@ mod tests {
         assert_eq!(db.preferred_batch_sizes, vec![2, 4]);
         assert_eq!(db.max_queue_delay, Duration::from_micros(50));
         assert_eq!(c.max_queue_size, DEFAULT_MAX_QUEUE_SIZE);
+    }
+
+    #[test]
+    fn reshape_relabels_the_same_elements() {
+        let resolve = |reshape: &str| {
+            ModelConfigFile::parse(
+                "m",
+                &format!("max_batch_size = 8\n[[input]]\nname = \"input\"\ndatatype = \"FP32\"\ndims = [28, 28]\nreshape = {reshape}\n"),
+            )
+            .unwrap()
+            .resolve("m", &graph())
+        };
+        let c = resolve("[784]").unwrap();
+        assert_eq!(c.inputs[0].dims, vec![28, 28]);
+        assert_eq!(c.inputs[0].reshape, Some(vec![784]));
+        for bad in ["[783]", "[28, 28]", "[-1]"] {
+            let e = resolve(bad).unwrap_err().to_string();
+            assert!(e.contains("reshape"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -222,12 +222,18 @@ pub fn execute(
             .map(|(name, source)| match *source {
                 InputSource::Client(i) => {
                     let first = &slots[0].p.inputs[i];
+                    // Triton's reshape: the same bytes in the model's shape.
+                    let row = cfg.inputs[i].reshape.as_deref().unwrap_or(if batched {
+                        &first.shape[1..]
+                    } else {
+                        &first.shape
+                    });
                     let shape = if batched {
                         std::iter::once(total_rows as i64)
-                            .chain(first.shape[1..].iter().copied())
+                            .chain(row.iter().copied())
                             .collect()
                     } else {
-                        first.shape.clone()
+                        row.to_vec()
                     };
                     BatchInput {
                         name,
@@ -308,6 +314,7 @@ pub fn execute(
                 .iter()
                 .map(|o| outs.iter().position(|b| b.name == o.name))
                 .collect();
+            let has_reshaped_output = cfg.outputs.iter().any(|o| o.reshape.is_some());
             let state_index: Vec<Option<usize>> = cfg
                 .states
                 .iter()
@@ -327,7 +334,7 @@ pub fn execute(
                         }
                     }
                 }
-                let outputs = match &slot.p.outputs {
+                let mut outputs: Vec<Tensor> = match &slot.p.outputs {
                     None => client_index
                         .iter()
                         .flatten()
@@ -339,6 +346,21 @@ pub fn execute(
                         .map(|i| mine[i].clone())
                         .collect(),
                 };
+                if has_reshaped_output {
+                    for t in outputs.iter_mut() {
+                        let spec = cfg.outputs.iter().find(|o| o.name == t.name);
+                        if spec.is_some_and(|o| o.reshape.is_some()) {
+                            let dims = &spec.expect("checked above").dims;
+                            t.shape = if batched {
+                                std::iter::once(t.shape[0])
+                                    .chain(dims.iter().copied())
+                                    .collect()
+                            } else {
+                                dims.clone()
+                            };
+                        }
+                    }
+                }
                 let timing = slot.timing;
                 answers.push((
                     slot,

@@ -53,8 +53,8 @@ fn verdict(path: &str) -> Option<Verdict> {
         "name" | "platform" | "backend" | "max_batch_size" | "default_model_filename"
         | "version_policy" | "parameters" | "model_warmup" => Use,
         "input" | "output" | "instance_group" | "dynamic_batching" => Descend,
-        "input.name" | "input.data_type" | "input.dims" | "input.format" => Use,
-        "output.name" | "output.data_type" | "output.dims" => Use,
+        "input.name" | "input.data_type" | "input.dims" | "input.format" | "input.reshape" => Use,
+        "output.name" | "output.data_type" | "output.dims" | "output.reshape" => Use,
         "instance_group.name" | "instance_group.kind" | "instance_group.count"
         | "instance_group.gpus" => Use,
         "dynamic_batching.preferred_batch_size"
@@ -86,9 +86,6 @@ fn verdict(path: &str) -> Option<Verdict> {
         | "sequence_batching.oldest.preserve_ordering" => Use,
         "sequence_batching.iterative_sequence" => {
             Refuse("iterative sequences (a request run repeatedly by the scheduler) are not implemented")
-        }
-        "input.reshape" | "output.reshape" => {
-            Refuse("reshape is not implemented: the model would see other shapes than Triton gives it")
         }
         "input.is_shape_tensor" | "output.is_shape_tensor" => {
             Refuse("shape tensors (a TensorRT feature) are not implemented")
@@ -407,6 +404,7 @@ fn map(
                 name: t.name.clone(),
                 datatype: data_type(t.data_type, &format!("input `{}`", t.name))?,
                 dims: t.dims.clone(),
+                reshape: t.reshape.as_ref().map(|r| r.shape.clone()),
                 at: None,
             })
         })
@@ -425,6 +423,7 @@ fn map(
                 name: t.name.clone(),
                 datatype: data_type(t.data_type, &format!("output `{}`", t.name))?,
                 dims: t.dims.clone(),
+                reshape: t.reshape.as_ref().map(|r| r.shape.clone()),
                 at: None,
             })
         })
@@ -1167,8 +1166,8 @@ dynamic_batching {
                 "sequence_batching.iterative_sequence",
             ),
             (
-                "input { name: \"x\" data_type: TYPE_FP32 dims: [4] reshape { shape: [2, 2] } }\n",
-                "input.reshape",
+                "input { name: \"x\" data_type: TYPE_INT64 dims: [2] is_shape_tensor: true }\n",
+                "input.is_shape_tensor",
             ),
             ("platform: \"tensorrt_plan\"\n", "tensorrt_plan"),
             ("backend: \"python\"\n", "python"),
