@@ -10,7 +10,7 @@
 #
 # Environment:
 #   SHOAL_HOME              cache directory (default ~/.cache/shoal)
-#   SHOAL_BIN               server binary (default target/release/shoal; built if missing)
+#   SHOAL_BIN               server binary (default target/release/shoal, rebuilt when the sources changed)
 #   SHOAL_MODEL_REPOSITORY  model repository (default model_repository)
 #   PERF_MODEL              model (default ffnn)
 #   PERF_CONCURRENCY        concurrencies (default "1 64")
@@ -29,6 +29,7 @@ CUDART_LIB="$CUDART_DIR/nvidia/cuda_runtime/lib"
 TRITONCLIENT_VERSION=2.41.0
 CUDART_VERSION=12.9.79
 
+SHOAL_BIN_GIVEN="${SHOAL_BIN:-}"
 SHOAL_BIN="${SHOAL_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/shoal}"
 MODEL_REPO="${SHOAL_MODEL_REPOSITORY:-$ROOT/model_repository}"
 MODEL="${PERF_MODEL:-ffnn}"
@@ -100,8 +101,10 @@ missing=$(ldd "$PA_BIN" | grep 'not found' || true)
 $missing"
 
 # ---------------------------------------------------------------- server
-if [ ! -x "$SHOAL_BIN" ]; then
-  log "building shoal"
+# The default binary is rebuilt when the sources changed (a no-op when
+# not): a stale one may refuse models the sources now serve.
+if [ -z "${SHOAL_BIN_GIVEN:-}" ]; then
+  log "building shoal (release; a no-op when up to date)"
   cargo build --release -p shoal
 fi
 [ -x "$SHOAL_BIN" ] || die "no server binary at $SHOAL_BIN"

@@ -750,6 +750,7 @@ def test_triton_config_pbtxt_metadata_and_config(client, protocol):
             "levels": (c.dynamic_batching.priority_levels, c.dynamic_batching.default_priority_level),
             "queue": (c.dynamic_batching.default_queue_policy.allow_timeout_override,
                       c.dynamic_batching.default_queue_policy.max_queue_size),
+            "warmup": [(w.name, w.batch_size, w.count) for w in c.model_warmup],
         }
     else:
         got = {
@@ -762,6 +763,7 @@ def test_triton_config_pbtxt_metadata_and_config(client, protocol):
             "levels": (cfg["dynamic_batching"]["priority_levels"], cfg["dynamic_batching"]["default_priority_level"]),
             "queue": (cfg["dynamic_batching"]["default_queue_policy"]["allow_timeout_override"],
                       cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"]),
+            "warmup": [(w["name"], w["batch_size"], w["count"]) for w in cfg["model_warmup"]],
         }
     assert got == {
         "max_batch_size": 16,
@@ -772,6 +774,7 @@ def test_triton_config_pbtxt_metadata_and_config(client, protocol):
         "intra": "1",
         "levels": (2, 2),
         "queue": (True, 512),
+        "warmup": [("zeros", 8, 2)],
     }
 
 
