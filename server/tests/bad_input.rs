@@ -511,3 +511,62 @@ fn types_binary_tail(malformed: bool) -> Vec<u8> {
     }
     out
 }
+
+/// Timeouts too large for the clock: a `grpc-timeout` of more digits than
+/// the spec's eight, and `timeout` parameters near u64::MAX, are answered
+/// (as no deadline, or as a clear error), never a panicked handler.
+#[tokio::test]
+async fn huge_timeouts_do_not_panic_the_handler() {
+    let repo = light_repo();
+    let s = Server::start_with_repo(repo.path(), &[]);
+    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    let input = ffnn_input(1, 5);
+    let good = pb::ModelInferRequest {
+        model_name: "ffnn".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 784],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![bytes::Bytes::copy_from_slice(bytemuck::cast_slice(&input))],
+        ..Default::default()
+    };
+    for header in ["99999999999999999H", "9999999999H", "18446744073709551615S"] {
+        let mut req = tonic::Request::new(good.clone());
+        req.metadata_mut()
+            .insert("grpc-timeout", header.parse().unwrap());
+        let r = client.model_infer(req).await;
+        assert!(
+            r.is_ok() || r.as_ref().unwrap_err().code() == Code::InvalidArgument,
+            "grpc-timeout {header}: {r:?}"
+        );
+    }
+    let mut huge = good.clone();
+    huge.parameters.insert(
+        "timeout".into(),
+        pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::Uint64Param(
+                u64::MAX / 2,
+            )),
+        },
+    );
+    client.model_infer(huge).await.unwrap();
+    let c = reqwest::Client::new();
+    let body = json!({"parameters": {"timeout": u64::MAX}, "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": input}]});
+    let r = c
+        .post(format!("{}/v2/models/ffnn/infer", s.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // The server is whole: a plain request still works on a new connection.
+    let mut client = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    client.model_infer(good).await.unwrap();
+    assert_eq!(s.stop(), Some(0));
+}

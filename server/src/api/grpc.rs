@@ -80,8 +80,12 @@ impl GrpcService {
 }
 
 /// Parses the `grpc-timeout` header (e.g. `100m`, `5S`) into a duration.
+/// The spec allows at most eight digits; longer values are not timeouts.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (num, unit) = value.split_at(value.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.checked_mul(3600)?),
@@ -364,7 +368,7 @@ fn call_meta<T>(req: &Request<T>) -> CallMeta {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
-            .map(|d| Instant::now() + d),
+            .and_then(|d| Instant::now().checked_add(d)),
         correlation_key: md
             .get("x-correlation-key")
             .and_then(|v| v.to_str().ok())
@@ -500,7 +504,7 @@ impl GrpcInferenceService for GrpcService {
                 // answer carries its request id.
                 let id = msg.id.clone();
                 let msg_meta = CallMeta {
-                    deadline: timeout.map(|d| Instant::now() + d),
+                    deadline: timeout.and_then(|d| Instant::now().checked_add(d)),
                     correlation_key: meta.correlation_key.clone(),
                 };
                 let span = telemetry::request_span(
@@ -661,6 +665,13 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
         assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(parse_grpc_timeout("123456789S"), None, "nine digits");
+        assert_eq!(parse_grpc_timeout("+5S"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout(""), None);
     }
 

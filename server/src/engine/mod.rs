@@ -291,8 +291,9 @@ impl Engine {
         };
         let mut deadline = request.deadline;
         if let Some(t) = request.timeout {
-            if !mv.core.config.priorities.triton_timeouts {
-                let d = started + t;
+            // A timeout past what the clock can hold is no deadline.
+            let at = started.checked_add(t);
+            if let (false, Some(d)) = (mv.core.config.priorities.triton_timeouts, at) {
                 deadline = Some(deadline.map_or(d, |h| h.min(d)));
             }
         }

@@ -321,7 +321,7 @@ impl ModelVersion {
         let pending = Pending {
             level,
             delayed: false,
-            queue_deadline: queue_timeout.map(|t| enqueued + t),
+            queue_deadline: queue_timeout.and_then(|t| enqueued.checked_add(t)),
             key,
             key_hash: hash,
             ticket,
