@@ -600,3 +600,62 @@ async fn high_priority_keeps_its_latency_while_low_priority_is_shed() {
         "low p50 {low_p50:?}, high p99 {high_p99:?}"
     );
 }
+
+#[tokio::test]
+async fn a_panicking_backend_fails_its_batch_and_the_replica_goes_on() {
+    let log = Arc::new(MockLog::default());
+    let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let engine = Engine::new();
+    // A sequence model: keyed, so a panic must also free the key's turn.
+    let file = ModelConfigFile::parse("m", "max_batch_size = 4\nsequence = true\n").unwrap();
+    let (l, n) = (log.clone(), created.clone());
+    engine
+        .add_version(
+            "m",
+            1,
+            &file,
+            Arc::new(move || {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(Box::new(MockBackend::panicking_on(1, 666.0, l.clone())) as Box<dyn Backend>)
+            }),
+        )
+        .unwrap();
+    let keyed = |key: &str, v: f32| {
+        let mut r = request(1, 1, v);
+        r.correlation_key = Some(key.into());
+        r
+    };
+    let r = engine.infer(keyed("a", 666.0)).await;
+    match &r {
+        Err(EngineError::Internal(m)) => assert!(m.contains("panicked"), "{m}"),
+        other => panic!("expected INTERNAL: {other:?}"),
+    }
+    // The replica reloaded its backend and serves; the key's next request
+    // is not stuck behind the failed one.
+    assert_eq!(created.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let ok = engine.infer(keyed("a", 1.0)).await.unwrap();
+    assert_eq!(values(&ok.outputs[0]), vec![3.0]);
+    // Requests queued behind a panicking batch are all answered.
+    let futs: Vec<_> = (0..6)
+        .map(|i| {
+            let e = engine.clone();
+            let r = keyed(
+                &format!("k{}", i % 3),
+                if i == 2 { 666.0 } else { i as f32 },
+            );
+            tokio::spawn(async move { e.infer(r).await })
+        })
+        .collect();
+    let mut failed = 0;
+    for f in futs {
+        match f.await.unwrap() {
+            Ok(_) => {}
+            Err(EngineError::Internal(_)) => failed += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The poisoned request's batch failed (it may have held others).
+    assert!((1..=4).contains(&failed), "{failed}");
+    engine.infer(keyed("k2", 5.0)).await.unwrap();
+    assert!(created.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}

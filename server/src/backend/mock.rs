@@ -22,6 +22,7 @@ pub struct MockBackend {
     delay: Duration,
     log: Arc<MockLog>,
     fail: bool,
+    panic_on: Option<f32>,
 }
 
 impl MockBackend {
@@ -40,6 +41,16 @@ impl MockBackend {
             delay,
             log,
             fail: false,
+            panic_on: None,
+        }
+    }
+
+    /// Like `new` but a run whose input holds `value` panics, as a backend
+    /// bug (or tch on GPU memory exhaustion) would.
+    pub fn panicking_on(width: i64, value: f32, log: Arc<MockLog>) -> Self {
+        Self {
+            panic_on: Some(value),
+            ..Self::new(width, Duration::ZERO, log)
         }
     }
 
@@ -71,6 +82,10 @@ impl Backend for MockBackend {
             return Err(BackendError::Run("mock failure".into()));
         }
         let bytes = super::concat_parts(&x.parts);
+        if let Some(v) = self.panic_on {
+            let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+            assert!(!values.contains(&v), "mock backend: poisoned input {v}");
+        }
         let out: Vec<u8> = bytes
             .chunks_exact(4)
             .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 2.0 + 1.0).to_le_bytes())

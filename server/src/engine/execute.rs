@@ -48,7 +48,7 @@ pub fn execute(
     backend: &mut dyn Backend,
     policy: &mut dyn BatchPolicy,
     taken: Taken,
-) {
+) -> Executed {
     let start = Instant::now();
     let cfg = &core.config;
     let n = taken.requests.len();
@@ -151,11 +151,12 @@ pub fn execute(
     }
     if slots.is_empty() {
         poke_all(core, pokes);
-        return;
+        return Executed::Ran;
     }
 
     let total_rows: usize = slots.iter().map(|s| s.p.rows).sum();
     let batched = cfg.max_batch_size > 0;
+    let mut backend_panicked = false;
     // Owned bytes the state and window inputs point into during the run.
     let window_rows: Vec<Vec<u8>> = match &cfg.window {
         None => Vec::new(),
@@ -282,7 +283,19 @@ pub fn execute(
             })
             .collect();
         let t0 = Instant::now();
-        let r = backend.run(&inputs);
+        // A backend that panics (tch's non-`f_` calls do, e.g. on GPU memory
+        // exhaustion) fails this batch with INTERNAL; the replica reloads it.
+        let r =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.run(&inputs))) {
+                Ok(r) => r,
+                Err(payload) => {
+                    backend_panicked = true;
+                    Err(crate::backend::BackendError::Runtime(format!(
+                        "the backend panicked: {}",
+                        panic_message(&payload)
+                    )))
+                }
+            };
         (r, t0.elapsed())
     };
     let (result, infer_time) = result;
@@ -399,6 +412,21 @@ pub fn execute(
     core.replica_metrics[replica]
         .live_keys
         .set(core.keys.store(replica).live_keys.load(Relaxed) as f64);
+    if backend_panicked {
+        Executed::BackendPanicked
+    } else {
+        Executed::Ran
+    }
+}
+
+/// How a batch's execution went, for the replica loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Executed {
+    /// Answered (successes or errors).
+    Ran,
+    /// The backend panicked: the batch failed with INTERNAL, and the
+    /// backend must be reloaded before it runs again.
+    BackendPanicked,
 }
 
 /// Puts a key's state back on this replica (or frees it at the end of its
@@ -516,4 +544,13 @@ pub fn corrid_bytes(dt: DataType, key: &str) -> Option<Vec<u8>> {
         DataType::Int32 => key.parse::<i32>().ok()?.to_le_bytes().to_vec(),
         _ => return None,
     })
+}
+
+/// The text of a panic's payload (a `&str` or `String`, as `panic!` makes).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text payload".to_string())
 }

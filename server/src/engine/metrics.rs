@@ -16,6 +16,7 @@ pub const QUEUE_DEPTH: &str = "shoal_queue_depth";
 pub const INFERENCE_COUNT: &str = "shoal_inference_count_total";
 pub const EXECUTION_COUNT: &str = "shoal_execution_count_total";
 pub const REPLICA_REQUESTS: &str = "shoal_replica_requests_total";
+pub const REPLICA_PANICS: &str = "shoal_replica_panics_total";
 pub const REPLICA_QUEUE_DEPTH: &str = "shoal_replica_queue_depth";
 pub const REPLICA_LIVE_KEYS: &str = "shoal_replica_live_keys";
 pub const STATE_HITS: &str = "shoal_state_hits_total";
@@ -66,6 +67,10 @@ pub fn describe() {
     describe_counter!(INFERENCE_COUNT, "Rows inferred (a batch of n counts n)");
     describe_counter!(EXECUTION_COUNT, "Backend executions (a batch counts once)");
     describe_counter!(REPLICA_REQUESTS, "Requests executed by a replica");
+    describe_counter!(
+        REPLICA_PANICS,
+        "Batches whose execution panicked on a replica (their requests failed with INTERNAL; the backend was reloaded)"
+    );
     describe_gauge!(
         REPLICA_QUEUE_DEPTH,
         "Requests queued or running on a replica"
@@ -153,6 +158,7 @@ fn replica_labels(model: &str, version: &str, replica: usize) -> [(&'static str,
 /// Handles for one replica.
 pub struct ReplicaMetrics {
     pub requests: Counter,
+    pub panics: Counter,
     pub queue_depth: Gauge,
     pub live_keys: Gauge,
 }
@@ -162,6 +168,7 @@ impl ReplicaMetrics {
         let labels = replica_labels(model, version, replica);
         Self {
             requests: metrics::counter!(REPLICA_REQUESTS, &labels),
+            panics: metrics::counter!(REPLICA_PANICS, &labels),
             queue_depth: metrics::gauge!(REPLICA_QUEUE_DEPTH, &labels),
             live_keys: metrics::gauge!(REPLICA_LIVE_KEYS, &labels),
         }

@@ -4,6 +4,7 @@
 use super::batcher::{BatchPolicy, Decision, QueueView};
 use super::config::TimeoutAction;
 use super::error::EngineError;
+use super::execute::Executed;
 use super::keys::Key;
 use super::model::ModelCore;
 use crate::backend::{Backend, BackendError, BackendFactory, Signature};
@@ -195,6 +196,7 @@ impl StartingReplica {
                         core,
                         shared: thread_shared,
                         backend,
+                        factory,
                         policy,
                     }
                     .run();
@@ -295,6 +297,8 @@ struct Worker {
     core: Arc<ModelCore>,
     shared: Arc<Shared>,
     backend: Box<dyn Backend>,
+    /// Reloads the backend after it panicked.
+    factory: Arc<dyn BackendFactory>,
     policy: Box<dyn BatchPolicy>,
 }
 
@@ -330,13 +334,46 @@ impl Worker {
             let n = batch.requests.len();
             let rows: usize = batch.requests.iter().map(|p| p.rows).sum();
             let t0 = Instant::now();
-            super::execute::execute(
-                self.id,
-                &self.core,
-                self.backend.as_mut(),
-                self.policy.as_mut(),
-                batch,
-            );
+            // The keyed requests' tickets, so a panic anywhere in the
+            // execution (an engine bug) still frees their keys' next turn.
+            let tickets: Vec<(Key, u64)> = if batch.requests.iter().any(|p| p.key.is_some()) {
+                batch
+                    .requests
+                    .iter()
+                    .filter_map(|p| Some((p.key.clone()?, p.ticket)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::execute::execute(
+                    self.id,
+                    &self.core,
+                    self.backend.as_mut(),
+                    self.policy.as_mut(),
+                    batch,
+                )
+            }));
+            match outcome {
+                Ok(Executed::Ran) => {}
+                Ok(Executed::BackendPanicked) => self.reload_backend(),
+                Err(payload) => {
+                    // Its requests' answer channels were dropped in the
+                    // unwinding: their clients get INTERNAL.
+                    tracing::error!(
+                        model = %self.core.config.name,
+                        replica = self.id,
+                        panic = %super::execute::panic_message(&payload),
+                        "a batch's execution panicked; its requests failed"
+                    );
+                    for (key, ticket) in &tickets {
+                        if let Some(r) = self.core.keys.finish(key, *ticket, self.id, None) {
+                            self.core.poke(r);
+                        }
+                    }
+                    self.reload_backend();
+                }
+            }
             // The policy learns what a batch costs the replica: the backend
             // run and the assembly, split and answers around it, which for
             // a small model are as large as the run.
@@ -347,6 +384,23 @@ impl Worker {
                 .queue_depth
                 .set(load as f64);
             self.core.state_metrics.sync(&self.core.keys.counters);
+        }
+    }
+
+    /// A new backend from the factory after the old one panicked (its state
+    /// cannot be trusted). If that fails the old one stays: the next batch
+    /// tells whether it still works.
+    fn reload_backend(&mut self) {
+        let model = &self.core.config.name;
+        self.core.replica_metrics[self.id].panics.increment(1);
+        match self.factory.create() {
+            Ok(b) => {
+                self.backend = b;
+                tracing::error!(model = %model, replica = self.id, "the backend panicked; its batch failed with INTERNAL and the backend was reloaded");
+            }
+            Err(e) => {
+                tracing::error!(model = %model, replica = self.id, error = %e, "the backend panicked and could not be reloaded; keeping it")
+            }
         }
     }
 
