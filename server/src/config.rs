@@ -68,6 +68,16 @@ pub struct Args {
     #[arg(long, env = "SHOAL_MAX_BODY_BYTES", default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
 
+    /// Most system shared-memory regions registered at once (each holds an
+    /// open descriptor of its object).
+    #[arg(long, env = "SHOAL_SHM_MAX_REGIONS", default_value_t = 128)]
+    pub shm_max_regions: usize,
+
+    /// Most bytes of system shared memory registered at once, all regions
+    /// together.
+    #[arg(long, env = "SHOAL_SHM_MAX_BYTES", default_value_t = 16 << 30)]
+    pub shm_max_bytes: u64,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "SHOAL_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub grpc_max_message_bytes: usize,

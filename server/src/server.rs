@@ -196,7 +196,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         tls: tls.is_some(),
     };
 
-    let shm = std::sync::Arc::new(crate::shm::SharedMemory::new());
+    let shm = std::sync::Arc::new(
+        crate::shm::SharedMemory::new().with_limits(args.shm_max_regions, args.shm_max_bytes),
+    );
     let stop = CancellationToken::new();
     let admin_thread = admin::spawn(
         admin_l,

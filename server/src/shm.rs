@@ -3,22 +3,25 @@
 //! registers a window of it under a name, and then passes tensors by
 //! reference (region, offset, byte size) instead of over the socket.
 //!
-//! A registered region is one read-write mapping of `[offset, offset +
-//! byte_size)` of the object. Requests hold an `Arc` to the mapping, so
-//! unregistering only removes the name: a request already using the region
-//! finishes with the memory still mapped, and the mapping goes away with
-//! the last reference.
+//! A registered region is an open descriptor of the object and the window
+//! `[offset, offset + byte_size)` in it. Inputs are read with `pread` and
+//! outputs written with `pwrite`, never through a mapping: the client owns
+//! the object and may shrink it (`ftruncate`) at any time, and touching a
+//! mapped page past the object's end is a SIGBUS that would take the whole
+//! server down (Triton maps, and has that flaw). With a descriptor a
+//! shrunk object is a short read, an error for that request alone. The
+//! copy costs nothing extra on the output side and one copy on the input
+//! side, which the transport benchmark measures. Requests hold an `Arc` to
+//! the region, so unregistering only removes the name: a request already
+//! using the region finishes with the descriptor still open.
 //!
-//! The memory is shared with another process that may write it at any
-//! time, so it is never exposed as a Rust reference that outlives a copy
-//! or a read: inputs are views the engine copies into its batch buffers,
-//! outputs are written with a raw copy. As with Triton, a client that
-//! rewrites a region before its response arrives gets what it wrote.
+//! As with Triton, a client that rewrites a region before its response
+//! arrives gets what it wrote.
 
 use bytes::Bytes;
-use memmap2::{MmapOptions, MmapRaw};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,6 +43,12 @@ pub enum ShmError {
     OutOfRange(String),
     #[error("shared memory key {key:?}: {message}")]
     Map { key: String, message: String },
+    /// The client shrank or emptied the object after registering it.
+    #[error("{0}")]
+    Shrunk(String),
+    /// Registration past the configured number or size of regions.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// How an error reads to a client: which of the API's kinds it is.
@@ -56,7 +65,10 @@ impl ShmError {
         match self {
             ShmError::UnknownRegion(_) | ShmError::MissingKey { .. } => ShmErrorClass::NotFound,
             ShmError::AlreadyRegistered(_) => ShmErrorClass::AlreadyExists,
-            ShmError::BadKey(_) | ShmError::OutOfRange(_) => ShmErrorClass::InvalidArgument,
+            ShmError::BadKey(_)
+            | ShmError::OutOfRange(_)
+            | ShmError::Shrunk(_)
+            | ShmError::Limit(_) => ShmErrorClass::InvalidArgument,
             ShmError::Map { .. } => ShmErrorClass::Internal,
         }
     }
@@ -71,18 +83,19 @@ pub struct RegionStatus {
     pub byte_size: u64,
 }
 
-/// One registered window of a shared-memory object, mapped read-write.
+/// One registered window of a shared-memory object, read and written
+/// through its descriptor.
 struct Region {
     status: RegionStatus,
-    map: MmapRaw,
+    file: std::fs::File,
 }
 
 impl Region {
     /// Checks `[offset, offset + len)` lies inside the region.
-    fn check(&self, what: &str, offset: u64, len: u64) -> Result<usize, ShmError> {
+    fn check(&self, what: &str, offset: u64, len: u64) -> Result<u64, ShmError> {
         let size = self.status.byte_size;
         match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(offset as usize),
+            Some(end) if end <= size => Ok(self.status.offset + offset),
             _ => Err(ShmError::OutOfRange(format!(
                 "{what}: offset {offset} + byte size {len} exceeds shared memory region {:?} of {size} bytes",
                 self.status.name
@@ -91,12 +104,46 @@ impl Region {
     }
 }
 
+impl Region {
+    /// A failed read or write: the object shrank under us (a short read,
+    /// or a length below the window now), or another I/O error.
+    fn io_error(&self, what: &str, at: u64, len: u64, e: std::io::Error) -> ShmError {
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if e.kind() == std::io::ErrorKind::UnexpectedEof || at + len > now {
+            ShmError::Shrunk(format!(
+                "{what}: shared memory region {:?} shrank: its object {} now has {now} bytes, \
+                 the tensor needs bytes {at}..{}",
+                self.status.name,
+                self.status.key,
+                at + len
+            ))
+        } else {
+            ShmError::Map {
+                key: self.status.key.clone(),
+                message: format!("{what}: {e}"),
+            }
+        }
+    }
+}
+
 /// The registry of regions, shared by the gRPC and REST front ends so a
 /// region registered over one is usable over the other.
-#[derive(Default)]
 pub struct SharedMemory {
     regions: Mutex<BTreeMap<String, Arc<Region>>>,
     dir: Option<PathBuf>,
+    max_regions: usize,
+    max_bytes: u64,
+}
+
+impl Default for SharedMemory {
+    fn default() -> Self {
+        Self {
+            regions: Mutex::default(),
+            dir: None,
+            max_regions: usize::MAX,
+            max_bytes: u64::MAX,
+        }
+    }
 }
 
 /// Validates a client key (`/name` or `name`) and returns the file name.
@@ -122,9 +169,17 @@ impl SharedMemory {
     /// (tests on machines without a writable `/dev/shm`).
     pub fn with_dir(dir: impl Into<PathBuf>) -> Self {
         Self {
-            regions: Mutex::default(),
             dir: Some(dir.into()),
+            ..Self::default()
         }
+    }
+
+    /// Bounds the regions registered at once: their number and their
+    /// bytes together (`--shm-max-regions`, `--shm-max-bytes`).
+    pub fn with_limits(mut self, max_regions: usize, max_bytes: u64) -> Self {
+        self.max_regions = max_regions;
+        self.max_bytes = max_bytes;
+        self
     }
 
     fn dir(&self) -> &Path {
@@ -181,14 +236,9 @@ impl SharedMemory {
                 path.display()
             )));
         }
-        let len = usize::try_from(byte_size).map_err(|_| {
+        usize::try_from(byte_size).map_err(|_| {
             ShmError::OutOfRange(format!("byte_size {byte_size} does not fit this machine"))
         })?;
-        let map = MmapOptions::new()
-            .offset(offset)
-            .len(len)
-            .map_raw(&file)
-            .map_err(map_err)?;
         let region = Arc::new(Region {
             status: RegionStatus {
                 name: name.to_string(),
@@ -196,12 +246,27 @@ impl SharedMemory {
                 offset,
                 byte_size,
             },
-            map,
+            file,
         });
         // Checked again under the lock: another register may have raced us.
         let mut regions = self.regions.lock();
         if regions.contains_key(name) {
             return Err(ShmError::AlreadyRegistered(name.to_string()));
+        }
+        if regions.len() >= self.max_regions {
+            return Err(ShmError::Limit(format!(
+                "shared memory region {name:?}: {} regions are registered, the most allowed \
+                 (--shm-max-regions); unregister one first",
+                regions.len()
+            )));
+        }
+        let total: u64 = regions.values().map(|r| r.status.byte_size).sum();
+        if total.saturating_add(byte_size) > self.max_bytes {
+            return Err(ShmError::Limit(format!(
+                "shared memory region {name:?}: {byte_size} bytes more than the {total} registered \
+                 would pass --shm-max-bytes ({})",
+                self.max_bytes
+            )));
         }
         regions.insert(name.to_string(), region);
         Ok(())
@@ -240,16 +305,22 @@ impl SharedMemory {
             .ok_or_else(|| ShmError::UnknownRegion(name.to_string()))
     }
 
-    /// The bytes of an input: a view into the region that keeps it mapped
-    /// for as long as the bytes live.
+    /// The bytes of an input, read from the object now.
     pub fn input(&self, tensor: &str, r: &ShmRef) -> Result<Bytes, ShmError> {
         let region = self.get(&r.region)?;
-        let start = region.check(&format!("input {tensor:?}"), r.offset, r.byte_size)?;
-        Ok(Bytes::from_owner(View {
-            region,
-            start,
-            len: r.byte_size as usize,
-        }))
+        let at = region.check(&format!("input {tensor:?}"), r.offset, r.byte_size)?;
+        let len = usize::try_from(r.byte_size).map_err(|_| {
+            ShmError::OutOfRange(format!(
+                "input {tensor:?}: byte size {} does not fit",
+                r.byte_size
+            ))
+        })?;
+        let mut buf = vec![0u8; len];
+        region
+            .file
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| region.io_error(&format!("input {tensor:?}"), at, r.byte_size, e))?;
+        Ok(Bytes::from(buf))
     }
 
     /// Where an output goes, checked and held before the request runs.
@@ -274,27 +345,11 @@ pub struct ShmRef {
     pub byte_size: u64,
 }
 
-/// A read-only window of a region, owned by a `Bytes`.
-struct View {
-    region: Arc<Region>,
-    start: usize,
-    len: usize,
-}
-
-impl AsRef<[u8]> for View {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `start + len` was checked against the mapping's length,
-        // and the mapping lives as long as `self.region`. The memory may
-        // change under us (another process writes it); readers only copy
-        // it out, and a torn read is the writing client's own doing.
-        unsafe { std::slice::from_raw_parts(self.region.map.as_ptr().add(self.start), self.len) }
-    }
-}
-
 /// An output's window in a region, held for the whole request.
 pub struct OutputTarget {
     region: Arc<Region>,
-    start: usize,
+    /// Where the window starts in the object.
+    start: u64,
     pub reference: ShmRef,
 }
 
@@ -309,17 +364,26 @@ impl OutputTarget {
                 self.reference.region
             )));
         }
-        // SAFETY: the window `[start, start + byte_size)` lies in the
-        // mapping (checked when the target was made) and `data` is no
-        // longer than it; `data` is our own buffer, so the ranges do not
-        // overlap. Raw copy, no `&mut`: the memory is shared.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.region.map.as_mut_ptr().add(self.start),
-                data.len(),
-            );
+        // pwrite past the end would grow an object the client shrank:
+        // refuse instead. (A shrink between this check and the write only
+        // grows it back; nothing is ever touched through a mapping.)
+        let len = data.len() as u64;
+        let now = self.region.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if self.start + len > now {
+            return Err(self.region.io_error(
+                &format!("output {tensor:?}"),
+                self.start,
+                len,
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
         }
+        self.region
+            .file
+            .write_all_at(data, self.start)
+            .map_err(|e| {
+                self.region
+                    .io_error(&format!("output {tensor:?}"), self.start, len, e)
+            })?;
         Ok(())
     }
 }
@@ -378,6 +442,40 @@ mod tests {
     }
 
     #[test]
+    fn a_shrunk_object_is_an_error_for_the_request_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = object(dir.path(), "obj", 100);
+        let shm = SharedMemory::with_dir(dir.path());
+        shm.register("r", "/obj", 20, 80).unwrap();
+        let r = |offset, byte_size| ShmRef {
+            region: "r".into(),
+            offset,
+            byte_size,
+        };
+        let out = shm.output("y", &r(60, 8)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(50)
+            .unwrap();
+        // Bytes 20..50 of the object are still there, 75..80 are not.
+        assert_eq!(&shm.input("x", &r(0, 4)).unwrap()[..], &[20, 21, 22, 23]);
+        let e = shm.input("x", &r(25, 10)).unwrap_err();
+        assert_eq!(e.class(), ShmErrorClass::InvalidArgument);
+        assert!(
+            e.to_string().contains("shrank") && e.to_string().contains("50 bytes"),
+            "{e}"
+        );
+        let e = out.write("y", &[1; 8]).unwrap_err();
+        assert!(e.to_string().contains("shrank"), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 50, "not grown back");
+        // Unlinked: the open descriptor still reads what was there.
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(&shm.input("x", &r(1, 2)).unwrap()[..], &[21, 22]);
+    }
+
+    #[test]
     fn bad_registrations_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         object(dir.path(), "obj", 64);
@@ -407,7 +505,26 @@ mod tests {
             );
         }
         assert!(shm.status(None).unwrap().is_empty());
-        // Unaligned offsets map fine.
+        // Unaligned offsets are fine.
         shm.register("a", "obj", 13, 8).unwrap();
+    }
+
+    #[test]
+    fn registrations_are_bounded_in_number_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        object(dir.path(), "obj", 64);
+        let shm = SharedMemory::with_dir(dir.path()).with_limits(2, 100);
+        shm.register("a", "obj", 0, 60).unwrap();
+        let e = shm.register("b", "obj", 0, 41).unwrap_err();
+        assert!(
+            matches!(e, ShmError::Limit(_)) && e.to_string().contains("--shm-max-bytes"),
+            "{e}"
+        );
+        shm.register("b", "obj", 0, 40).unwrap();
+        let e = shm.register("c", "obj", 0, 1).unwrap_err();
+        assert!(e.to_string().contains("--shm-max-regions"), "{e}");
+        assert_eq!(e.class(), ShmErrorClass::InvalidArgument);
+        shm.unregister(Some("a"));
+        shm.register("c", "obj", 0, 1).unwrap();
     }
 }

@@ -292,6 +292,33 @@ def test_region_destroyed_while_requests_are_in_flight(shoal_server, client, pro
     assert out.as_numpy("output").shape == (1, 10)
 
 
+def test_a_shrunk_object_fails_the_request_not_the_server(client, protocol, regions):
+    """A client that shrinks its object with ftruncate while it is
+    registered: reading the input or writing the output fails that request
+    with INVALID_ARGUMENT; a mapping would take the server down with SIGBUS."""
+    x = np.random.default_rng(5).standard_normal((1, 784)).astype(np.float32)
+    name, key, h = regions.create(x.nbytes + 40)
+    shm.set_shared_memory_region(h, [x])
+    client.register_system_shared_memory(name, key, x.nbytes + 40)
+    os.truncate(f"/dev/shm{key}", 0)
+    e = _expect_error(protocol, "invalid", client.infer, "ffnn",
+                      [_shm_input(protocol, "input", x.shape, name, x.nbytes)])
+    assert "shrank" in e.message(), e.message()
+    # The output side: the input comes over the wire, the output's window
+    # is gone.
+    inp = _module(protocol).InferInput("input", list(x.shape), "FP32")
+    if protocol == "http":
+        inp.set_data_from_numpy(x, binary_data=True)
+    else:
+        inp.set_data_from_numpy(x)
+    e = _expect_error(protocol, "invalid", client.infer, "ffnn", [inp],
+                      outputs=[_shm_output(protocol, "output", name, 40, x.nbytes)])
+    assert "shrank" in e.message(), e.message()
+    assert client.is_server_live()
+    out = _plain(client, protocol, "ffnn", "input", x)
+    assert out.as_numpy("output").shape == (1, 10)
+
+
 def test_cuda_shared_memory_is_unsupported(client, protocol):
     e = _expect_error(protocol, "unsupported", client.get_cuda_shared_memory_status)
     assert "CUDA shared memory is not supported" in e.message()
