@@ -570,3 +570,186 @@ async fn huge_timeouts_do_not_panic_the_handler() {
     client.model_infer(good).await.unwrap();
     assert_eq!(s.stop(), Some(0));
 }
+
+/// Sends raw bytes on a new connection and returns the status line's code
+/// (0 when the server closed without answering).
+async fn raw_http(base: &str, request: &[u8], half_close: bool) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    // The status line is enough; the connection may stay open after it.
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(2).any(|w| w == b"\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Hostile bodies and paths (issue 16, property 5): each gets a clear 4xx,
+/// nothing outside the repository or /dev/shm is touched, and the server
+/// answers a good request after each.
+#[tokio::test]
+async fn hostile_bodies_and_paths_get_clear_4xx() {
+    let repo = light_repo();
+    // Explicit mode, so the repository API acts on names (in mode none it
+    // refuses every load, whatever the name).
+    let s = Server::start_with_repo(
+        repo.path(),
+        &[
+            "--max-body-bytes",
+            "1048576",
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "ffnn,types",
+        ],
+    );
+    let rest = Rest {
+        c: reqwest::Client::new(),
+        base: s.http.clone(),
+    };
+    let infer = "/v2/models/ffnn/infer";
+    let host = s.http.trim_start_matches("http://").to_string();
+
+    // A Content-Length far above the body, the client then done sending.
+    let lie = format!(
+        "POST {infer} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{\"inputs\": ["
+    );
+    let code = raw_http(&s.http, lie.as_bytes(), true).await;
+    assert_eq!(code, 400, "content-length lie");
+    rest.good().await;
+    // A Content-Length above --max-body-bytes: refused before it is read.
+    let big =
+        format!("POST {infer} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5000000000\r\n\r\n");
+    assert_eq!(raw_http(&s.http, big.as_bytes(), true).await, 413);
+    // Chunked past --max-body-bytes.
+    let mut chunked =
+        format!("POST {infer} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for _ in 0..20 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 100_000).as_bytes());
+        chunked.extend(std::iter::repeat_n(b' ', 100_000));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(raw_http(&s.http, &chunked, false).await, 413);
+    rest.good().await;
+
+    let nested = format!(
+        "{{\"inputs\": [{{\"name\": \"input\", \"shape\": [1, 784], \"datatype\": \"FP32\", \"data\": {}{}}}]}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let digits = format!(
+        "{{\"inputs\": [{{\"name\": \"input\", \"shape\": [1, 1], \"datatype\": \"FP32\", \"data\": [1{}]}}]}}",
+        "0".repeat(1_000_000 - 100)
+    );
+    let overflow_shape = serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": [4611686018427387904i64, 4611686018427387904i64, 16], "datatype": "FP32", "data": [1.0]}]})).unwrap();
+    let negative_shape = serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": [-1, 784], "datatype": "FP32", "data": [1.0]}]})).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("JSON nested 100k deep", nested.into_bytes()),
+        ("a number of a million digits", digits.into_bytes()),
+        ("a shape whose element count overflows", overflow_shape),
+        ("a negative dim", negative_shape),
+    ];
+    for (name, body) in cases {
+        let (status, v) = rest.post(infer, None, body).await;
+        assert!((400..500).contains(&status), "{name}: {status} {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{name}: {v}"
+        );
+        rest.good().await;
+    }
+    // BYTES length prefixes that overflow, in the binary extension.
+    let header = serde_json::to_vec(&json!({"inputs": [{"name": "bytes_in", "shape": [1, 4], "datatype": "BYTES", "parameters": {"binary_data_size": 8}}]})).unwrap();
+    let n = header.len();
+    let mut body = header;
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.extend_from_slice(b"abcd");
+    let (status, v) = rest
+        .post("/v2/models/types/infer", Some(&n.to_string()), body)
+        .await;
+    assert!((400..500).contains(&status), "BYTES prefix: {status} {v}");
+
+    // Model names that try to leave the repository, or are merely hostile.
+    let long = "m".repeat(10_000);
+    for name in [
+        "..",
+        "..%2F..%2Fetc",
+        "%2e%2e",
+        "a%00b",
+        "%2Fetc%2Fpasswd",
+        long.as_str(),
+    ] {
+        for path in [
+            format!("/v2/models/{name}/infer"),
+            format!("/v2/models/{name}"),
+            format!("/v2/models/{name}/config"),
+            format!("/v2/repository/models/{name}/load"),
+        ] {
+            let r = rest
+                .c
+                .post(format!("{}{path}", s.http))
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            // GET-only routes answer 405 to a POST: still a clear 4xx.
+            assert!((400..500).contains(&status), "{path}: {status}");
+            let r = rest
+                .c
+                .get(format!("{}{path}", s.http))
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                (400..500).contains(&r.status().as_u16()),
+                "GET {path}: {}",
+                r.status()
+            );
+        }
+    }
+    // Shared-memory keys that try to leave /dev/shm.
+    for key in [
+        "/../etc/passwd",
+        "..",
+        "/a/b",
+        "/a\u{0}b",
+        &format!("/{}", "k".repeat(10_000)),
+    ] {
+        let r = rest
+            .c
+            .post(format!(
+                "{}/v2/systemsharedmemory/region/r/register",
+                s.http
+            ))
+            .json(&json!({"key": key, "offset": 0, "byte_size": 8}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            (400..500).contains(&r.status().as_u16()),
+            "key {key:?}: {}",
+            r.status()
+        );
+    }
+    rest.good().await;
+    assert_eq!(s.stop(), Some(0));
+}

@@ -278,6 +278,15 @@ const DISCARD_LIMIT: usize = 64 << 20;
 /// Reads the body up to `limit` bytes, never holding more than that.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
+    // A declared length past what would ever be read is refused before
+    // reading anything (smaller overshoots are read and discarded below,
+    // so the client reads the answer rather than a reset).
+    let declared = http_body::Body::size_hint(&body).lower();
+    if declared > DISCARD_LIMIT as u64 && declared > limit as u64 {
+        return Err(ApiError::too_large(format!(
+            "request body of {declared} bytes exceeds the limit of {limit} bytes (--max-body-bytes)"
+        )));
+    }
     let mut body = body;
     let mut buf = BytesMut::new();
     let mut seen = 0usize;
