@@ -78,6 +78,11 @@ pub struct Args {
     #[arg(long, env = "SHOAL_SHM_MAX_BYTES", default_value_t = 16 << 30)]
     pub shm_max_bytes: u64,
 
+    /// Bearer token required to register, unregister or list system
+    /// shared-memory regions (none: any client that reaches the port may).
+    #[arg(long, env = "SHOAL_SHM_TOKEN")]
+    pub shm_token: Option<String>,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "SHOAL_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub grpc_max_message_bytes: usize,

@@ -1,6 +1,7 @@
 //! Wires the engine to its listeners: REST, gRPC and admin, and runs until
 //! a shutdown signal, draining in-flight requests before it returns.
 
+use crate::api::auth::Bearer;
 use crate::api::repository::{self, RepositoryApi};
 use crate::api::{admin, grpc::GrpcService, http};
 use crate::config::Args;
@@ -236,13 +237,14 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
             engine: engine.clone(),
             max_body_bytes: args.max_body_bytes,
             shm: shm.clone(),
+            shm_token: Bearer::new(args.shm_token.clone()),
         })
         .merge(repository::router(repository_api.clone())),
     );
     let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop)
         .map_err(|e| ServeError::Serve("http", e.to_string()))?;
     let svc = GrpcService::new(engine.clone())
-        .with_shared_memory(shm.clone())
+        .with_shared_memory(shm.clone(), Bearer::new(args.shm_token.clone()))
         .with_repository(repository_api)
         .into_server(args.grpc_max_message_bytes);
     let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop);

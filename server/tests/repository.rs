@@ -761,3 +761,73 @@ async fn unload_drops_keyed_state() {
     assert_eq!(accumulate(&mut g, "k").await, 1.0, "the key starts afresh");
     assert_eq!(s.stop(), Some(0));
 }
+
+/// `--shm-token`: registering, unregistering and listing shared-memory
+/// regions need the bearer token on both protocols; inference does not.
+#[tokio::test]
+async fn the_shm_token_guards_shared_memory_registration() {
+    let s = common::Server::start(&["--shm-token", "t0k"]);
+    let c = reqwest::Client::new();
+    // A POSIX shared-memory object of our own (shm_open's /dev/shm/<name>).
+    let key = format!("shoal_token_test_{}", std::process::id());
+    let path = std::path::Path::new("/dev/shm").join(&key);
+    std::fs::write(&path, vec![0u8; 64]).unwrap();
+    let register = |auth: Option<&'static str>| {
+        let mut r = c
+            .post(format!(
+                "{}/v2/systemsharedmemory/region/r/register",
+                s.http
+            ))
+            .json(&json!({"key": format!("/{key}"), "offset": 0, "byte_size": 64}));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(register(None).await.unwrap().status(), 401);
+    assert_eq!(register(Some("Bearer nope")).await.unwrap().status(), 403);
+    assert_eq!(register(Some("Bearer t0k")).await.unwrap().status(), 200);
+    let status = |auth: Option<&'static str>| {
+        let mut r = c.get(format!("{}/v2/systemsharedmemory/status", s.http));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(status(None).await.unwrap().status(), 401);
+    assert_eq!(status(Some("Bearer t0k")).await.unwrap().status(), 200);
+    let unregister = c
+        .post(format!("{}/v2/systemsharedmemory/unregister", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unregister.status(), 401);
+
+    let mut g = shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+        s.grpc.clone(),
+    )
+    .await
+    .unwrap();
+    let req = || shoal_proto::SystemSharedMemoryRegisterRequest {
+        name: "g".into(),
+        key: format!("/{key}"),
+        offset: 0,
+        byte_size: 64,
+    };
+    let e = g.system_shared_memory_register(req()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut authed = tonic::Request::new(req());
+    authed
+        .metadata_mut()
+        .insert("authorization", "Bearer t0k".parse().unwrap());
+    g.system_shared_memory_register(authed).await.unwrap();
+    let e = g
+        .system_shared_memory_unregister(shoal_proto::SystemSharedMemoryUnregisterRequest {
+            name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(s.stop(), Some(0));
+}

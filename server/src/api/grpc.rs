@@ -1,6 +1,7 @@
 //! KServe v2 over gRPC: `inference.GRPCInferenceService`, as Triton serves it.
 
 use super::access::AccessInfo;
+use super::auth::{grpc_authorization, Bearer};
 use super::error::ApiError;
 use super::metadata;
 use super::repository::RepositoryApi;
@@ -33,6 +34,8 @@ const STREAM_BUFFER: usize = 256;
 pub struct GrpcService {
     engine: Engine,
     shm: Arc<SharedMemory>,
+    /// Needed to register, unregister or list shared-memory regions.
+    shm_token: Bearer,
     /// The model repository extension; `None`: refused as turned off.
     repository: Option<RepositoryApi>,
 }
@@ -42,6 +45,7 @@ impl GrpcService {
         Self {
             engine,
             shm: Arc::default(),
+            shm_token: Bearer::default(),
             repository: None,
         }
     }
@@ -59,8 +63,9 @@ impl GrpcService {
 
     /// Shares a shared-memory registry (with the REST front end, so a
     /// region registered over one protocol serves the other).
-    pub fn with_shared_memory(mut self, shm: Arc<SharedMemory>) -> Self {
+    pub fn with_shared_memory(mut self, shm: Arc<SharedMemory>, token: Bearer) -> Self {
         self.shm = shm;
+        self.shm_token = token;
         self
     }
 
@@ -586,6 +591,8 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        self.shm_token
+            .check(grpc_authorization(&req), shm_api::TOKEN_WHAT)?;
         Ok(Response::new(shm_api::grpc_status(
             &self.shm,
             req.into_inner(),
@@ -596,6 +603,8 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        self.shm_token
+            .check(grpc_authorization(&req), shm_api::TOKEN_WHAT)?;
         Ok(Response::new(shm_api::grpc_register(
             &self.shm,
             req.into_inner(),
@@ -606,6 +615,8 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        self.shm_token
+            .check(grpc_authorization(&req), shm_api::TOKEN_WHAT)?;
         Ok(Response::new(shm_api::grpc_unregister(
             &self.shm,
             req.into_inner(),

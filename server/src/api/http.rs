@@ -30,6 +30,8 @@ pub struct HttpState {
     pub max_body_bytes: usize,
     /// Shared with the gRPC front end.
     pub shm: Arc<SharedMemory>,
+    /// Needed to register, unregister or list shared-memory regions.
+    pub shm_token: super::auth::Bearer,
 }
 
 /// The REST router; no socket, so tests can drive it directly.

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -1,6 +1,7 @@
 //! The model repository extension over REST and gRPC (Triton's): index,
 //! load and unload, which can be turned off or require a bearer token.
 
+use super::auth::{grpc_authorization, Bearer};
 use super::error::ApiError;
 use crate::engine::control::{IndexEntry, ModelControl};
 use axum::body::Bytes;
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status};
 pub struct RepositoryApi {
     control: Arc<ModelControl>,
     enabled: bool,
-    token: Option<Arc<str>>,
+    token: Bearer,
 }
 
 impl RepositoryApi {
@@ -28,7 +29,7 @@ impl RepositoryApi {
         Self {
             control,
             enabled,
-            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+            token: Bearer::new(token),
         }
     }
 
@@ -39,27 +40,7 @@ impl RepositoryApi {
                 "the model repository API is turned off (--repository-api=false)",
             ));
         }
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        let Some(value) = authorization else {
-            return Err(ApiError::unauthenticated(
-                "the model repository API needs a bearer token: send 'Authorization: Bearer <token>'",
-            ));
-        };
-        let given = value
-            .split_once(' ')
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-            .ok_or_else(|| {
-                ApiError::unauthenticated(
-                    "the authorization is not a bearer token ('Bearer <token>')",
-                )
-            })?;
-        if !same(given.as_bytes(), token.as_bytes()) {
-            return Err(ApiError::permission_denied("wrong bearer token"));
-        }
-        Ok(())
+        self.token.check(authorization, "the model repository API")
     }
 
     pub async fn grpc_index(
@@ -115,16 +96,6 @@ impl RepositoryApi {
 
 /// Compares without stopping at the first difference, so the time taken
 /// does not tell how much of a guess was right.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn grpc_authorization<T>(req: &Request<T>) -> Option<&str> {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-}
-
 /// shoal serves one repository; Triton's multi-repository name must be empty.
 fn one_repository(name: &str) -> Result<(), ApiError> {
     if name.is_empty() {

@@ -8,6 +8,7 @@ use super::http::HttpState;
 use crate::engine::InferResponse;
 use crate::shm::{OutputTarget, RegionStatus, SharedMemory, ShmRef};
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -19,6 +20,16 @@ use std::collections::HashMap;
 pub const REGION: &str = "shared_memory_region";
 pub const OFFSET: &str = "shared_memory_offset";
 pub const BYTE_SIZE: &str = "shared_memory_byte_size";
+
+/// How the token's messages name this API.
+pub const TOKEN_WHAT: &str = "shared-memory registration (--shm-token)";
+
+/// The REST `authorization` header.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
 
 const CUDA_UNSUPPORTED: &str =
     "CUDA shared memory is not supported by this server (no GPU); use system shared memory";
@@ -250,14 +261,20 @@ fn status_json(regions: Vec<RegionStatus>) -> Json<Value> {
     ))
 }
 
-async fn status_all(State(st): State<HttpState>) -> Result<Json<Value>, ApiError> {
+async fn status_all(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    st.shm_token.check(authorization(&headers), TOKEN_WHAT)?;
     Ok(status_json(st.shm.status(None)?))
 }
 
 async fn status_one(
     State(st): State<HttpState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    st.shm_token.check(authorization(&headers), TOKEN_WHAT)?;
     Ok(status_json(st.shm.status(Some(&name))?))
 }
 
@@ -272,8 +289,10 @@ struct RegisterBody {
 async fn register(
     State(st): State<HttpState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    st.shm_token.check(authorization(&headers), TOKEN_WHAT)?;
     let b: RegisterBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(format!(
             "register body must be {{\"key\", \"offset\", \"byte_size\"}}: {e}"
@@ -283,14 +302,23 @@ async fn register(
     Ok(Json(json!({})))
 }
 
-async fn unregister_all(State(st): State<HttpState>) -> Json<Value> {
+async fn unregister_all(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    st.shm_token.check(authorization(&headers), TOKEN_WHAT)?;
     st.shm.unregister(None);
-    Json(json!({}))
+    Ok(Json(json!({})))
 }
 
-async fn unregister_one(State(st): State<HttpState>, Path(name): Path<String>) -> Json<Value> {
+async fn unregister_one(
+    State(st): State<HttpState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    st.shm_token.check(authorization(&headers), TOKEN_WHAT)?;
     st.shm.unregister(Some(&name));
-    Json(json!({}))
+    Ok(Json(json!({})))
 }
 
 #[cfg(test)]
