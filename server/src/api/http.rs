@@ -332,6 +332,17 @@ impl BinaryOutputs {
     }
 }
 
+/// The REST decoder alone (JSON or the binary extension to an engine
+/// request), for the property tests that throw hostile bodies at it.
+pub fn decode_rest_request(
+    model: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    shm: &SharedMemory,
+) -> Result<InferRequest, ApiError> {
+    decode_infer(model, None, headers, body, shm).map(|(r, _, _)| r)
+}
+
 fn decode_infer(
     model: &str,
     version: Option<String>,

@@ -1184,10 +1184,13 @@ fn resolve_io(
             // Only a relabelling of the same bytes: both shapes fixed, the
             // same element count, and the model's matching the graph.
             let fixed = |d: &[i64]| d.iter().all(|&x| x > 0);
-            let count = |d: &[i64]| d.iter().product::<i64>();
+            // Checked: a dims list is client-written text, and an
+            // overflowing product must be an error, not a panic.
+            let count = |d: &[i64]| d.iter().try_fold(1i64, |a, &x| a.checked_mul(x));
             let graph_fits =
                 gd.len() == r.len() && gd.iter().zip(r).all(|(&g, &r)| g < 0 || g == r);
-            if !fixed(&c.dims) || !fixed(r) || count(&c.dims) != count(r) || !graph_fits {
+            let same_count = count(&c.dims).is_some_and(|n| count(r) == Some(n));
+            if !fixed(&c.dims) || !fixed(r) || !same_count || !graph_fits {
                 return Err(err(format!(
                     "{kind} {}: reshape {:?} of dims {:?} needs both fixed, the same element count, and the graph's {:?}",
                     c.name, r, c.dims, gd
