@@ -523,17 +523,7 @@ async fn huge_timeouts_do_not_panic_the_handler() {
         .await
         .unwrap();
     let input = ffnn_input(1, 5);
-    let good = pb::ModelInferRequest {
-        model_name: "ffnn".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 784],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![bytes::Bytes::copy_from_slice(bytemuck::cast_slice(&input))],
-        ..Default::default()
-    };
+    let good = common::ffnn_grpc_request(&input);
     for header in ["99999999999999999H", "9999999999H", "18446744073709551615S"] {
         let mut req = tonic::Request::new(good.clone());
         req.metadata_mut()

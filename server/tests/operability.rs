@@ -27,20 +27,6 @@ fn ffnn_repo() -> tempfile::TempDir {
     common::ffnn_repo_with_config("")
 }
 
-fn grpc_request(input: &[f32]) -> pb::ModelInferRequest {
-    pb::ModelInferRequest {
-        model_name: "ffnn".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![(input.len() / 784) as i64, 784],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![bytes::Bytes::copy_from_slice(bytemuck::cast_slice(input))],
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn a_bare_model_file_is_served_as_a_model_named_after_its_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,11 +127,11 @@ async fn json_logs_and_the_access_log_cover_rest_and_grpc() {
     let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await
         .unwrap();
-    g.model_infer(grpc_request(&input)).await.unwrap();
+    g.model_infer(common::ffnn_grpc_request(&input)).await.unwrap();
     let e = g
         .model_infer(pb::ModelInferRequest {
             model_name: "nope".into(),
-            ..grpc_request(&input)
+            ..common::ffnn_grpc_request(&input)
         })
         .await
         .unwrap_err();
@@ -337,7 +323,7 @@ async fn grpc_messages_compress_both_ways_within_the_message_limit() {
             .unwrap()
             .send_compressed(enc)
             .accept_compressed(enc);
-        let r = g.model_infer(grpc_request(&input)).await.unwrap();
+        let r = g.model_infer(common::ffnn_grpc_request(&input)).await.unwrap();
         let name = match enc {
             CompressionEncoding::Gzip => "gzip",
             _ => "zstd",
@@ -362,12 +348,12 @@ async fn grpc_messages_compress_both_ways_within_the_message_limit() {
         .unwrap()
         .send_compressed(CompressionEncoding::Gzip);
     let zeros = vec![0f32; 2 << 20];
-    let e = g.model_infer(grpc_request(&zeros)).await.unwrap_err();
+    let e = g.model_infer(common::ffnn_grpc_request(&zeros)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await
         .unwrap();
-    g.model_infer(grpc_request(&input)).await.unwrap();
+    g.model_infer(common::ffnn_grpc_request(&input)).await.unwrap();
 }
 
 /// An OTLP/gRPC trace collector: keeps every span it is sent.
@@ -452,7 +438,7 @@ async fn traces_continue_the_callers_trace_with_queue_assembly_compute_and_encod
     let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await
         .unwrap();
-    let mut req = tonic::Request::new(grpc_request(&input));
+    let mut req = tonic::Request::new(common::ffnn_grpc_request(&input));
     req.metadata_mut().insert(
         "traceparent",
         format!("00-{grpc_trace}-{grpc_parent}-01").parse().unwrap(),

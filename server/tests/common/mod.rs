@@ -63,6 +63,22 @@ pub async fn post_json(
 }
 
 /// A REST inference request of `input` (rows of 784) for the FFNN.
+/// A gRPC ModelInfer request for the FFNN with `input` as raw contents
+/// (rows of 784).
+pub fn ffnn_grpc_request(input: &[f32]) -> shoal_proto::ModelInferRequest {
+    shoal_proto::ModelInferRequest {
+        model_name: "ffnn".into(),
+        inputs: vec![shoal_proto::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![(input.len() / 784) as i64, 784],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![bytes::Bytes::copy_from_slice(bytemuck::cast_slice(input))],
+        ..Default::default()
+    }
+}
+
 pub fn ffnn_infer_body(input: &[f32]) -> serde_json::Value {
     serde_json::json!({"inputs": [{"name": "input", "shape": [input.len() / 784, 784], "datatype": "FP32", "data": input}]})
 }
