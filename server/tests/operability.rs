@@ -127,7 +127,9 @@ async fn json_logs_and_the_access_log_cover_rest_and_grpc() {
     let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await
         .unwrap();
-    g.model_infer(common::ffnn_grpc_request(&input)).await.unwrap();
+    g.model_infer(common::ffnn_grpc_request(&input))
+        .await
+        .unwrap();
     let e = g
         .model_infer(pb::ModelInferRequest {
             model_name: "nope".into(),
@@ -323,7 +325,10 @@ async fn grpc_messages_compress_both_ways_within_the_message_limit() {
             .unwrap()
             .send_compressed(enc)
             .accept_compressed(enc);
-        let r = g.model_infer(common::ffnn_grpc_request(&input)).await.unwrap();
+        let r = g
+            .model_infer(common::ffnn_grpc_request(&input))
+            .await
+            .unwrap();
         let name = match enc {
             CompressionEncoding::Gzip => "gzip",
             _ => "zstd",
@@ -348,12 +353,17 @@ async fn grpc_messages_compress_both_ways_within_the_message_limit() {
         .unwrap()
         .send_compressed(CompressionEncoding::Gzip);
     let zeros = vec![0f32; 2 << 20];
-    let e = g.model_infer(common::ffnn_grpc_request(&zeros)).await.unwrap_err();
+    let e = g
+        .model_infer(common::ffnn_grpc_request(&zeros))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await
         .unwrap();
-    g.model_infer(common::ffnn_grpc_request(&input)).await.unwrap();
+    g.model_infer(common::ffnn_grpc_request(&input))
+        .await
+        .unwrap();
 }
 
 /// An OTLP/gRPC trace collector: keeps every span it is sent.
