@@ -535,16 +535,16 @@ async fn queue_timeout_delay_moves_the_request_behind_the_others() {
 
 #[tokio::test]
 async fn high_priority_keeps_its_latency_while_low_priority_is_shed() {
-    // A saturated replica (2 ms per request, one at a time): 24 low-priority
-    // clients against a low-level bound of 8, and one high-priority client.
+    // A saturated replica (2 ms per request, one at a time): 32 low-priority
+    // clients against a low-level bound of 16, and one high-priority client.
     let (engine, _log) = engine_with(
-        "max_batch_size = 1\n[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.2]\nmax_queue_size = 8\n",
+        "max_batch_size = 1\n[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.2]\nmax_queue_size = 16\n",
         1,
         Duration::from_millis(2),
     );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let low: Vec<_> = (0..24)
+    let low: Vec<_> = (0..32)
         .map(|_| {
             let (e, stop, shed) = (engine.clone(), stop.clone(), shed.clone());
             tokio::spawn(async move {
@@ -590,9 +590,10 @@ async fn high_priority_keeps_its_latency_while_low_priority_is_shed() {
     eprintln!("high p99 {high_p99:?}, low p50 {low_p50:?}, low shed {shed}");
     assert!(shed > 0, "the low level was never full");
     // The high request waits for at most the batch in progress: two
-    // executions, against the low level's queue of eight.
+    // executions (4 ms), against the low level's queue of sixteen (32 ms);
+    // the bound leaves room for a loaded machine's scheduling.
     assert!(
-        high_p99 < Duration::from_millis(12),
+        high_p99 < Duration::from_millis(15),
         "high p99 {high_p99:?}"
     );
     assert!(
