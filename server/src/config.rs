@@ -83,6 +83,20 @@ pub struct Args {
     #[arg(long, env = "SHOAL_SHM_TOKEN")]
     pub shm_token: Option<String>,
 
+    /// An HTTP/1.1 client must send a request's headers within this many
+    /// milliseconds, or the connection is closed (slowloris).
+    #[arg(long, env = "SHOAL_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
+
+    /// HTTP/2 streams one connection may have open at once (REST over h2
+    /// and gRPC).
+    #[arg(long, env = "SHOAL_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Largest HTTP/2 header list accepted, in bytes (REST over h2 and gRPC).
+    #[arg(long, env = "SHOAL_MAX_HEADER_LIST_BYTES", default_value_t = 16 << 10)]
+    pub max_header_list_bytes: u32,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "SHOAL_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub grpc_max_message_bytes: usize,

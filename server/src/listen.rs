@@ -275,16 +275,74 @@ impl axum::serve::Listener for TlsListener {
 /// A running server task; `Err` carries its failure.
 pub type ServerTask = JoinHandle<Result<(), String>>;
 
-fn spawn_axum<L>(listener: L, app: Router, stop: CancellationToken) -> ServerTask
+/// Connection limits of the REST listeners (gRPC's are tonic's, set from
+/// the same flags).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// An HTTP/1.1 request whose headers take longer is dropped (slowloris).
+    pub header_read_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Largest HTTP/2 header list accepted, in bytes.
+    pub max_header_list_bytes: u32,
+}
+
+/// Serves `app` on every connection `listener` accepts, with `limits`
+/// (axum::serve takes no connection settings, and without a timer hyper
+/// never times out a client that sends its headers a byte at a time).
+/// On `stop`: no more accepts, every connection shuts down gracefully
+/// (in-flight requests are answered), and the task ends when they have.
+fn spawn_axum<L>(
+    mut listener: L,
+    app: Router,
+    stop: CancellationToken,
+    limits: HttpLimits,
+) -> ServerTask
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
     tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .map_err(|e| e.to_string())
+        // Each connection task holds a sender; all dropped: all closed.
+        let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+        loop {
+            let (io, _peer) = tokio::select! {
+                c = listener.accept() => c,
+                _ = stop.cancelled() => break,
+            };
+            let svc = TowerToHyperService::new(app.clone());
+            let (stop, open) = (stop.clone(), open_tx.clone());
+            tokio::spawn(async move {
+                let mut b = Builder::new(TokioExecutor::new());
+                b.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout);
+                b.http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .max_header_list_size(limits.max_header_list_bytes);
+                let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!("connection ended: {e}");
+                        }
+                    }
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                drop(open);
+            });
+        }
+        drop(open_tx);
+        let _ = open_rx.recv().await;
+        Ok(())
     })
 }
 
@@ -295,6 +353,7 @@ pub fn serve_http(
     tls: Option<TlsAcceptor>,
     app: Router,
     stop: &CancellationToken,
+    limits: HttpLimits,
 ) -> io::Result<Vec<ServerTask>> {
     let mut tasks = Vec::new();
     match (tcp, tls) {
@@ -305,18 +364,19 @@ pub fn serve_http(
                 TlsListener { rx, local },
                 app.clone(),
                 stop.clone(),
+                limits,
             ));
         }
         (Some(l), None) => {
             let l = l.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            tasks.push(spawn_axum(l, app.clone(), stop.clone()));
+            tasks.push(spawn_axum(l, app.clone(), stop.clone(), limits));
         }
         (None, _) => {}
     }
     if let Some(l) = uds {
-        tasks.push(spawn_axum(l, app, stop.clone()));
+        tasks.push(spawn_axum(l, app, stop.clone(), limits));
     }
     Ok(tasks)
 }
@@ -325,6 +385,7 @@ fn spawn_tonic<S, IO, E>(
     incoming: S,
     svc: GrpcInferenceServiceServer<GrpcService>,
     stop: CancellationToken,
+    limits: HttpLimits,
 ) -> ServerTask
 where
     S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
@@ -333,6 +394,8 @@ where
 {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .http2_max_header_list_size(Some(limits.max_header_list_bytes))
             .layer(crate::api::access::AccessLayer::new("grpc"))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
@@ -348,6 +411,7 @@ pub fn serve_grpc(
     tls: Option<TlsAcceptor>,
     svc: GrpcInferenceServiceServer<GrpcService>,
     stop: &CancellationToken,
+    limits: HttpLimits,
 ) -> Vec<ServerTask> {
     use tokio_stream::StreamExt;
     let mut tasks = Vec::new();
@@ -356,7 +420,7 @@ pub fn serve_grpc(
             let rx = tls_accept_loop(l, acceptor, stop.clone());
             let incoming = tokio_stream::wrappers::ReceiverStream::new(rx)
                 .map(|(conn, _)| Ok::<_, io::Error>(conn));
-            tasks.push(spawn_tonic(incoming, svc.clone(), stop.clone()));
+            tasks.push(spawn_tonic(incoming, svc.clone(), stop.clone(), limits));
         }
         (Some(l), None) => {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
@@ -364,13 +428,13 @@ pub fn serve_grpc(
                     let _ = tcp.set_nodelay(true);
                 })
             });
-            tasks.push(spawn_tonic(incoming, svc.clone(), stop.clone()));
+            tasks.push(spawn_tonic(incoming, svc.clone(), stop.clone(), limits));
         }
         (None, _) => {}
     }
     if let Some(l) = uds {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-        tasks.push(spawn_tonic(incoming, svc, stop.clone()));
+        tasks.push(spawn_tonic(incoming, svc, stop.clone(), limits));
     }
     tasks
 }

@@ -241,13 +241,18 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         })
         .merge(repository::router(repository_api.clone())),
     );
-    let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop)
+    let limits = listen::HttpLimits {
+        header_read_timeout: std::time::Duration::from_millis(args.http_header_timeout_ms.max(1)),
+        max_concurrent_streams: args.max_concurrent_streams,
+        max_header_list_bytes: args.max_header_list_bytes,
+    };
+    let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop, limits)
         .map_err(|e| ServeError::Serve("http", e.to_string()))?;
     let svc = GrpcService::new(engine.clone())
         .with_shared_memory(shm.clone(), Bearer::new(args.shm_token.clone()))
         .with_repository(repository_api)
         .into_server(args.grpc_max_message_bytes);
-    let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop);
+    let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop, limits);
 
     tracing::info!(%bound, "listening");
     {

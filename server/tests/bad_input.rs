@@ -743,3 +743,68 @@ async fn hostile_bodies_and_paths_get_clear_4xx() {
     rest.good().await;
     assert_eq!(s.stop(), Some(0));
 }
+
+/// Slowloris (issue 16, property 4): clients that send a request's headers
+/// a byte at a time, or start and stop, are cut off after
+/// `--http-header-timeout-ms`, and a good request is answered meanwhile.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = light_repo();
+    let s = Server::start_with_repo(repo.path(), &["--http-header-timeout-ms", "500"]);
+    let rest = Rest {
+        c: reqwest::Client::new(),
+        base: s.http.clone(),
+    };
+    let addr = s.http.trim_start_matches("http://").to_string();
+    let start = "POST /v2/models/ffnn/infer HTTP/1.1\r\nHost: x\r\n";
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(start.as_bytes()).await.unwrap();
+        stalled.push(c);
+    }
+    // One more trickles a header byte every 100 ms, forever.
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickle.write_all(start.as_bytes()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let trickler = tokio::spawn(async move {
+        loop {
+            if trickle.write_all(b"X").await.is_err() {
+                return t0.elapsed();
+            }
+            let mut b = [0u8; 64];
+            match tokio::time::timeout(std::time::Duration::from_millis(100), trickle.read(&mut b))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
+                _ => {}
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                return t0.elapsed();
+            }
+        }
+    });
+    // Served while they stall.
+    let t = std::time::Instant::now();
+    rest.good().await;
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        t.elapsed()
+    );
+    let cut = trickler.await.unwrap();
+    assert!(
+        cut < std::time::Duration::from_secs(3),
+        "a trickling client kept its connection for {cut:?}"
+    );
+    // The stalled ones were closed too: reading them ends.
+    for mut c in stalled {
+        let mut b = Vec::new();
+        let r =
+            tokio::time::timeout(std::time::Duration::from_secs(3), c.read_to_end(&mut b)).await;
+        assert!(r.is_ok(), "a stalled connection is still open");
+    }
+    rest.good().await;
+    assert_eq!(s.stop(), Some(0));
+}
