@@ -84,8 +84,11 @@ struct Queue {
     rows: usize,
     /// Queued requests that carry a key (their order needs the key table).
     keyed: usize,
-    /// Queued requests with a queue timeout (the purge then scans them all).
+    /// Queued requests with a queue timeout.
     timed: usize,
+    /// No queue timeout expires before this (it may be early, never late):
+    /// the purge scans the queue for expired ones only once it has passed.
+    next_timeout: Option<Instant>,
     /// Rows ever queued here: the policy's arrival rate.
     arrived_rows: u64,
     stopping: bool,
@@ -259,6 +262,9 @@ impl Replica {
         q.arrived_rows += p.rows as u64;
         q.keyed += p.key.is_some() as usize;
         q.timed += p.queue_deadline.is_some() as usize;
+        if let Some(d) = p.queue_deadline {
+            q.next_timeout = Some(q.next_timeout.map_or(d, |n| n.min(d)));
+        }
         // The queue stays ordered by rank, arrival order within a rank, so
         // the front the dispatch scans holds the most urgent requests. The
         // walk from the back is one step when every request has one rank.
@@ -516,7 +522,7 @@ impl Worker {
                 // Shutting down: nothing more will arrive, do not wait.
                 Decision::Wait(_) if q.stopping => sc.picked.len(),
                 Decision::Wait(d) => {
-                    let wake_at = self.earliest_deadline(&q.items).map_or(d, |dl| {
+                    let wake_at = self.earliest_deadline(&q).map_or(d, |dl| {
                         d.min(dl.saturating_duration_since(now) + Duration::from_micros(1))
                     });
                     q.sleep = Sleep::Until {
@@ -604,17 +610,25 @@ impl Worker {
 
     /// Applies the queue policies to requests whose queue timeout expired:
     /// REJECT answers them, DELAY moves them behind every request that has
-    /// not timed out. The whole queue, not the front window: a timed-out
-    /// request's client is waiting for this answer. Returns how many left.
+    /// not timed out. Called once the earliest timeout has passed; scans the
+    /// whole queue, not the front window (a timed-out request's client is
+    /// waiting for this answer). Returns how many left.
     fn queue_timeouts(&self, q: &mut Queue, now: Instant, pokes: &mut Vec<usize>) -> usize {
         let core = &self.core;
         let mut gone = 0;
         let mut i = 0;
         let mut unseen = q.items.len();
+        let mut next: Option<Instant> = None;
         while i < unseen {
-            if q.items[i].queue_deadline.is_none_or(|d| d > now) {
-                i += 1;
-                continue;
+            match q.items[i].queue_deadline {
+                Some(d) if d <= now => {}
+                d => {
+                    if let Some(d) = d {
+                        next = Some(next.map_or(d, |n| n.min(d)));
+                    }
+                    i += 1;
+                    continue;
+                }
             }
             let mut p = q.take(i).expect("index checked above");
             unseen -= 1;
@@ -644,6 +658,7 @@ impl Worker {
                 }
             }
         }
+        q.next_timeout = next;
         gone
     }
 
@@ -652,11 +667,13 @@ impl Worker {
         (4 * self.core.config.max_batch_size).max(64)
     }
 
-    fn earliest_deadline(&self, items: &VecDeque<Pending>) -> Option<Instant> {
-        items
-            .iter()
-            .flat_map(|p| p.deadline.into_iter().chain(p.queue_deadline))
-            .min()
+    /// The earliest request deadline or queue timeout in the queue.
+    fn earliest_deadline(&self, q: &Queue) -> Option<Instant> {
+        let deadline = q.items.iter().filter_map(|p| p.deadline).min();
+        match (deadline, q.next_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Drops requests that can no longer be answered usefully, before they
@@ -666,7 +683,9 @@ impl Worker {
         let core = &self.core;
         let mut pokes = Vec::new();
         let mut gone = 0;
-        if q.timed > 0 {
+        if q.timed == 0 {
+            q.next_timeout = None;
+        } else if q.next_timeout.is_some_and(|t| t <= now) {
             gone += self.queue_timeouts(q, now, &mut pokes);
         }
         let mut i = 0;
