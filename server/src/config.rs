@@ -83,10 +83,27 @@ pub struct Args {
     #[arg(long, env = "SHOAL_SHM_TOKEN")]
     pub shm_token: Option<String>,
 
-    /// An HTTP/1.1 client must send a request's headers within this many
-    /// milliseconds, or the connection is closed (slowloris).
+    /// A new connection must send its first byte, and an HTTP/1.1 client
+    /// a request's headers, within this many milliseconds, or the
+    /// connection is closed (slowloris).
     #[arg(long, env = "SHOAL_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     pub http_header_timeout_ms: u64,
+
+    /// A batch that runs longer than this many seconds fails with
+    /// UNAVAILABLE, and its replica leaves service (and readiness) until
+    /// the backend returns: a watchdog for a hung backend. 0 turns it off.
+    #[arg(long, env = "SHOAL_BATCH_TIMEOUT_SECS", default_value_t = 60)]
+    pub batch_timeout_secs: u64,
+
+    /// Client connections open at once, REST and gRPC together; one more
+    /// is closed as soon as it is accepted.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// A connection with no request in flight for this many seconds is
+    /// closed gracefully (GOAWAY on HTTP/2; clients reconnect).
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
 
     /// HTTP/2 streams one connection may have open at once (REST over h2
     /// and gRPC).

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod gpu;
 pub mod healthcheck;

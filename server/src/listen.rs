@@ -5,6 +5,8 @@
 //! all of them stop on one cancellation token.
 
 use crate::api::grpc::GrpcService;
+pub use crate::connections::HttpLimits;
+use crate::connections::{self, ConnectionSlots, Protocol, ServerTask};
 use axum::serve::ListenerExt;
 use axum::Router;
 use rustls::pki_types::pem::PemObject;
@@ -20,7 +22,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixListener};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -202,13 +203,6 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
-    }
-}
-
 /// Accepts TCP connections and runs their TLS handshakes concurrently (a
 /// slow client delays no one), handing over the finished ones.
 fn tls_accept_loop(
@@ -272,80 +266,6 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// A running server task; `Err` carries its failure.
-pub type ServerTask = JoinHandle<Result<(), String>>;
-
-/// Connection limits of the REST listeners (gRPC's are tonic's, set from
-/// the same flags).
-#[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    /// An HTTP/1.1 request whose headers take longer is dropped (slowloris).
-    pub header_read_timeout: Duration,
-    /// HTTP/2 streams one connection may have open at once.
-    pub max_concurrent_streams: u32,
-    /// Largest HTTP/2 header list accepted, in bytes.
-    pub max_header_list_bytes: u32,
-}
-
-/// Serves `app` on every connection `listener` accepts, with `limits`
-/// (axum::serve takes no connection settings, and without a timer hyper
-/// never times out a client that sends its headers a byte at a time).
-/// On `stop`: no more accepts, every connection shuts down gracefully
-/// (in-flight requests are answered), and the task ends when they have.
-fn spawn_axum<L>(
-    mut listener: L,
-    app: Router,
-    stop: CancellationToken,
-    limits: HttpLimits,
-) -> ServerTask
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    tokio::spawn(async move {
-        // Each connection task holds a sender; all dropped: all closed.
-        let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
-        loop {
-            let (io, _peer) = tokio::select! {
-                c = listener.accept() => c,
-                _ = stop.cancelled() => break,
-            };
-            let svc = TowerToHyperService::new(app.clone());
-            let (stop, open) = (stop.clone(), open_tx.clone());
-            tokio::spawn(async move {
-                let mut b = Builder::new(TokioExecutor::new());
-                b.http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout);
-                b.http2()
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(limits.max_concurrent_streams)
-                    .max_header_list_size(limits.max_header_list_bytes);
-                let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::trace!("connection ended: {e}");
-                        }
-                    }
-                    _ = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-                drop(open);
-            });
-        }
-        drop(open_tx);
-        let _ = open_rx.recv().await;
-        Ok(())
-    })
-}
-
 /// Serves REST on each listener given.
 pub fn serve_http(
     tcp: Option<tokio::net::TcpListener>,
@@ -354,54 +274,19 @@ pub fn serve_http(
     app: Router,
     stop: &CancellationToken,
     limits: HttpLimits,
+    slots: &ConnectionSlots,
 ) -> io::Result<Vec<ServerTask>> {
-    let mut tasks = Vec::new();
-    match (tcp, tls) {
-        (Some(l), Some(acceptor)) => {
-            let local = l.local_addr()?;
-            let rx = tls_accept_loop(l, acceptor, stop.clone());
-            tasks.push(spawn_axum(
-                TlsListener { rx, local },
-                app.clone(),
-                stop.clone(),
-                limits,
-            ));
-        }
-        (Some(l), None) => {
-            let l = l.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            tasks.push(spawn_axum(l, app.clone(), stop.clone(), limits));
-        }
-        (None, _) => {}
-    }
-    if let Some(l) = uds {
-        tasks.push(spawn_axum(l, app, stop.clone(), limits));
-    }
-    Ok(tasks)
-}
-
-fn spawn_tonic<S, IO, E>(
-    incoming: S,
-    svc: GrpcInferenceServiceServer<GrpcService>,
-    stop: CancellationToken,
-    limits: HttpLimits,
-) -> ServerTask
-where
-    S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
-    IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(limits.max_concurrent_streams))
-            .http2_max_header_list_size(Some(limits.max_header_list_bytes))
-            .layer(crate::api::access::AccessLayer::new("grpc"))
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-            .await
-            .map_err(|e| e.to_string())
-    })
+    serve(
+        tcp,
+        uds,
+        tls,
+        app,
+        axum::body::Body::new,
+        Protocol::Rest,
+        stop,
+        limits,
+        slots,
+    )
 }
 
 /// Serves gRPC on each listener given.
@@ -412,31 +297,91 @@ pub fn serve_grpc(
     svc: GrpcInferenceServiceServer<GrpcService>,
     stop: &CancellationToken,
     limits: HttpLimits,
-) -> Vec<ServerTask> {
-    use tokio_stream::StreamExt;
+    slots: &ConnectionSlots,
+) -> io::Result<Vec<ServerTask>> {
+    use tower::Layer;
+    let svc = crate::api::access::AccessLayer::new("grpc").layer(svc);
+    serve(
+        tcp,
+        uds,
+        tls,
+        svc,
+        tonic::body::Body::new,
+        Protocol::Grpc,
+        stop,
+        limits,
+        slots,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve<S, ReqB, ResB>(
+    tcp: Option<tokio::net::TcpListener>,
+    uds: Option<UnixListener>,
+    tls: Option<TlsAcceptor>,
+    svc: S,
+    body: fn(hyper::body::Incoming) -> ReqB,
+    protocol: Protocol,
+    stop: &CancellationToken,
+    limits: HttpLimits,
+    slots: &ConnectionSlots,
+) -> io::Result<Vec<ServerTask>>
+where
+    S: tower::Service<
+            axum::http::Request<ReqB>,
+            Response = axum::http::Response<ResB>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    ResB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut tasks = Vec::new();
     match (tcp, tls) {
         (Some(l), Some(acceptor)) => {
+            let local = l.local_addr()?;
             let rx = tls_accept_loop(l, acceptor, stop.clone());
-            let incoming = tokio_stream::wrappers::ReceiverStream::new(rx)
-                .map(|(conn, _)| Ok::<_, io::Error>(conn));
-            tasks.push(spawn_tonic(incoming, svc.clone(), stop.clone(), limits));
+            tasks.push(connections::spawn(
+                TlsListener { rx, local },
+                svc.clone(),
+                body,
+                protocol,
+                stop.clone(),
+                limits,
+                slots.clone(),
+            ));
         }
         (Some(l), None) => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
-                s.inspect(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                })
+            let l = l.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
             });
-            tasks.push(spawn_tonic(incoming, svc.clone(), stop.clone(), limits));
+            tasks.push(connections::spawn(
+                l,
+                svc.clone(),
+                body,
+                protocol,
+                stop.clone(),
+                limits,
+                slots.clone(),
+            ));
         }
         (None, _) => {}
     }
     if let Some(l) = uds {
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-        tasks.push(spawn_tonic(incoming, svc, stop.clone(), limits));
+        tasks.push(connections::spawn(
+            l,
+            svc,
+            body,
+            protocol,
+            stop.clone(),
+            limits,
+            slots.clone(),
+        ));
     }
-    tasks
+    Ok(tasks)
 }
 
 #[cfg(test)]

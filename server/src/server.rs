@@ -15,9 +15,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Time the servers get to flush answers after the engine is idle.
-const FLUSH_GRACE: Duration = Duration::from_millis(500);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -245,20 +242,41 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         header_read_timeout: std::time::Duration::from_millis(args.http_header_timeout_ms.max(1)),
         max_concurrent_streams: args.max_concurrent_streams,
         max_header_list_bytes: args.max_header_list_bytes,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
     };
-    let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop, limits)
+    let slots = crate::connections::ConnectionSlots::new(args.max_connections);
+    let http_tasks = listen::serve_http(http_l, http_uds, http_tls, app, &stop, limits, &slots)
         .map_err(|e| ServeError::Serve("http", e.to_string()))?;
     let svc = GrpcService::new(engine.clone())
         .with_shared_memory(shm.clone(), Bearer::new(args.shm_token.clone()))
         .with_repository(repository_api)
+        .with_shutdown(stop.clone())
         .into_server(args.grpc_max_message_bytes);
-    let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop, limits);
+    let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop, limits, &slots)
+        .map_err(|e| ServeError::Serve("grpc", e.to_string()))?;
 
     tracing::info!(%bound, "listening");
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{bound}");
         let _ = out.flush();
+    }
+
+    if args.batch_timeout_secs > 0 {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        let limit = Duration::from_secs(args.batch_timeout_secs);
+        // Checked four times per limit (at least every 250 ms).
+        let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => engine.watch_batches(limit),
+                }
+            }
+        });
     }
 
     if mode == ControlMode::Poll {
@@ -278,25 +296,23 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     tracing::info!("shutting down: readiness off, refusing new requests, draining in-flight ones");
     engine.stop_accepting();
     stop.cancel();
-    // In-flight requests are answered by the engine; then the servers get a
-    // moment to write those answers and close their connections. An idle
-    // client connection that ignores GOAWAY cannot hold the exit hostage.
+    // Every connection has been sent GOAWAY (HTTP/2) or told to close
+    // after its current request (HTTP/1.1). A connection ends when its
+    // requests are answered and its client has closed, or, once nothing is
+    // in flight on it, after a short linger (connections.rs): a client that
+    // ignores GOAWAY cannot hold the exit hostage, and a slow reader of a
+    // long answer is not cut off.
     let drain = async {
         engine.wait_idle().await;
         tracing::debug!("engine idle");
-        let servers = async {
-            for (what, tasks) in [("http", http_tasks), ("grpc", grpc_tasks)] {
-                for t in tasks {
-                    if let Ok(Err(e)) = t.await {
-                        tracing::warn!("{what} server: {e}");
-                    }
+        for (what, tasks) in [("http", http_tasks), ("grpc", grpc_tasks)] {
+            for t in tasks {
+                if let Ok(Err(e)) = t.await {
+                    tracing::warn!("{what} server: {e}");
                 }
             }
-        };
-        match tokio::time::timeout(FLUSH_GRACE, servers).await {
-            Ok(()) => tracing::debug!("servers closed"),
-            Err(_) => tracing::debug!("connections still open after the flush grace; closing"),
         }
+        tracing::debug!("servers closed");
     };
     if tokio::time::timeout(Duration::from_secs(args.shutdown_timeout_secs), drain)
         .await

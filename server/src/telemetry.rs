@@ -99,7 +99,15 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(if cfg.verbose { "debug" } else { "info" }))
+        // h2 warns once per misbehaving connection (a rapid-reset client
+        // opens thousands): a client must not be able to flood the log.
+        .unwrap_or_else(|| {
+            EnvFilter::new(if cfg.verbose {
+                "debug"
+            } else {
+                "info,h2=error"
+            })
+        })
         .add_directive(
             format!("{SPAN_TARGET}=off")
                 .parse()

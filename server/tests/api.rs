@@ -427,3 +427,28 @@ async fn sigterm_answers_in_flight_requests_then_exits_zero() {
     assert_eq!(in_flight.await.unwrap().unwrap(), 200);
     assert_eq!(s.stop_after_signal(), Some(0));
 }
+
+/// A port already taken (issue 16, property 8) fails the start with a
+/// message naming the listener and the address, for each of the three.
+#[test]
+fn a_taken_port_fails_the_start_and_names_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (flag, what) in [
+        ("--metrics-port", "metrics"),
+        ("--http-port", "http"),
+        ("--grpc-port", "grpc"),
+    ] {
+        let repo = common::ffnn_repo_with_config("");
+        let err = common::failed_start(&[
+            "--model-repository",
+            repo.path().to_str().unwrap(),
+            flag,
+            &port,
+        ]);
+        assert!(
+            err.contains(what) && err.contains(&format!("127.0.0.1:{port}")),
+            "{flag}: {err}"
+        );
+    }
+}

@@ -660,3 +660,99 @@ async fn a_panicking_backend_fails_its_batch_and_the_replica_goes_on() {
     engine.infer(keyed("k2", 5.0)).await.unwrap();
     assert!(created.load(std::sync::atomic::Ordering::SeqCst) >= 3);
 }
+
+/// The batch watchdog (issue 16, property 8): a backend that hangs fails
+/// its batch with UNAVAILABLE once the batch timeout passes, its replica
+/// leaves readiness and the router's choice (keyless requests go to the
+/// other replica), what was queued on it fails fast, and it serves again
+/// once the backend returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_fails_its_batch_and_leaves_service_until_it_returns() {
+    let log = Arc::new(MockLog::default());
+    let engine = Engine::new();
+    let file = ModelConfigFile::parse("m", "max_batch_size = 4\ninstance_count = 2\n").unwrap();
+    let l = log.clone();
+    engine
+        .add_version(
+            "m",
+            1,
+            &file,
+            Arc::new(move || {
+                Ok(Box::new(MockBackend::hanging_on(
+                    1,
+                    666.0,
+                    Duration::from_millis(2500),
+                    l.clone(),
+                )) as Box<dyn Backend>)
+            }),
+        )
+        .unwrap();
+    let limit = Duration::from_millis(300);
+    let watchdog = {
+        let e = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                e.watch_batches(limit);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    assert!(engine.is_ready());
+    let t = Instant::now();
+    let hung = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.infer(request(1, 1, 666.0)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Meanwhile the other replica serves keyless requests.
+    for i in 0..20 {
+        let r = engine.infer(request(1, 1, i as f32)).await.unwrap();
+        assert_eq!(values(&r.outputs[0]), vec![2.0 * i as f32 + 1.0]);
+    }
+    match hung.await.unwrap() {
+        Err(EngineError::Unavailable(m)) => assert!(m.contains("batch timeout"), "{m}"),
+        other => panic!("expected UNAVAILABLE: {other:?}"),
+    }
+    let failed_after = t.elapsed();
+    assert!(
+        failed_after >= limit && failed_after < Duration::from_millis(1500),
+        "failed after {failed_after:?}"
+    );
+    assert!(!engine.is_ready(), "a hung replica keeps the server ready");
+    let mv = engine.model("m", None).unwrap();
+    assert!(!engine.version_ready(&mv));
+    // A request queued on the hung replica itself fails fast.
+    let stuck = mv.replicas.iter().position(|r| r.hung()).unwrap();
+    let rx = mv.submit_to(request(1, 1, 5.0), Some(stuck)).unwrap();
+    let t = Instant::now();
+    match rx.await.unwrap() {
+        Err(EngineError::Unavailable(m)) => assert!(m.contains("is hung"), "{m}"),
+        other => panic!("expected UNAVAILABLE: {:?}", other.map(|_| ())),
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // While hung, keyless requests still land on the healthy replica.
+    for i in 0..20 {
+        engine.infer(request(1, 1, i as f32)).await.unwrap();
+    }
+    // The backend returns: the replica serves and readiness is back.
+    let back = Instant::now();
+    while !engine.is_ready() {
+        assert!(back.elapsed() < Duration::from_secs(5), "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(engine.version_ready(&mv));
+    let futs: Vec<_> = (0..8)
+        .map(|i| {
+            let e = engine.clone();
+            tokio::spawn(async move { e.infer(request(1, 1, i as f32)).await })
+        })
+        .collect();
+    for f in futs {
+        f.await.unwrap().unwrap();
+    }
+    watchdog.abort();
+}

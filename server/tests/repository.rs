@@ -831,3 +831,72 @@ async fn the_shm_token_guards_shared_memory_registration() {
     std::fs::remove_file(&path).unwrap();
     assert_eq!(s.stop(), Some(0));
 }
+
+/// Faults under poll mode (issue 16, property 8): the serving version's
+/// file corrupted in place, then deleted. Each failed reload leaves the
+/// loaded version serving, the index says why, and no request fails; the
+/// file put back is picked up again.
+#[tokio::test]
+async fn poll_mode_keeps_serving_through_a_corrupted_or_deleted_model_file() {
+    let repo = writable_repo();
+    std::fs::remove_dir_all(repo.path().join("broken")).unwrap();
+    let s = Server::start_with_repo(
+        repo.path(),
+        &[
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-secs",
+            "1",
+        ],
+    );
+    let c = reqwest::Client::new();
+    let stream = Stream::start(&s, 4).await;
+    stream.progress(50).await;
+    let v2 = repo.path().join("ffnn/2/model.onnx");
+    let good = std::fs::read(&v2).unwrap();
+    let reason_of_2 = |ix: &[Value]| {
+        lines(ix, "ffnn")
+            .into_iter()
+            .find(|l| l.0 == "2")
+            .map(|l| (l.1, l.2))
+    };
+    let wait_reason = |want: &'static str| {
+        let (c, s) = (c.clone(), &s);
+        async move {
+            let t = Instant::now();
+            loop {
+                let r = reason_of_2(&index(&c, s).await);
+                if r.as_ref().is_some_and(|(_, why)| why.contains(want)) {
+                    return r.unwrap();
+                }
+                assert!(t.elapsed() < Duration::from_secs(20), "index of 2: {r:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Corrupted in place (truncated half way, as a copy cut short would).
+    std::fs::write(&v2, &good[..good.len() / 2]).unwrap();
+    let (state, why) = wait_reason("reloading failed").await;
+    assert_eq!(state, "READY", "{why}");
+    stream.progress(50).await;
+    // Deleted.
+    std::fs::remove_file(&v2).unwrap();
+    // Two polls later, 2 still serves from memory.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (state, why) = reason_of_2(&index(&c, &s).await).unwrap();
+    eprintln!("version 2 after its file was deleted: {state}, {why}");
+    assert_eq!(state, "READY", "{why}");
+    stream.progress(50).await;
+    // Put back: a clean reload clears the reason.
+    std::fs::write(&v2, &good).unwrap();
+    let t = Instant::now();
+    while reason_of_2(&index(&c, &s).await).is_some_and(|(_, why)| !why.is_empty()) {
+        assert!(t.elapsed() < Duration::from_secs(20), "never reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stream.progress(50).await;
+    let (ok, failed, versions) = stream.finish().await;
+    eprintln!("{ok} requests answered through the faults; versions seen {versions:?}");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert_eq!(s.stop(), Some(0));
+}

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Span names: the RPCs, as OpenTelemetry's gRPC conventions name them.
@@ -38,6 +39,9 @@ pub struct GrpcService {
     shm_token: Bearer,
     /// The model repository extension; `None`: refused as turned off.
     repository: Option<RepositoryApi>,
+    /// Cancelled at shutdown: open streams end once their requests are
+    /// answered.
+    stop: CancellationToken,
 }
 
 impl GrpcService {
@@ -47,7 +51,16 @@ impl GrpcService {
             shm: Arc::default(),
             shm_token: Bearer::default(),
             repository: None,
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// At `stop`, each open stream reads no more requests, answers those
+    /// it has, and ends with UNAVAILABLE, so a client holding a stream
+    /// open does not hold up the shutdown.
+    pub fn with_shutdown(mut self, stop: CancellationToken) -> Self {
+        self.stop = stop;
+        self
     }
 
     pub fn with_repository(mut self, api: RepositoryApi) -> Self {
@@ -406,7 +419,10 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        let ready = self.engine.is_ready() && self.engine.model(&r.name, Some(&r.version)).is_ok();
+        let ready = self
+            .engine
+            .model(&r.name, Some(&r.version))
+            .is_ok_and(|mv| self.engine.version_ready(&mv));
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -490,11 +506,24 @@ impl GrpcInferenceService for GrpcService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let engine = self.engine.clone();
         let shm = self.shm.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
+            // The answers being worked on, awaited at shutdown.
+            let mut answering = tokio::task::JoinSet::new();
             loop {
+                while answering.try_join_next().is_some() {}
                 let msg = tokio::select! {
                     m = incoming.message() => m,
                     _ = tx.closed() => break,
+                    _ = stop.cancelled() => {
+                        while answering.join_next().await.is_some() {}
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "server is shutting down: the stream ends; requests sent after the last answer were not read",
+                            )))
+                            .await;
+                        return;
+                    }
                 };
                 let msg = match msg {
                     Ok(Some(m)) => m,
@@ -523,7 +552,7 @@ impl GrpcInferenceService for GrpcService {
                     (engine.submit(r), o)
                 });
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                answering.spawn(async move {
                     let outcome = async {
                         let (s, shm_outputs) = submitted?;
                         let mut resp = s.wait().await.map_err(ApiError::from)?;
@@ -559,6 +588,9 @@ impl GrpcInferenceService for GrpcService {
                     let _ = tx.send(Ok(item)).await;
                 });
             }
+            // The client is done sending: the answers still being worked
+            // on go out on their own (dropping the set would abort them).
+            answering.detach_all();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

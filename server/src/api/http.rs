@@ -132,8 +132,8 @@ async fn model_ready(
     State(st): State<HttpState>,
     Path(p): Path<ModelPath>,
 ) -> Result<StatusCode, ApiError> {
-    st.engine.model(&p.m, p.v.as_deref())?;
-    Ok(if st.engine.is_ready() {
+    let mv = st.engine.model(&p.m, p.v.as_deref())?;
+    Ok(if st.engine.version_ready(&mv) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -23,6 +23,8 @@ pub struct MockBackend {
     log: Arc<MockLog>,
     fail: bool,
     panic_on: Option<f32>,
+    /// A run whose input holds this value blocks for this long.
+    hang_on: Option<(f32, Duration)>,
 }
 
 impl MockBackend {
@@ -42,6 +44,16 @@ impl MockBackend {
             log,
             fail: false,
             panic_on: None,
+            hang_on: None,
+        }
+    }
+
+    /// Like `new` but a run whose input holds `value` blocks for `for_`, as
+    /// a backend stuck in a driver call would.
+    pub fn hanging_on(width: i64, value: f32, for_: Duration, log: Arc<MockLog>) -> Self {
+        Self {
+            hang_on: Some((value, for_)),
+            ..Self::new(width, Duration::ZERO, log)
         }
     }
 
@@ -85,6 +97,12 @@ impl Backend for MockBackend {
         if let Some(v) = self.panic_on {
             let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
             assert!(!values.contains(&v), "mock backend: poisoned input {v}");
+        }
+        if let Some((v, d)) = self.hang_on {
+            let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+            if values.contains(&v) {
+                std::thread::sleep(d);
+            }
         }
         let out: Vec<u8> = bytes
             .chunks_exact(4)

@@ -17,6 +17,8 @@ pub const INFERENCE_COUNT: &str = "shoal_inference_count_total";
 pub const EXECUTION_COUNT: &str = "shoal_execution_count_total";
 pub const REPLICA_REQUESTS: &str = "shoal_replica_requests_total";
 pub const REPLICA_PANICS: &str = "shoal_replica_panics_total";
+pub const REPLICA_HANGS: &str = "shoal_replica_hangs_total";
+pub const REPLICA_HUNG: &str = "shoal_replica_hung";
 pub const REPLICA_QUEUE_DEPTH: &str = "shoal_replica_queue_depth";
 pub const REPLICA_LIVE_KEYS: &str = "shoal_replica_live_keys";
 pub const STATE_HITS: &str = "shoal_state_hits_total";
@@ -70,6 +72,14 @@ pub fn describe() {
     describe_counter!(
         REPLICA_PANICS,
         "Batches whose execution panicked on a replica (their requests failed with INTERNAL; the backend was reloaded)"
+    );
+    describe_counter!(
+        REPLICA_HANGS,
+        "Batches that ran past --batch-timeout-secs on a replica (their requests failed with UNAVAILABLE)"
+    );
+    describe_gauge!(
+        REPLICA_HUNG,
+        "1 while a replica's batch runs past --batch-timeout-secs (the model is not ready), else 0"
     );
     describe_gauge!(
         REPLICA_QUEUE_DEPTH,
@@ -159,6 +169,8 @@ fn replica_labels(model: &str, version: &str, replica: usize) -> [(&'static str,
 pub struct ReplicaMetrics {
     pub requests: Counter,
     pub panics: Counter,
+    pub hangs: Counter,
+    pub hung: Gauge,
     pub queue_depth: Gauge,
     pub live_keys: Gauge,
 }
@@ -169,6 +181,8 @@ impl ReplicaMetrics {
         Self {
             requests: metrics::counter!(REPLICA_REQUESTS, &labels),
             panics: metrics::counter!(REPLICA_PANICS, &labels),
+            hangs: metrics::counter!(REPLICA_HANGS, &labels),
+            hung: metrics::gauge!(REPLICA_HUNG, &labels),
             queue_depth: metrics::gauge!(REPLICA_QUEUE_DEPTH, &labels),
             live_keys: metrics::gauge!(REPLICA_LIVE_KEYS, &labels),
         }

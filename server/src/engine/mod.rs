@@ -262,8 +262,31 @@ impl Engine {
         })
     }
 
+    /// Ready: not shutting down, and no model has a hung replica.
     pub fn is_ready(&self) -> bool {
         !self.inner.stopping.load(Ordering::Relaxed)
+            && self
+                .models()
+                .values()
+                .all(|m| m.versions.values().all(|mv| mv.healthy()))
+    }
+
+    /// Whether `mv` is ready: the server accepts requests and no replica
+    /// of it is hung.
+    pub fn version_ready(&self, mv: &ModelVersion) -> bool {
+        !self.inner.stopping.load(Ordering::Relaxed) && mv.healthy()
+    }
+
+    /// One pass of the batch watchdog over every loaded replica: batches
+    /// running longer than `limit` fail and their replicas leave service
+    /// until they return. Called periodically by the server.
+    pub fn watch_batches(&self, limit: std::time::Duration) {
+        let now = Instant::now();
+        for m in self.models().values() {
+            for mv in m.versions.values() {
+                mv.watch(limit, now);
+            }
+        }
     }
 
     /// Runs one request through validation, admission, batching and the

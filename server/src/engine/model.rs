@@ -8,7 +8,7 @@ use super::error::EngineError;
 use super::keys::{key_hash, rendezvous, KeyExtractor};
 use super::metrics::{ControllerMetrics, ModelMetrics, ReplicaMetrics, StateMetrics};
 use super::pressure::CpuPressure;
-use super::replica::{Pending, Replica, Reply, RequestTrace, Shared, StartingReplica};
+use super::replica::{Pending, Replica, Reply, ReplyTo, RequestTrace, Shared, StartingReplica};
 use super::state::KeyTable;
 use super::stats::ModelStats;
 use super::InferRequest;
@@ -333,7 +333,7 @@ impl ModelVersion {
             outputs,
             enqueued,
             deadline: req.deadline,
-            reply: tx,
+            reply: ReplyTo::new(tx),
             trace: req.span.map(|request| {
                 let queue = tracing::info_span!(target: crate::telemetry::SPAN_TARGET, parent: &request, "queue", replica);
                 RequestTrace {
@@ -356,13 +356,15 @@ impl ModelVersion {
         Ok(rx)
     }
 
-    /// The replica a request with this key hash (or none) goes to.
+    /// The replica a request with this key hash (or none) goes to. A key
+    /// stays with its replica (its state is there); a keyless request
+    /// avoids a hung one.
     fn route(&self, hash: Option<u64>) -> usize {
         let n = self.replicas.len();
-        match self.core.config.routing {
+        let r = match self.core.config.routing {
             Routing::Affinity => match hash {
-                Some(h) => rendezvous(h, 0..n).expect("a model has replicas"),
-                None => self.least_loaded(),
+                Some(h) => return rendezvous(h, 0..n).expect("a model has replicas"),
+                None => return self.least_loaded(),
             },
             Routing::RoundRobin => {
                 (self.core.spread.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
@@ -370,16 +372,34 @@ impl ModelVersion {
             Routing::Random => {
                 (mix(self.core.spread.fetch_add(1, Ordering::Relaxed)) % n as u64) as usize
             }
+        };
+        if self.replicas[r].hung() {
+            self.least_loaded()
+        } else {
+            r
         }
     }
 
+    /// The least loaded replica that is not hung (any, if all are).
     fn least_loaded(&self) -> usize {
         self.replicas
             .iter()
             .enumerate()
-            .min_by_key(|(_, r)| r.load())
+            .min_by_key(|(_, r)| (r.hung(), r.load()))
             .map(|(i, _)| i)
             .expect("a model has at least one replica")
+    }
+
+    /// Whether no replica is hung (readiness).
+    pub fn healthy(&self) -> bool {
+        !self.replicas.iter().any(Replica::hung)
+    }
+
+    /// The watchdog's pass over the replicas (see [`Replica::watch`]).
+    pub fn watch(&self, limit: std::time::Duration, now: Instant) {
+        for r in &self.replicas {
+            r.watch(&self.core, limit, now);
+        }
     }
 
     fn select_outputs(&self, names: &[String]) -> Result<Option<Vec<usize>>, EngineError> {

@@ -11,7 +11,7 @@ use crate::backend::{Backend, BackendError, BackendFactory, Signature};
 use crate::tensor::Tensor;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,6 +35,41 @@ pub struct RequestTrace {
 }
 
 pub type Reply = Result<Answer, EngineError>;
+
+/// Where a request's answer goes: taken once, by the replica that ran it
+/// or, if its batch hangs, by the watchdog that gave up on it.
+pub struct ReplyTo(Arc<Mutex<Option<oneshot::Sender<Reply>>>>);
+
+impl ReplyTo {
+    pub fn new(tx: oneshot::Sender<Reply>) -> Self {
+        Self(Arc::new(Mutex::new(Some(tx))))
+    }
+
+    /// Answers, unless answered already; false if nobody received it.
+    pub fn send(&self, r: Reply) -> bool {
+        match self.0.lock().take() {
+            Some(tx) => tx.send(r).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether nobody waits for the answer any more.
+    pub fn is_closed(&self) -> bool {
+        self.0.lock().as_ref().is_none_or(|tx| tx.is_closed())
+    }
+
+    fn share(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+/// The batch a replica is executing, for the watchdog.
+struct Running {
+    since: Instant,
+    replies: Vec<ReplyTo>,
+    /// The watchdog gave up on it.
+    fired: bool,
+}
 
 /// A validated request waiting in a replica queue.
 pub struct Pending {
@@ -62,7 +97,7 @@ pub struct Pending {
     pub outputs: Option<Vec<usize>>,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
-    pub reply: oneshot::Sender<Reply>,
+    pub reply: ReplyTo,
     pub trace: Option<RequestTrace>,
 }
 
@@ -125,6 +160,9 @@ pub struct Shared {
     wake: Condvar,
     /// Requests queued or executing here: the router's load signal.
     load: AtomicUsize,
+    running: Mutex<Option<Running>>,
+    /// Its batch ran past the batch timeout and has not returned.
+    hung: AtomicBool,
 }
 
 impl Shared {
@@ -174,6 +212,8 @@ impl StartingReplica {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             load: AtomicUsize::new(0),
+            running: Mutex::new(None),
+            hung: AtomicBool::new(false),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<Go>();
@@ -286,6 +326,81 @@ impl Replica {
         Ok(())
     }
 
+    /// Whether its batch has run past the batch timeout and not returned.
+    pub fn hung(&self) -> bool {
+        self.shared.hung.load(Ordering::Relaxed)
+    }
+
+    /// The watchdog's look at this replica: a batch running longer than
+    /// `limit` fails its requests with UNAVAILABLE (their clients retry;
+    /// the thread cannot be stopped, its late results are dropped) and
+    /// marks the replica hung, which takes the model out of readiness and
+    /// the router's choice. While hung, what is queued here fails too
+    /// rather than wait on it. Returns whether it is hung.
+    pub fn watch(&self, core: &ModelCore, limit: Duration, now: Instant) -> bool {
+        {
+            let mut running = self.shared.running.lock();
+            let Some(r) = running.as_mut() else {
+                return false;
+            };
+            let ran = now.saturating_duration_since(r.since);
+            if ran < limit {
+                return false;
+            }
+            if !r.fired {
+                r.fired = true;
+                self.shared.hung.store(true, Ordering::Relaxed);
+                let m = &core.replica_metrics[self.id];
+                m.hangs.increment(1);
+                m.hung.set(1.0);
+                let message = format!(
+                    "model {} replica {}: its batch has run for {:.1} s, past the batch timeout of {:.1} s (--batch-timeout-secs); the batch failed and the replica is out of service until it returns",
+                    core.config.name,
+                    self.id,
+                    ran.as_secs_f64(),
+                    limit.as_secs_f64()
+                );
+                tracing::error!(model = %core.config.name, replica = self.id, "{message}");
+                for reply in &r.replies {
+                    reply.send(Err(EngineError::Unavailable(message.clone())));
+                }
+            }
+        }
+        let failed = self.fail_queued(core, || {
+            EngineError::Unavailable(format!(
+                "model {} replica {} is hung (a batch ran past --batch-timeout-secs); retry",
+                core.config.name, self.id
+            ))
+        });
+        for r in failed {
+            core.poke(r);
+        }
+        true
+    }
+
+    /// Fails every queued request with `err`, freeing what each holds.
+    /// Returns the replicas to wake (keys freed for them).
+    fn fail_queued(&self, core: &ModelCore, err: impl Fn() -> EngineError) -> Vec<usize> {
+        let mut q = self.shared.queue.lock();
+        let mut pokes = Vec::new();
+        let mut gone = 0;
+        while let Some(p) = q.take(0) {
+            core.release_level(p.level);
+            // Counted by the caller, which receives this answer.
+            p.reply.send(Err(err()));
+            if let Some(key) = &p.key {
+                pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
+            }
+            gone += 1;
+        }
+        drop(q);
+        if gone > 0 {
+            self.shared.load.fetch_sub(gone, Ordering::Relaxed);
+            core.release(gone);
+        }
+        pokes
+    }
+
     /// Stops taking requests, lets the queue drain, joins the thread.
     pub fn stop(&self) {
         let mut q = self.shared.queue.lock();
@@ -351,6 +466,11 @@ impl Worker {
             } else {
                 Vec::new()
             };
+            *self.shared.running.lock() = Some(Running {
+                since: t0,
+                replies: batch.requests.iter().map(|p| p.reply.share()).collect(),
+                fired: false,
+            });
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 super::execute::execute(
                     self.id,
@@ -379,6 +499,17 @@ impl Worker {
                     }
                     self.reload_backend();
                 }
+            }
+            let ran = self.shared.running.lock().take();
+            if ran.is_some_and(|r| r.fired) {
+                self.shared.hung.store(false, Ordering::Relaxed);
+                self.core.replica_metrics[self.id].hung.set(0.0);
+                tracing::warn!(
+                    model = %self.core.config.name,
+                    replica = self.id,
+                    ran_s = t0.elapsed().as_secs_f64(),
+                    "the hung batch returned; the replica serves again"
+                );
             }
             // The policy learns what a batch costs the replica: the backend
             // run and the assembly, split and answers around it, which for

@@ -92,19 +92,17 @@ pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
-/// Starts the binary on `args` (port 0 everywhere), expecting it to fail
+/// Starts the binary on `args` (port 0 where they name none), expecting it to fail
 /// at startup within two minutes; returns what it wrote on stderr.
 pub fn failed_start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     use std::io::Read;
+    let given = |flag: &str| args.iter().any(|a| a.as_ref() == flag);
+    let ports = ["--http-port", "--grpc-port", "--metrics-port"]
+        .into_iter()
+        .filter(|f| !given(f))
+        .flat_map(|f| [f, "0"]);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
+        .args(ports)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
@@ -189,6 +187,15 @@ impl Server {
 
     pub fn sigterm(&self) {
         self.inner.sigterm();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.inner.child.id()
+    }
+
+    /// The server's resident memory now, in bytes.
+    pub fn rss(&self) -> u64 {
+        rss_of(self.pid())
     }
 
     /// Sends SIGTERM and returns the exit code.
@@ -323,4 +330,15 @@ impl Captured {
         }
         lines
     }
+}
+
+/// A process's resident memory (VmRSS), in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+        * 1024
 }
