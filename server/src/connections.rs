@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 /// the shutdown timeout).
 pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
+/// How long a closing connection waits for its client to close too.
+const LINGERING_CLOSE: Duration = Duration::from_millis(500);
+
 /// How often a connection with requests in flight rechecks, while shutting
 /// down, whether it has become idle.
 const BUSY_RECHECK: Duration = Duration::from_millis(50);
@@ -213,10 +216,23 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
-/// The connection's stream, noting the first byte the client sends.
+/// The connection's stream, noting the first byte the client sends and
+/// each write's progress. Dropped (when hyper is done with it), it hands
+/// the stream back for a lingering close.
 struct Heard<IO> {
-    io: IO,
+    io: Option<IO>,
     activity: Arc<Activity>,
+    back: Arc<parking_lot::Mutex<Option<IO>>>,
+}
+
+impl<IO> Drop for Heard<IO> {
+    fn drop(&mut self) {
+        *self.back.lock() = self.io.take();
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection handed back")
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Heard<IO> {
@@ -226,7 +242,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Heard<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let r = Pin::new(io).poll_read(cx, buf);
         if buf.filled().len() > before && !self.activity.heard.load(Ordering::Relaxed) {
             self.activity.heard.store(true, Ordering::Relaxed);
         }
@@ -240,7 +259,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Heard<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let r = Pin::new(io).poll_write(cx, buf);
         self.activity.wrote(&r);
         r
     }
@@ -249,19 +271,47 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Heard<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let r = Pin::new(io).poll_write_vectored(cx, bufs);
         self.activity.wrote(&r);
         r
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_flush(cx),
+            None => Poll::Ready(Err(gone())),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_shutdown(cx),
+            None => Poll::Ready(Err(gone())),
+        }
     }
+}
+
+/// Closes a connection the way nginx's lingering close does: send FIN,
+/// then read and discard what the client still sends until it closes too
+/// (or `LINGERING_CLOSE` passes). Closing a socket with unread bytes in it
+/// makes the kernel send RST, and a client's kernel that receives RST
+/// discards what it had not read yet: the last answers and the GOAWAY.
+async fn lingering_close<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(LINGERING_CLOSE, async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Which HTTP versions a listener speaks.
@@ -315,7 +365,13 @@ where
         loop {
             let (io, _peer) = tokio::select! {
                 c = listener.accept() => c,
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => match futures::FutureExt::now_or_never(listener.accept()) {
+                    // Connections the kernel completed before the listener
+                    // closes are served (their requests are refused with a
+                    // status), not reset with the backlog.
+                    Some(c) => c,
+                    None => break,
+                },
             };
             let Some(permit) = slots.take(protocol.name()) else {
                 tracing::debug!(
@@ -370,9 +426,11 @@ where
     ResB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Activity::new();
+    let back = Arc::new(parking_lot::Mutex::new(None));
     let io = TokioIo::new(Heard {
-        io,
+        io: Some(io),
         activity: activity.clone(),
+        back: back.clone(),
     });
     let per_request = {
         let (activity, stop) = (activity.clone(), stop.clone());
@@ -402,6 +460,33 @@ where
         })
     };
     async move {
+        drive(io, per_request, protocol, &activity, &stop, &limits).await;
+        // hyper is done with the stream (the connection future dropped).
+        let io = back.lock().take();
+        if let Some(io) = io {
+            lingering_close(io).await;
+        }
+    }
+}
+
+/// Runs hyper on one connection until it ends or its timers close it.
+async fn drive<IO, S, B>(
+    io: TokioIo<IO>,
+    per_request: S,
+    protocol: Protocol,
+    activity: &Activity,
+    stop: &CancellationToken,
+    limits: &HttpLimits,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    {
         let mut b = Builder::new(TokioExecutor::new());
         if protocol == Protocol::Grpc {
             b = b.http2_only();
@@ -418,7 +503,7 @@ where
         let mut closing: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let wake = next_check(&activity, closing, &limits, now);
+            let wake = next_check(activity, closing, limits, now);
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
@@ -438,7 +523,7 @@ where
                     closing = Some(Instant::now());
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    match verdict(&activity, closing, &limits, Instant::now()) {
+                    match verdict(activity, closing, limits, Instant::now()) {
                         Verdict::Keep => {}
                         Verdict::Close => {
                             metrics::counter!(CONNECTIONS_CLOSED_IDLE, "protocol" => protocol.name())
@@ -447,6 +532,11 @@ where
                             closing = Some(Instant::now());
                         }
                         Verdict::Drop => {
+                            tracing::debug!(
+                                protocol = protocol.name(),
+                                shutting_down = closing.is_some(),
+                                "closing a quiet connection"
+                            );
                             if closing.is_none() {
                                 metrics::counter!(CONNECTIONS_CLOSED_IDLE, "protocol" => protocol.name())
                                     .increment(1);
