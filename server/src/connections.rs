@@ -335,66 +335,94 @@ impl Protocol {
 /// A running server task; `Err` carries its failure.
 pub type ServerTask = JoinHandle<Result<(), String>>;
 
-/// Serves `svc` on every connection `listener` accepts until `stop`; then
-/// stops accepting (the listening socket closes, so new clients are
-/// refused at once), closes each connection gracefully, and ends when all
-/// are closed. `body` turns hyper's request body into the one `svc` takes.
-pub fn spawn<L, S, ReqB, ResB>(
-    mut listener: L,
-    svc: S,
-    body: fn(Incoming) -> ReqB,
-    protocol: Protocol,
-    stop: CancellationToken,
-    limits: HttpLimits,
-    slots: ConnectionSlots,
-) -> ServerTask
-where
-    L: axum::serve::Listener,
-    S: tower::Service<Request<ReqB>, Response = Response<ResB>, Error = Infallible>
+/// A service a connection can run: a tower service from `Request<ReqB>`
+/// that never fails (errors are answers), with a body hyper can send.
+pub trait ConnService<ReqB, ResB>:
+    tower::Service<Request<ReqB>, Response = Response<ResB>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, ReqB, ResB> ConnService<ReqB, ResB> for T where
+    T: tower::Service<Request<ReqB>, Response = Response<ResB>, Error = Infallible, Future: Send>
         + Clone
         + Send
-        + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + Unpin + 'static,
-    ResB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        + 'static
 {
-    tokio::spawn(async move {
-        // Each connection task holds a sender; all dropped: all closed.
-        let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
-        loop {
-            let (io, _peer) = tokio::select! {
-                c = listener.accept() => c,
-                _ = stop.cancelled() => match futures::FutureExt::now_or_never(listener.accept()) {
-                    // Connections the kernel completed before the listener
-                    // closes are served (their requests are refused with a
-                    // status), not reset with the backlog.
-                    Some(c) => c,
-                    None => break,
-                },
-            };
-            let Some(permit) = slots.take(protocol.name()) else {
-                tracing::debug!(
-                    protocol = protocol.name(),
-                    "connection refused: at --max-connections"
-                );
-                drop(io);
-                continue;
-            };
-            let conn = serve_one(io, svc.clone(), body, protocol, stop.clone(), limits);
-            let open = open_tx.clone();
-            tokio::spawn(async move {
-                conn.await;
-                metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
-                drop(permit);
-                drop(open);
-            });
-        }
-        drop(listener);
-        drop(open_tx);
-        let _ = open_rx.recv().await;
-        Ok(())
-    })
+}
+
+/// A response body a connection can send.
+pub trait ConnBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+impl<B> ConnBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What every listener of one protocol serves, and how.
+pub struct Spawner<S, ReqB> {
+    pub svc: S,
+    /// Turns hyper's request body into the one `svc` takes.
+    pub body: fn(Incoming) -> ReqB,
+    pub protocol: Protocol,
+    pub stop: CancellationToken,
+    pub limits: HttpLimits,
+    pub slots: ConnectionSlots,
+}
+
+impl<S, ReqB> Spawner<S, ReqB> {
+    /// Serves every connection `listener` accepts until `stop`; then stops
+    /// accepting (the listening socket closes, so new clients are refused
+    /// at once), closes each connection gracefully, and ends when all are
+    /// closed.
+    pub fn spawn<L, ResB>(&self, mut listener: L) -> ServerTask
+    where
+        L: axum::serve::Listener,
+        S: ConnService<ReqB, ResB>,
+        ReqB: Send + 'static,
+        ResB: ConnBody,
+    {
+        let (svc, body, protocol, limits) =
+            (self.svc.clone(), self.body, self.protocol, self.limits);
+        let (stop, slots) = (self.stop.clone(), self.slots.clone());
+        tokio::spawn(async move {
+            // Each connection task holds a sender; all dropped: all closed.
+            let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+            loop {
+                let (io, _peer) = tokio::select! {
+                    c = listener.accept() => c,
+                    _ = stop.cancelled() => match futures::FutureExt::now_or_never(listener.accept()) {
+                        // Connections the kernel completed before the
+                        // listener closes are served (their requests are
+                        // refused with a status), not reset with the backlog.
+                        Some(c) => c,
+                        None => break,
+                    },
+                };
+                let Some(permit) = slots.take(protocol.name()) else {
+                    tracing::debug!(
+                        protocol = protocol.name(),
+                        "connection refused: at --max-connections"
+                    );
+                    drop(io);
+                    continue;
+                };
+                let conn = serve_one(io, svc.clone(), body, protocol, stop.clone(), limits);
+                let open = open_tx.clone();
+                tokio::spawn(async move {
+                    conn.await;
+                    metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+                    drop(permit);
+                    drop(open);
+                });
+            }
+            drop(listener);
+            drop(open_tx);
+            let _ = open_rx.recv().await;
+            Ok(())
+        })
+    }
 }
 
 /// What a connection's timer decided.
@@ -416,14 +444,9 @@ fn serve_one<IO, S, ReqB, ResB>(
 ) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<ReqB>, Response = Response<ResB>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + Unpin + 'static,
-    ResB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResB: ConnBody,
 {
     let activity = Activity::new();
     let back = Arc::new(parking_lot::Mutex::new(None));

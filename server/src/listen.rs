@@ -6,7 +6,7 @@
 
 use crate::api::grpc::GrpcService;
 pub use crate::connections::HttpLimits;
-use crate::connections::{self, ConnectionSlots, Protocol, ServerTask};
+use crate::connections::{self, ConnBody, ConnService, ConnectionSlots, Protocol, ServerTask};
 use axum::serve::ListenerExt;
 use axum::Router;
 use rustls::pki_types::pem::PemObject;
@@ -327,59 +327,34 @@ fn serve<S, ReqB, ResB>(
     slots: &ConnectionSlots,
 ) -> io::Result<Vec<ServerTask>>
 where
-    S: tower::Service<
-            axum::http::Request<ReqB>,
-            Response = axum::http::Response<ResB>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    ResB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResB: ConnBody,
 {
+    let spawner = connections::Spawner {
+        svc,
+        body,
+        protocol,
+        stop: stop.clone(),
+        limits,
+        slots: slots.clone(),
+    };
     let mut tasks = Vec::new();
     match (tcp, tls) {
         (Some(l), Some(acceptor)) => {
             let local = l.local_addr()?;
             let rx = tls_accept_loop(l, acceptor, stop.clone());
-            tasks.push(connections::spawn(
-                TlsListener { rx, local },
-                svc.clone(),
-                body,
-                protocol,
-                stop.clone(),
-                limits,
-                slots.clone(),
-            ));
+            tasks.push(spawner.spawn(TlsListener { rx, local }));
         }
         (Some(l), None) => {
-            let l = l.tap_io(|tcp| {
+            tasks.push(spawner.spawn(l.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
-            });
-            tasks.push(connections::spawn(
-                l,
-                svc.clone(),
-                body,
-                protocol,
-                stop.clone(),
-                limits,
-                slots.clone(),
-            ));
+            })));
         }
         (None, _) => {}
     }
     if let Some(l) = uds {
-        tasks.push(connections::spawn(
-            l,
-            svc,
-            body,
-            protocol,
-            stop.clone(),
-            limits,
-            slots.clone(),
-        ));
+        tasks.push(spawner.spawn(l));
     }
     Ok(tasks)
 }

@@ -11,6 +11,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn engine_with(config: &str, width: i64, delay: Duration) -> (Engine, Arc<MockLog>) {
+    engine_of(config, move |log| MockBackend::new(width, delay, log))
+}
+
+/// An engine serving model `m` from `config`, each replica's backend made
+/// by `make` (given the shared batch log).
+fn engine_of(
+    config: &str,
+    make: impl Fn(Arc<MockLog>) -> MockBackend + Send + Sync + 'static,
+) -> (Engine, Arc<MockLog>) {
     let log = Arc::new(MockLog::default());
     let engine = Engine::new();
     let file = ModelConfigFile::parse("m", config).unwrap();
@@ -20,9 +29,7 @@ fn engine_with(config: &str, width: i64, delay: Duration) -> (Engine, Arc<MockLo
             "m",
             1,
             &file,
-            Arc::new(move || {
-                Ok(Box::new(MockBackend::new(width, delay, l.clone())) as Box<dyn Backend>)
-            }),
+            Arc::new(move || Ok(Box::new(make(l.clone())) as Box<dyn Backend>)),
         )
         .unwrap();
     (engine, log)
@@ -668,25 +675,9 @@ async fn a_panicking_backend_fails_its_batch_and_the_replica_goes_on() {
 /// once the backend returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_backend_fails_its_batch_and_leaves_service_until_it_returns() {
-    let log = Arc::new(MockLog::default());
-    let engine = Engine::new();
-    let file = ModelConfigFile::parse("m", "max_batch_size = 4\ninstance_count = 2\n").unwrap();
-    let l = log.clone();
-    engine
-        .add_version(
-            "m",
-            1,
-            &file,
-            Arc::new(move || {
-                Ok(Box::new(MockBackend::hanging_on(
-                    1,
-                    666.0,
-                    Duration::from_millis(2500),
-                    l.clone(),
-                )) as Box<dyn Backend>)
-            }),
-        )
-        .unwrap();
+    let (engine, _log) = engine_of("max_batch_size = 4\ninstance_count = 2\n", |log| {
+        MockBackend::hanging_on(1, 666.0, Duration::from_millis(2500), log)
+    });
     let limit = Duration::from_millis(300);
     let watchdog = {
         let e = engine.clone();

@@ -51,6 +51,15 @@ fn grpc_header_block() -> Vec<u8> {
     b
 }
 
+/// The head of a gRPC ModelInfer call, for hyper's own h2 client.
+fn model_infer_head(grpc: &str) -> http::Request<()> {
+    http::Request::post(format!("{grpc}/inference.GRPCInferenceService/ModelInfer"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
 /// A good client on its own connection, calling every 20 ms while the
 /// attack runs; returns the slowest answer and the number of calls.
 struct Prober {
@@ -164,15 +173,7 @@ async fn http2_floods_leave_good_clients_served_and_memory_bounded() {
                 break;
             };
             h2 = ready;
-            let req = http::Request::post(format!(
-                "{}/inference.GRPCInferenceService/ModelInfer",
-                s.grpc
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-            match h2.send_request(req, false) {
+            match h2.send_request(model_infer_head(&s.grpc), false) {
                 Ok((_resp, mut stream)) => {
                     stream.send_reset(h2::Reason::CANCEL);
                     resets += 1;
@@ -273,15 +274,7 @@ async fn http2_floods_leave_good_clients_served_and_memory_bounded() {
     let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
     let driver = tokio::spawn(conn);
     let mut h2 = h2.ready().await.unwrap();
-    let req = http::Request::post(format!(
-        "{}/inference.GRPCInferenceService/ModelInfer",
-        s.grpc
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let (resp, mut body) = h2.send_request(req, false).unwrap();
+    let (resp, mut body) = h2.send_request(model_infer_head(&s.grpc), false).unwrap();
     let t = Instant::now();
     body.send_data(
         bytes::Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff]),

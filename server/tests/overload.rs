@@ -20,21 +20,15 @@ const ELEMENTS: usize = 3 * 224 * 224;
 const REQUEST_BYTES: u64 = (ELEMENTS * 4) as u64;
 
 fn resnet_repo() -> tempfile::TempDir {
-    let src = common::model_repository().join("resnet50/1");
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("resnet50");
-    std::fs::create_dir_all(&m).unwrap();
-    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), m.join("1")).unwrap();
-    std::fs::write(
-        m.join("config.toml"),
-        format!(
+    common::repo_of(
+        "resnet50",
+        "resnet50",
+        &format!(
             "platform = \"onnxruntime_onnx\"\nmax_batch_size = {BATCH}\ninstance_count = 1\n\
              intra_op_threads = 1\n[dynamic_batching]\nmax_queue_delay_us = 2000\n\
              max_queue_size = {QUEUE}\n"
         ),
     )
-    .unwrap();
-    dir
 }
 
 #[derive(Debug, PartialEq)]

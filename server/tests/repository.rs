@@ -617,15 +617,7 @@ async fn reload_under_steady_requests_loses_none() {
 async fn poll_mode_follows_the_repository() {
     let repo = writable_repo();
     std::fs::remove_dir_all(repo.path().join("ffnn_nobatch")).unwrap();
-    let s = Server::start_with_repo(
-        repo.path(),
-        &[
-            "--model-control-mode",
-            "poll",
-            "--repository-poll-secs",
-            "1",
-        ],
-    );
+    let s = polling(&repo);
     let c = reqwest::Client::new();
     // The broken model does not keep the others from serving.
     assert_eq!(infer_http(&c, &s, "ffnn").await.0, 200);
@@ -678,6 +670,19 @@ async fn poll_mode_follows_the_repository() {
     .unwrap();
     wait_for("broken", 200).await;
     assert_eq!(s.stop(), Some(0));
+}
+
+/// The binary on `repo` in poll mode, polling every second.
+fn polling(repo: &tempfile::TempDir) -> Server {
+    Server::start_with_repo(
+        repo.path(),
+        &[
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-secs",
+            "1",
+        ],
+    )
 }
 
 async fn wait_for_version(c: &reqwest::Client, s: &Server, version: &str) {
@@ -840,15 +845,7 @@ async fn the_shm_token_guards_shared_memory_registration() {
 async fn poll_mode_keeps_serving_through_a_corrupted_or_deleted_model_file() {
     let repo = writable_repo();
     std::fs::remove_dir_all(repo.path().join("broken")).unwrap();
-    let s = Server::start_with_repo(
-        repo.path(),
-        &[
-            "--model-control-mode",
-            "poll",
-            "--repository-poll-secs",
-            "1",
-        ],
-    );
+    let s = polling(&repo);
     let c = reqwest::Client::new();
     let stream = Stream::start(&s, 4).await;
     stream.progress(50).await;

@@ -80,8 +80,10 @@ fn grpc_outcome(
     }
 }
 
-async fn rest_outcome(r: Result<reqwest::Response, reqwest::Error>) -> Outcome {
-    match r {
+async fn rest_outcome(
+    r: impl std::future::Future<Output = Result<reqwest::Response, reqwest::Error>>,
+) -> Outcome {
+    match r.await {
         Ok(resp) => match resp.status().as_u16() {
             200 => match resp.bytes().await {
                 Ok(_) => Outcome::Answered,
@@ -93,6 +95,37 @@ async fn rest_outcome(r: Result<reqwest::Response, reqwest::Error>) -> Outcome {
         Err(e) if e.is_connect() => Outcome::NotSent,
         Err(e) => Outcome::Broken(format!("{e:?}")),
     }
+}
+
+/// Calls back to back until `stop` or until a request cannot be sent,
+/// recording each call.
+async fn calls_until<F, Fut>(stop: &AtomicBool, mut call: F) -> Vec<Call>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut calls = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        let outcome = call().await;
+        let (end, back_off) = (outcome == Outcome::NotSent, outcome == Outcome::Refused);
+        calls.push(Call {
+            sent,
+            done: Instant::now(),
+            outcome,
+        });
+        if end {
+            break;
+        }
+        if back_off {
+            // As the refusal's retry hint says. (A client that reconnects
+            // in the very instant the listener closes meets the kernel's
+            // reset of a connection shoal never accepted: no server avoids
+            // that.)
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    calls
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -112,32 +145,15 @@ async fn sigterm_under_load_answers_every_admitted_request_and_refuses_the_rest_
         let (stop, input) = (stop.clone(), input.clone());
         let (grpc, http) = (s.grpc.clone(), s.http.clone());
         clients.push(tokio::spawn(async move {
-            let mut calls = Vec::new();
             if i % 2 == 0 {
                 // Each gRPC client has its own HTTP/2 connection.
-                let mut c = GrpcInferenceServiceClient::connect(grpc).await.unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    let r = c.model_infer(ffnn_grpc_request(&input)).await;
-                    let outcome = grpc_outcome(r);
-                    let end = matches!(outcome, Outcome::NotSent);
-                    let back_off = outcome == Outcome::Refused;
-                    calls.push(Call {
-                        sent,
-                        done: Instant::now(),
-                        outcome,
-                    });
-                    if end {
-                        break;
-                    }
-                    if back_off {
-                        // As the refusal's retry hint says. (A client that
-                        // reconnects in the very instant the listener
-                        // closes meets the kernel's reset of a connection
-                        // shoal never accepted: no server avoids that.)
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                let c = GrpcInferenceServiceClient::connect(grpc).await.unwrap();
+                calls_until(&stop, || {
+                    let mut c = c.clone();
+                    let req = ffnn_grpc_request(&input);
+                    async move { grpc_outcome(c.model_infer(req).await) }
+                })
+                .await
             } else {
                 // Each REST client keeps one HTTP/1.1 connection alive.
                 let c = reqwest::Client::builder()
@@ -146,29 +162,8 @@ async fn sigterm_under_load_answers_every_admitted_request_and_refuses_the_rest_
                     .unwrap();
                 let url = format!("{http}/v2/models/ffnn/infer");
                 let body = ffnn_infer_body(&input);
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    let outcome = rest_outcome(c.post(&url).json(&body).send().await).await;
-                    let end = matches!(outcome, Outcome::NotSent);
-                    let back_off = outcome == Outcome::Refused;
-                    calls.push(Call {
-                        sent,
-                        done: Instant::now(),
-                        outcome,
-                    });
-                    if end {
-                        break;
-                    }
-                    if back_off {
-                        // As the refusal's retry hint says. (A client that
-                        // reconnects in the very instant the listener
-                        // closes meets the kernel's reset of a connection
-                        // shoal never accepted: no server avoids that.)
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                calls_until(&stop, || rest_outcome(c.post(&url).json(&body).send())).await
             }
-            calls
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -301,16 +296,11 @@ async fn silent_and_unresponsive_connections_do_not_hold_the_exit() {
 #[tokio::test]
 async fn a_slow_reader_gets_its_whole_answer_across_shutdown() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let src = common::model_repository().join("identity_600k/1");
-    let repo = tempfile::tempdir().unwrap();
-    let m = repo.path().join("identity");
-    std::fs::create_dir_all(&m).unwrap();
-    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), m.join("1")).unwrap();
-    std::fs::write(
-        m.join("config.toml"),
+    let repo = common::repo_of(
+        "identity_600k",
+        "identity",
         "platform = \"onnxruntime_onnx\"\nmax_batch_size = 32\nintra_op_threads = 1\n",
-    )
-    .unwrap();
+    );
     let s = Server::start_with_repo(repo.path(), &["--shutdown-timeout-secs", "30"]);
     // 32 rows of 600 KB each way: 19 MB, more than the socket buffers hold.
     let rows = 32usize;

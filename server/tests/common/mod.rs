@@ -18,20 +18,26 @@ pub fn model_repository() -> PathBuf {
     p
 }
 
+/// A one-model repository serving version 1 of the reference model `src`
+/// as `name`, with `config` as its config.toml.
+pub fn repo_of(src: &str, name: &str, config: &str) -> tempfile::TempDir {
+    let from = model_repository().join(src).join("1");
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join(name);
+    std::fs::create_dir_all(&m).unwrap();
+    std::os::unix::fs::symlink(std::fs::canonicalize(from).unwrap(), m.join("1")).unwrap();
+    std::fs::write(m.join("config.toml"), config).unwrap();
+    dir
+}
+
 /// A one-model repository holding the FFNN's version 1 under `ffnn`, with
 /// `config` after the platform line of its config.toml.
 pub fn ffnn_repo_with_config(config: &str) -> tempfile::TempDir {
-    let src = model_repository().join("ffnn/1");
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("ffnn");
-    std::fs::create_dir_all(&m).unwrap();
-    std::os::unix::fs::symlink(std::fs::canonicalize(src).unwrap(), m.join("1")).unwrap();
-    std::fs::write(
-        m.join("config.toml"),
-        format!("platform = \"onnxruntime_onnx\"\nintra_op_threads = 1\n{config}"),
+    repo_of(
+        "ffnn",
+        "ffnn",
+        &format!("platform = \"onnxruntime_onnx\"\nintra_op_threads = 1\n{config}"),
     )
-    .unwrap();
-    dir
 }
 
 /// GET `url` and its body parsed as JSON; panics on a transport error or
