@@ -757,3 +757,32 @@ async fn a_hung_backend_fails_its_batch_and_leaves_service_until_it_returns() {
     }
     watchdog.abort();
 }
+
+/// Shutdown does not wait on a hung replica (its backend may never
+/// return): the process can exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_on_a_hung_replica() {
+    let (engine, _log) = engine_of("max_batch_size = 4\n", |log| {
+        MockBackend::hanging_on(1, 666.0, Duration::from_secs(30), log)
+    });
+    let hung = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.infer(request(1, 1, 666.0)).await })
+    };
+    let t = Instant::now();
+    while engine.is_ready() {
+        engine.watch_batches(Duration::from_millis(200));
+        assert!(t.elapsed() < Duration::from_secs(5), "never marked hung");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        hung.await.unwrap(),
+        Err(EngineError::Unavailable(_))
+    ));
+    let t = Instant::now();
+    let e = engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown())
+        .await
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}

@@ -407,6 +407,12 @@ impl Replica {
         q.stopping = true;
         drop(q);
         self.shared.wake.notify_all();
+        if self.hung() {
+            // Its backend may never return: leave the thread to the
+            // process's exit rather than wait on it forever.
+            tracing::warn!(replica = self.id, "not waiting for a hung replica to stop");
+            return;
+        }
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
