@@ -316,12 +316,16 @@ async fn http2_floods_leave_good_clients_served_and_memory_bounded() {
 /// which frees their slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_connections_are_bounded_capped_and_reclaimed() {
+    // 1800 connections, fewer where the open-file limit (which the server
+    // inherits) would not hold them with room to spare.
+    let n = (open_files_limit().saturating_sub(400) / 2).clamp(200, 1800) as usize;
+    let cap = (n + 200).to_string();
     let repo = common::ffnn_repo_with_config("");
     let s = Server::start_with_repo(
         repo.path(),
         &[
             "--max-connections",
-            "2000",
+            &cap,
             "--http-header-timeout-ms",
             "3000",
             "--idle-timeout-secs",
@@ -333,10 +337,10 @@ async fn idle_connections_are_bounded_capped_and_reclaimed() {
     let base = s.rss();
     let mut preface = PREFACE.to_vec();
     preface.extend(settings_frame());
-    // 900 silent connections, and 900 HTTP/2 ones that sent their preface
-    // and stay idle; each side gets half of them.
+    // Half silent, half HTTP/2 ones that sent their preface and stay idle;
+    // REST and gRPC get half of each.
     let mut held = Vec::new();
-    for i in 0..1800 {
+    for i in 0..n {
         let addr = if i % 2 == 0 { &grpc_addr } else { &http_addr };
         let mut c = TcpStream::connect(addr).await.unwrap();
         if i % 4 < 2 {
@@ -345,13 +349,13 @@ async fn idle_connections_are_bounded_capped_and_reclaimed() {
         held.push(c);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let per_conn = s.rss().saturating_sub(base) / 1800;
-    eprintln!("1800 idle connections: {} KiB of RSS each", per_conn >> 10);
+    let per_conn = s.rss().saturating_sub(base) / n as u64;
+    eprintln!("{n} idle connections: {} KiB of RSS each", per_conn >> 10);
     assert!(per_conn < 64 << 10, "{per_conn} bytes per idle connection");
     // Good clients are served meanwhile (their connections fit).
     let p = Prober::start(&s.grpc).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    p.finish("1800 idle connections").await;
+    p.finish("idle connections").await;
 
     // Past the cap, a connection is closed as soon as it is accepted.
     let mut over = Vec::new();
@@ -370,7 +374,7 @@ async fn idle_connections_are_bounded_capped_and_reclaimed() {
         .into_iter()
         .filter(|&closed| closed)
         .count();
-    // 1800 held + the prober's 1: about 200 more fit.
+    // n held + the prober's 1: about 200 more fit.
     eprintln!("past the cap: {closed_at_once} of 300 closed at once");
     assert!(
         (50..=150).contains(&closed_at_once),
@@ -397,10 +401,10 @@ async fn idle_connections_are_bounded_capped_and_reclaimed() {
         }
     }
     eprintln!(
-        "{ended} of 1800 idle connections closed by the server after {:?}",
+        "{ended} of {n} idle connections closed by the server after {:?}",
         t.elapsed()
     );
-    assert_eq!(ended, 1800);
+    assert_eq!(ended, n);
     let text = common::get_text(&reqwest::Client::new(), format!("{}/metrics", s.metrics)).await;
     assert!(text.contains("shoal_connections_refused_total"), "{text}");
     assert!(
@@ -408,4 +412,16 @@ async fn idle_connections_are_bounded_capped_and_reclaimed() {
         "{text}"
     );
     assert_eq!(s.stop(), Some(0));
+}
+
+/// This process's soft limit on open files (Linux).
+fn open_files_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(1024)
 }
