@@ -638,8 +638,14 @@ async fn a_panicking_backend_fails_its_batch_and_the_replica_goes_on() {
         Err(EngineError::Internal(m)) => assert!(m.contains("panicked"), "{m}"),
         other => panic!("expected INTERNAL: {other:?}"),
     }
-    // The replica reloaded its backend and serves; the key's next request
-    // is not stuck behind the failed one.
+    // The replica reloads its backend (after answering, so the client
+    // does not wait on the reload) and serves; the key's next request is
+    // not stuck behind the failed one.
+    let t = Instant::now();
+    while created.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(2), "never reloaded");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert_eq!(created.load(std::sync::atomic::Ordering::SeqCst), 2);
     let ok = engine.infer(keyed("a", 1.0)).await.unwrap();
     assert_eq!(values(&ok.outputs[0]), vec![3.0]);
@@ -785,4 +791,128 @@ async fn shutdown_does_not_wait_on_a_hung_replica() {
         .await
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+/// One guard owns what an admitted request holds (issue 16 review): its
+/// admission slots, its replica's load, its key's ticket. Whatever happens
+/// to the requests (refused when full, queue timeouts, expired deadlines,
+/// clients that leave, a backend that panics, a batch the watchdog fails,
+/// requests queued behind it), once all are answered nothing is held: the
+/// model admits a full queue again, the router sees idle replicas, and
+/// every key's next request runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_held_after_every_kind_of_trouble() {
+    let config = "max_batch_size = 4\ninstance_count = 2\n\
+        [dynamic_batching]\nmax_queue_delay_us = 500\npriority_levels = 2\n\
+        default_priority_level = 2\nmax_queue_size = 24\n\
+        [dynamic_batching.priority_queue_policy.2]\nmax_queue_size = 12\n\
+        timeout_action = \"reject\"\nallow_timeout_override = true\n";
+    let (engine, _log) = engine_of(config, |log| {
+        MockBackend::new(1, Duration::from_millis(2), log).troubled(
+            13.0,
+            666.0,
+            Duration::from_millis(400),
+        )
+    });
+    let watchdog = {
+        let e = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                e.watch_batches(Duration::from_millis(150));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let outcomes = Arc::new(parking_lot::Mutex::new(std::collections::BTreeMap::<
+        String,
+        usize,
+    >::new()));
+    let clients: Vec<_> = (0..16u64)
+        .map(|c| {
+            let (e, outcomes) = (engine.clone(), outcomes.clone());
+            tokio::spawn(async move {
+                for i in 0..60u64 {
+                    let n = c * 60 + i;
+                    let value = match n % 97 {
+                        5 | 50 => 13.0,
+                        71 if n < 1000 => 666.0,
+                        _ => (n % 11) as f32,
+                    };
+                    let mut r = request(1, 1, value);
+                    if n % 3 == 0 {
+                        r.correlation_key = Some(format!("k{}", n % 7));
+                    }
+                    r.priority = 1 + n % 2;
+                    match n % 5 {
+                        1 => r.deadline = Some(Instant::now() + Duration::from_millis(n % 4)),
+                        2 => r.timeout = Some(Duration::from_micros(200 + 100 * (n % 9))),
+                        _ => {}
+                    }
+                    let outcome = if n % 7 == 3 {
+                        // A client that gives up: its request is dropped
+                        // wherever it is.
+                        match tokio::time::timeout(Duration::from_millis(1), e.infer(r)).await {
+                            Err(_) => "left".to_string(),
+                            Ok(r) => outcome_of(&r),
+                        }
+                    } else {
+                        outcome_of(&e.infer(r).await)
+                    };
+                    *outcomes.lock().entry(outcome).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .expect("a request was never answered")
+            .unwrap();
+    }
+    let outcomes = outcomes.lock().clone();
+    eprintln!("960 requests in {:?}: {outcomes:?}", t.elapsed());
+    // The mix reached each path it means to test.
+    for kind in ["ok", "overloaded", "internal", "unavailable", "left"] {
+        assert!(outcomes.contains_key(kind), "no {kind:?}: {outcomes:?}");
+    }
+    assert!(
+        outcomes.contains_key("deadline") || outcomes.contains_key("queue_timeout"),
+        "{outcomes:?}"
+    );
+    let mv = engine.model("m", None).unwrap();
+    let t = Instant::now();
+    // A hung batch's requests stay held until its backend returns.
+    while !mv.core.holds().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "still held after every answer: {:?}",
+            mv.core.holds()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every key's turn came back: each key's next request runs at once.
+    for k in 0..7 {
+        let mut r = request(1, 1, 1.0);
+        r.correlation_key = Some(format!("k{k}"));
+        tokio::time::timeout(Duration::from_secs(2), engine.infer(r))
+            .await
+            .expect("a key's next request waits on a ticket never finished")
+            .unwrap();
+    }
+    watchdog.abort();
+    engine.shutdown();
+}
+
+fn outcome_of(r: &Result<shoal::InferResponse, EngineError>) -> String {
+    match r {
+        Ok(_) => "ok",
+        Err(EngineError::Overloaded(_)) => "overloaded",
+        Err(EngineError::Internal(_)) => "internal",
+        Err(EngineError::Unavailable(_)) => "unavailable",
+        Err(EngineError::DeadlineExceeded) => "deadline",
+        Err(EngineError::QueueTimeout(_)) => "queue_timeout",
+        Err(e) => return format!("other: {e}"),
+    }
+    .to_string()
 }

@@ -66,6 +66,14 @@ impl MockBackend {
         }
     }
 
+    /// This mock, but also panicking on `value` and blocking `for_` on
+    /// `hang` (tests that mix every kind of trouble).
+    pub fn troubled(mut self, panic_on: f32, hang: f32, for_: Duration) -> Self {
+        self.panic_on = Some(panic_on);
+        self.hang_on = Some((hang, for_));
+        self
+    }
+
     /// Like `new` but every run fails, to test error propagation.
     pub fn failing(width: i64, log: Arc<MockLog>) -> Self {
         Self {

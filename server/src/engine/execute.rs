@@ -53,13 +53,13 @@ pub fn execute(
     let cfg = &core.config;
     let n = taken.requests.len();
     let batch_id = NEXT_BATCH.fetch_add(1, Relaxed);
-    for p in &taken.requests {
+    let mut requests = taken.requests;
+    for p in &mut requests {
         let waited = start.saturating_duration_since(p.enqueued);
         core.metrics.queue_duration.record(waited.as_secs_f64());
         core.stats.queue.add(waited);
-        core.release_level(p.level);
+        p.hold.leave_queue();
     }
-    core.release(n);
     core.replica_metrics[replica].requests.increment(n as u64);
 
     // Bring each key's state here; a key whose state lives on another
@@ -68,7 +68,7 @@ pub fn execute(
     let store = core.keys.store(replica);
     let counters = &core.keys.counters;
     let mut slots: Vec<Slot> = Vec::with_capacity(n);
-    for (mut p, owner) in taken.requests.into_iter().zip(taken.owners) {
+    for (mut p, owner) in requests.into_iter().zip(taken.owners) {
         if let Some(t) = p.trace.as_mut() {
             t.queue = None;
             t.request.record("batch.id", batch_id);
@@ -433,7 +433,7 @@ pub enum Executed {
 /// sequence) and lets the key's next request go. Returns the replica to
 /// wake when that request waits elsewhere.
 fn store_and_finish(core: &ModelCore, replica: usize, slot: &mut Slot) -> Option<usize> {
-    let key = slot.p.key.as_ref()?;
+    let key = slot.p.key.clone()?;
     let holds = match slot.state.take() {
         None => None,
         Some(state) if slot.p.sequence_end => {
@@ -443,11 +443,11 @@ fn store_and_finish(core: &ModelCore, replica: usize, slot: &mut Slot) -> Option
         }
         Some(state) => {
             core.keys.account(slot.bytes_before, state.bytes());
-            core.keys.store(replica).put(key.clone(), state);
+            core.keys.store(replica).put(key, state);
             Some(true)
         }
     };
-    core.keys.finish(key, slot.p.ticket, replica, holds)
+    slot.p.hold.finish_key(holds)
 }
 
 fn poke_all(core: &ModelCore, pokes: Vec<usize>) {

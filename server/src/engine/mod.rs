@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod execute;
+pub mod hold;
 pub mod keys;
 pub mod metrics;
 pub mod model;

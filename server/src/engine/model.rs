@@ -5,6 +5,7 @@ use super::adaptive::{AdaptiveBatching, ControllerStatus};
 use super::batcher::{BatchPolicy, NoBatching, StaticBatching};
 use super::config::{IoSpec, ModelConfig, ModelConfigFile, Routing};
 use super::error::EngineError;
+use super::hold::Hold;
 use super::keys::{key_hash, rendezvous, KeyExtractor};
 use super::metrics::{ControllerMetrics, ModelMetrics, ReplicaMetrics, StateMetrics};
 use super::pressure::CpuPressure;
@@ -35,11 +36,12 @@ pub struct ModelCore {
     pub initial_state: Vec<Bytes>,
     /// Every replica's wake-up, to hand a key's turn to another replica.
     wakers: Vec<Arc<Shared>>,
-    /// Requests admitted and not yet taken into a batch.
-    queued: AtomicUsize,
+    /// Requests admitted and not yet taken into a batch (each one's
+    /// [`Hold`] gives its slot back).
+    pub(super) queued: AtomicUsize,
     /// The same per priority level (index `level - 1`), when the model
     /// has levels: each level's queue policy bounds its own.
-    level_queued: Vec<AtomicUsize>,
+    pub(super) level_queued: Vec<AtomicUsize>,
     /// Round-robin position, and the counter random routing hashes.
     spread: AtomicU64,
 }
@@ -61,18 +63,45 @@ impl ModelCore {
         }
     }
 
-    /// Frees admission slots for requests that left the queue.
-    pub fn release(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::Relaxed);
-        self.metrics.queue_depth.decrement(n as f64);
+    /// A replica's shared half (its queue, wake-up and load).
+    pub(super) fn shared(&self, replica: usize) -> Option<&Arc<Shared>> {
+        self.wakers.get(replica)
     }
 
-    /// Frees a priority level's slot for a request that left the queue
-    /// (with [`ModelCore::release`] for the model's).
-    pub fn release_level(&self, level: u32) {
-        if let Some(c) = self.level_queued.get(level.saturating_sub(1) as usize) {
-            c.fetch_sub(1, Ordering::Relaxed);
+    /// What the admitted requests hold now: admission slots (the model's,
+    /// then each priority level's), each replica's load, and the keys
+    /// with a request in flight. All zero once every request is answered,
+    /// whatever happened to them (tests check that nothing leaks).
+    pub fn holds(&self) -> Holds {
+        Holds {
+            queued: self.queued.load(Ordering::Relaxed),
+            level_queued: self
+                .level_queued
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            loads: self.wakers.iter().map(|s| s.load()).collect(),
+            keys_in_flight: self.keys.in_flight(),
         }
+    }
+}
+
+/// See [`ModelCore::holds`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holds {
+    pub queued: usize,
+    pub level_queued: Vec<usize>,
+    pub loads: Vec<usize>,
+    pub keys_in_flight: usize,
+}
+
+impl Holds {
+    /// Nothing held.
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+            && self.keys_in_flight == 0
+            && self.level_queued.iter().all(|&n| n == 0)
+            && self.loads.iter().all(|&n| n == 0)
     }
 }
 
@@ -278,23 +307,8 @@ impl ModelVersion {
             _ => policy.default_timeout,
         };
         // Admission: a full model (or priority level) answers at once,
-        // never blocks or grows.
-        if let Some(c) = self.core.level_queued.get(level as usize - 1) {
-            if c.fetch_add(1, Ordering::Relaxed) >= policy.max_queue_size {
-                c.fetch_sub(1, Ordering::Relaxed);
-                return Err(EngineError::Overloaded(format!(
-                    "{} (priority level {level})",
-                    cfg.name
-                )));
-            }
-        }
-        let prev = self.core.queued.fetch_add(1, Ordering::Relaxed);
-        if prev >= cfg.max_queue_size {
-            self.core.queued.fetch_sub(1, Ordering::Relaxed);
-            self.core.release_level(level);
-            return Err(EngineError::Overloaded(cfg.name.clone()));
-        }
-        self.core.metrics.queue_depth.increment(1.0);
+        // never blocks or grows. The hold gives the slot back on every path.
+        let mut hold = Hold::admit(&self.core, level)?;
         // One routing rule for keyed and keyless requests; the key's hash is
         // computed here, outside the key table's lock.
         let hash = key.as_deref().map(key_hash);
@@ -302,20 +316,19 @@ impl ModelVersion {
             Some(r) => r,
             None => self.route(hash),
         };
-        let (replica, ticket) = match &key {
-            None => (pick(), 0),
+        match &key {
+            None => hold.route(pick(), None),
             Some(k) => match self.core.keys.admit(k, Instant::now(), pick) {
-                Ok(t) => (t.replica, t.number),
+                Ok(t) => hold.route(t.replica, Some((k.clone(), t.number))),
                 Err(_) => {
-                    self.core.release(1);
-                    self.core.release_level(level);
                     return Err(EngineError::Overloaded(format!(
                         "{}: all {} tracked keys have requests in flight",
                         cfg.name, cfg.keyed_limits.max_keys
                     )));
                 }
             },
-        };
+        }
+        let replica = hold.replica();
         let (tx, rx) = oneshot::channel();
         let enqueued = Instant::now();
         let pending = Pending {
@@ -324,7 +337,7 @@ impl ModelVersion {
             queue_deadline: queue_timeout.and_then(|t| enqueued.checked_add(t)),
             key,
             key_hash: hash,
-            ticket,
+            hold,
             sequence_start: req.sequence_start,
             sequence_end: req.sequence_end,
             inputs,
@@ -342,12 +355,9 @@ impl ModelVersion {
                 }
             }),
         };
-        if let Err(p) = self.replicas[replica].enqueue(pending) {
-            self.core.release(1);
-            self.core.release_level(level);
-            if let Some(k) = &p.key {
-                self.core.keys.finish(k, p.ticket, replica, None);
-            }
+        // A stopping replica hands the request back; dropping it gives
+        // back what it holds.
+        if self.replicas[replica].enqueue(pending).is_err() {
             return Err(EngineError::Unavailable(format!(
                 "model {} is shutting down",
                 cfg.name

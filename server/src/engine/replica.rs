@@ -5,6 +5,7 @@ use super::batcher::{BatchPolicy, Decision, QueueView};
 use super::config::TimeoutAction;
 use super::error::EngineError;
 use super::execute::Executed;
+use super::hold::Hold;
 use super::keys::Key;
 use super::model::ModelCore;
 use crate::backend::{Backend, BackendError, BackendFactory, Signature};
@@ -73,11 +74,13 @@ struct Running {
 
 /// A validated request waiting in a replica queue.
 pub struct Pending {
-    /// The correlation key and its ticket in the key's order.
+    /// The correlation key.
     pub key: Option<Key>,
     /// The key's hash, computed once at admission (routing, logs).
     pub key_hash: Option<u64>,
-    pub ticket: u64,
+    /// Its admission slot, its place in the replica's load and its key's
+    /// ticket, each given back once (on drop at the latest).
+    pub hold: Hold,
     /// Priority level (1 the highest; 1 for a model without levels).
     pub level: u32,
     /// Its queue timeout expired under a DELAY policy: it runs after every
@@ -158,14 +161,19 @@ enum Sleep {
 pub struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
-    /// Requests queued or executing here: the router's load signal.
-    load: AtomicUsize,
+    /// Requests queued or executing here: the router's load signal
+    /// (counted and given back by each request's [`Hold`]).
+    pub(super) load: AtomicUsize,
     running: Mutex<Option<Running>>,
     /// Its batch ran past the batch timeout and has not returned.
     hung: AtomicBool,
 }
 
 impl Shared {
+    pub(super) fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
     /// Wakes the worker to rescan its queue (a key it waits on was freed).
     pub fn poke(&self) {
         let _q = self.queue.lock();
@@ -292,12 +300,12 @@ impl Replica {
     }
 
     /// Queues a request; a stopping replica hands it back.
-    pub fn enqueue(&self, p: Pending) -> Result<(), Box<Pending>> {
+    pub fn enqueue(&self, mut p: Pending) -> Result<(), Box<Pending>> {
         let mut q = self.shared.queue.lock();
         if q.stopping {
             return Err(Box::new(p));
         }
-        self.shared.load.fetch_add(1, Ordering::Relaxed);
+        p.hold.count_load();
         q.rows += p.rows;
         q.arrived_rows += p.rows as u64;
         q.keyed += p.key.is_some() as usize;
@@ -366,7 +374,7 @@ impl Replica {
                 }
             }
         }
-        let failed = self.fail_queued(core, || {
+        let failed = self.fail_queued(|| {
             EngineError::Unavailable(format!(
                 "model {} replica {} is hung (a batch ran past --batch-timeout-secs); retry",
                 core.config.name, self.id
@@ -380,23 +388,13 @@ impl Replica {
 
     /// Fails every queued request with `err`, freeing what each holds.
     /// Returns the replicas to wake (keys freed for them).
-    fn fail_queued(&self, core: &ModelCore, err: impl Fn() -> EngineError) -> Vec<usize> {
+    fn fail_queued(&self, err: impl Fn() -> EngineError) -> Vec<usize> {
         let mut q = self.shared.queue.lock();
         let mut pokes = Vec::new();
-        let mut gone = 0;
-        while let Some(p) = q.take(0) {
-            core.release_level(p.level);
+        while let Some(mut p) = q.take(0) {
+            pokes.extend(p.hold.finish_key(None));
             // Counted by the caller, which receives this answer.
             p.reply.send(Err(err()));
-            if let Some(key) = &p.key {
-                pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
-            }
-            gone += 1;
-        }
-        drop(q);
-        if gone > 0 {
-            self.shared.load.fetch_sub(gone, Ordering::Relaxed);
-            core.release(gone);
         }
         pokes
     }
@@ -458,20 +456,8 @@ impl Worker {
     fn run(mut self) {
         let mut scratch = Scratch::default();
         while let Some(batch) = self.next_batch(&mut scratch) {
-            let n = batch.requests.len();
             let rows: usize = batch.requests.iter().map(|p| p.rows).sum();
             let t0 = Instant::now();
-            // The keyed requests' tickets, so a panic anywhere in the
-            // execution (an engine bug) still frees their keys' next turn.
-            let tickets: Vec<(Key, u64)> = if batch.requests.iter().any(|p| p.key.is_some()) {
-                batch
-                    .requests
-                    .iter()
-                    .filter_map(|p| Some((p.key.clone()?, p.ticket)))
-                    .collect()
-            } else {
-                Vec::new()
-            };
             *self.shared.running.lock() = Some(Running {
                 since: t0,
                 replies: batch.requests.iter().map(|p| p.reply.share()).collect(),
@@ -490,19 +476,14 @@ impl Worker {
                 Ok(Executed::Ran) => {}
                 Ok(Executed::BackendPanicked) => self.reload_backend(),
                 Err(payload) => {
-                    // Its requests' answer channels were dropped in the
-                    // unwinding: their clients get INTERNAL.
+                    // Its requests were dropped in the unwinding: their
+                    // clients get INTERNAL, their holds freed their keys.
                     tracing::error!(
                         model = %self.core.config.name,
                         replica = self.id,
                         panic = %super::execute::panic_message(&payload),
                         "a batch's execution panicked; its requests failed"
                     );
-                    for (key, ticket) in &tickets {
-                        if let Some(r) = self.core.keys.finish(key, *ticket, self.id, None) {
-                            self.core.poke(r);
-                        }
-                    }
                     self.reload_backend();
                 }
             }
@@ -522,10 +503,9 @@ impl Worker {
             // a small model are as large as the run.
             let done = Instant::now();
             self.policy.observe(rows, done - t0, done);
-            let load = self.shared.load.fetch_sub(n, Ordering::Relaxed) - n;
             self.core.replica_metrics[self.id]
                 .queue_depth
-                .set(load as f64);
+                .set(self.shared.load() as f64);
             self.core.state_metrics.sync(&self.core.keys.counters);
         }
     }
@@ -582,7 +562,7 @@ impl Worker {
                     q.items
                         .iter()
                         .take(window)
-                        .map(|p| (p.key.as_ref(), p.ticket, None, false)),
+                        .map(|p| (p.key.as_ref(), p.hold.ticket(), None, false)),
                 );
                 self.core.keys.check(&mut checks);
             }
@@ -713,10 +693,9 @@ impl Worker {
         idx.sort_unstable_by(|a, b| b.cmp(a));
         idx.dedup();
         let mut pokes = Vec::new();
-        let n = idx.len();
         for &i in idx.iter() {
-            let Some(p) = q.take(i) else { continue };
-            core.release_level(p.level);
+            let Some(mut p) = q.take(i) else { continue };
+            pokes.extend(p.hold.finish_key(None));
             let own_deadline_first = match (p.deadline, objective) {
                 (Some(d), Some(o)) => d < p.enqueued + o,
                 (Some(_), None) => true,
@@ -734,13 +713,6 @@ impl Worker {
             };
             // Counted by the caller, which receives this answer.
             let _ = p.reply.send(Err(err));
-            if let Some(key) = &p.key {
-                pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
-            }
-        }
-        if n > 0 {
-            self.shared.load.fetch_sub(n, Ordering::Relaxed);
-            core.release(n);
         }
         pokes
     }
@@ -749,10 +721,9 @@ impl Worker {
     /// REJECT answers them, DELAY moves them behind every request that has
     /// not timed out. Called once the earliest timeout has passed; scans the
     /// whole queue, not the front window (a timed-out request's client is
-    /// waiting for this answer). Returns how many left.
-    fn queue_timeouts(&self, q: &mut Queue, now: Instant, pokes: &mut Vec<usize>) -> usize {
+    /// waiting for this answer).
+    fn queue_timeouts(&self, q: &mut Queue, now: Instant, pokes: &mut Vec<usize>) {
         let core = &self.core;
-        let mut gone = 0;
         let mut i = 0;
         let mut unseen = q.items.len();
         let mut next: Option<Instant> = None;
@@ -779,7 +750,7 @@ impl Worker {
                     q.items.push_back(p);
                 }
                 TimeoutAction::Reject => {
-                    core.release_level(p.level);
+                    pokes.extend(p.hold.finish_key(None));
                     // Counted by the caller, which receives this answer.
                     let _ = p.reply.send(Err(EngineError::QueueTimeout(format!(
                         "request timeout expired: model {} (priority level {}) did not start it within {} µs",
@@ -788,15 +759,10 @@ impl Worker {
                         p.queue_deadline
                             .map_or(0, |d| d.saturating_duration_since(p.enqueued).as_micros())
                     ))));
-                    if let Some(key) = &p.key {
-                        pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
-                    }
-                    gone += 1;
                 }
             }
         }
         q.next_timeout = next;
-        gone
     }
 
     /// How many queued requests one dispatch looks at.
@@ -819,11 +785,10 @@ impl Worker {
     fn purge(&self, q: &mut Queue, now: Instant) -> Vec<usize> {
         let core = &self.core;
         let mut pokes = Vec::new();
-        let mut gone = 0;
         if q.timed == 0 {
             q.next_timeout = None;
         } else if q.next_timeout.is_some_and(|t| t <= now) {
-            gone += self.queue_timeouts(q, now, &mut pokes);
+            self.queue_timeouts(q, now, &mut pokes);
         }
         let mut i = 0;
         // The front window only, as for dispatch: a request deeper in the
@@ -837,8 +802,9 @@ impl Worker {
                 i += 1;
                 continue;
             }
-            let p = q.take(i).expect("index checked above");
-            core.release_level(p.level);
+            let mut p = q.take(i).expect("index checked above");
+            // Its key's next request must not wait for it forever.
+            pokes.extend(p.hold.finish_key(None));
             if expired {
                 // Counted by the caller, which receives this answer.
                 let _ = p.reply.send(Err(EngineError::DeadlineExceeded));
@@ -849,15 +815,6 @@ impl Worker {
                     .fail
                     .add(now.saturating_duration_since(p.enqueued));
             }
-            if let Some(key) = &p.key {
-                // Its key's next request must not wait for it forever.
-                pokes.extend(core.keys.finish(key, p.ticket, self.id, None));
-            }
-            gone += 1;
-        }
-        if gone > 0 {
-            self.shared.load.fetch_sub(gone, Ordering::Relaxed);
-            core.release(gone);
         }
         pokes
     }

@@ -151,6 +151,16 @@ impl KeyTable {
         self.len() == 0
     }
 
+    /// Keys with a request admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .lock()
+            .entries
+            .values()
+            .filter(|e| !e.idle())
+            .count()
+    }
+
     /// Issues the next ticket of `key`, on the replica `choose` picks.
     /// Expires idle keys and evicts least-recently-used ones to stay within
     /// `max_keys`; fails only when every key held has a request in flight.
