@@ -64,11 +64,13 @@ fi
 pip_install models models/requirements.txt
 [ $tests = 1 ] && pip_install tests tests/requirements.txt
 
-# promtool (metrics test), unzip (libtorch) and DejaVu Sans (loadgen's plots).
+# promtool (metrics test), unzip (libtorch), a C++ compiler (libFuzzer in
+# scripts/fuzz.sh, torch-sys) and DejaVu Sans (loadgen's plots).
 need=()
 if [ $tests = 1 ]; then
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v unzip >/dev/null 2>&1 || need+=(unzip)
+  command -v c++ >/dev/null 2>&1 || need+=(g++)
 fi
 if [ $plots = 1 ]; then
   [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)

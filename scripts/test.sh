@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: setup (idempotent), format and lint gates, the Rust
 # tests (unit, engine with a mock backend, the real binary on port 0, the
-# Kafka pipeline against a real tansu broker), and conformance with the
-# unmodified tritonclient against the real binary; the Helm chart rendered,
+# Kafka pipeline against a real tansu broker), conformance with the
+# unmodified tritonclient against the real binary, and a short libFuzzer
+# run of every fuzz target (scripts/fuzz.sh); the Helm chart rendered,
 # linted and validated (scripts/helm_check.sh); then the `torch` feature
 # (libtorch via tch), linted and tested in its own target dir under
 # $SHOAL_HOME, so the C++ build is paid once per machine.
@@ -22,6 +23,7 @@ step "setup (tests, Kafka broker, libtorch; each once per machine)"
 scripts/setup.sh --tests
 step "format and Helm checks"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 scripts/helm_check.sh
 [ -d "$TARGET/debug" ] \
   || step "first build of the workspace: about 15 minutes on 2 cores (later runs reuse it)"
@@ -32,6 +34,8 @@ cargo test --workspace
 step "tritonclient conformance"
 cargo build -p shoal --bin shoal
 SHOAL_BIN="$TARGET/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider
+step "fuzz: every libFuzzer target 20 s (first time: a 4-minute instrumented build)"
+scripts/fuzz.sh 20
 if [ "${SHOAL_SKIP_TORCH:-0}" = 1 ]; then
   step "done (torch skipped)"
   exit 0
