@@ -16,7 +16,10 @@
 #   PERF_CONCURRENCY        concurrencies (default "1 64")
 #   PERF_PROTOCOLS          protocols (default "grpc http")
 #   PERF_MEASUREMENT_MS     --measurement-interval (default 4000)
-#   PERF_OUT                where the CSVs and logs go (default $SHOAL_HOME/perf_analyzer/results)
+#   PERF_OUT                where the CSVs and logs go (default $SHOAL_HOME/perf_analyzer/results/$PERF_SERVER)
+#   PERF_SERVER             shoal (default), or noop: shoal-noop, the same protocol answered
+#                           without inference (the transport ceiling; scripts/transport_gap.sh
+#                           runs both back to back)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -36,7 +39,9 @@ MODEL="${PERF_MODEL:-ffnn}"
 CONCURRENCY="${PERF_CONCURRENCY:-1 64}"
 PROTOCOLS="${PERF_PROTOCOLS:-grpc http}"
 MEASUREMENT_MS="${PERF_MEASUREMENT_MS:-4000}"
-OUT="${PERF_OUT:-$PA_HOME/results}"
+SERVER_KIND="${PERF_SERVER:-shoal}"
+case "$SERVER_KIND" in shoal|noop) ;; *) echo "PERF_SERVER must be shoal or noop" >&2; exit 2 ;; esac
+OUT="${PERF_OUT:-$PA_HOME/results/$SERVER_KIND}"
 
 log() { echo "perf_analyzer.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -103,7 +108,13 @@ $missing"
 # ---------------------------------------------------------------- server
 # The default binary is rebuilt when the sources changed (a no-op when
 # not): a stale one may refuse models the sources now serve.
-if [ -z "${SHOAL_BIN_GIVEN:-}" ]; then
+if [ "$SERVER_KIND" = noop ]; then
+  SHOAL_BIN="$(dirname "$SHOAL_BIN")/shoal-noop"
+  if [ -z "${SHOAL_BIN_GIVEN:-}" ]; then
+    log "building shoal-noop (release; a no-op when up to date)"
+    cargo build --release -p shoal --bin shoal-noop
+  fi
+elif [ -z "${SHOAL_BIN_GIVEN:-}" ]; then
   log "building shoal (release; a no-op when up to date)"
   cargo build --release -p shoal
 fi
@@ -114,7 +125,7 @@ found=0
 for f in "$MODEL_REPO/$MODEL"/[0-9]* "$MODEL_REPO/$MODEL"/model.onnx "$MODEL_REPO/$MODEL"/model.pt; do
   [ -e "$f" ] && found=1
 done
-[ $found = 1 ] || die "no model $MODEL in $MODEL_REPO (run scripts/setup.sh)"
+[ $found = 1 ] || [ "$SERVER_KIND" = noop ] || die "no model $MODEL in $MODEL_REPO (run scripts/setup.sh)"
 
 mkdir -p "$OUT"
 rm -f "$OUT/${MODEL}"_*_c*.csv "$OUT/${MODEL}"_*_c*.log
@@ -144,14 +155,21 @@ stop_server() {
 trap 'stop_server || true' EXIT
 trap 'exit 130' INT TERM
 
-"$SHOAL_BIN" --model-repository "$MODEL_REPO" --http-port 0 --grpc-port 0 --metrics-port 0 \
-  >"$SERVER_OUT" 2>"$SERVER_ERR" </dev/null &
+if [ "$SERVER_KIND" = noop ]; then
+  "$SHOAL_BIN" --model "$MODEL" --http-port 0 --grpc-port 0 >"$SERVER_OUT" 2>"$SERVER_ERR" </dev/null &
+else
+  "$SHOAL_BIN" --model-repository "$MODEL_REPO" --http-port 0 --grpc-port 0 --metrics-port 0 \
+    >"$SERVER_OUT" 2>"$SERVER_ERR" </dev/null &
+fi
 SERVER_PID=$!
 
 line=""
+want=1
+[ "$SERVER_KIND" = noop ] && want=2  # "grpc ADDR", "http ADDR"
 for _ in $(seq 600); do  # 60 s
-  if [ "$(wc -l <"$SERVER_OUT")" -ge 1 ]; then  # a complete first line
+  if [ "$(wc -l <"$SERVER_OUT")" -ge $want ]; then  # complete lines
     line=$(head -n1 "$SERVER_OUT")
+    [ $want = 2 ] && line="shoal listening http=$(sed -n 's/^http //p' "$SERVER_OUT") grpc=${line#grpc } metrics=none"
     break
   fi
   kill -0 "$SERVER_PID" 2>/dev/null || { tail -n 30 "$SERVER_ERR" >&2; die "shoal exited before listening"; }
@@ -161,7 +179,7 @@ done
   || { tail -n 30 "$SERVER_ERR" >&2; die "no listening line from shoal within 60s (got: '$line')"; }
 HTTP_ADDR=${BASH_REMATCH[1]}
 GRPC_ADDR=${BASH_REMATCH[2]}
-log "shoal up: http=$HTTP_ADDR grpc=$GRPC_ADDR"
+log "$SERVER_KIND up: http=$HTTP_ADDR grpc=$GRPC_ADDR"
 
 # ---------------------------------------------------------------- runs
 failed=()
@@ -192,9 +210,9 @@ stop_server || code=$?
 [ "$code" = 0 ] || { log "shoal exited with code $code after SIGTERM"; tail -n 30 "$SERVER_ERR" >&2; failed+=("shutdown"); }
 
 # ---------------------------------------------------------------- table
-"$PY" - "$OUT" "$MODEL" <<'EOF'
+"$PY" - "$OUT" "$MODEL" "$SERVER_KIND" <<'EOF'
 import csv, glob, os, re, sys
-out, model = sys.argv[1], sys.argv[2]
+out, model, server = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = []
 for path in glob.glob(os.path.join(out, f"{model}_*_c*.csv")):
     m = re.search(r"_(grpc|http)_c(\d+)\.csv$", path)
@@ -205,7 +223,7 @@ for path in glob.glob(os.path.join(out, f"{model}_*_c*.csv")):
                          int(r.get("Server Queue", 0) or 0),
                          int(r.get("Server Compute Infer", 0) or 0)))
 rows.sort()
-print(f"\nperf_analyzer, model {model}, input [1,784] zeros")
+print(f"\nperf_analyzer against {server}, model {model}, input [1,784] zeros")
 print(f"{'protocol':<9}{'concurrency':>12}{'infer/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
       f"{'srv queue ms':>14}{'srv infer ms':>14}")
 for proto, c, tput, p50, p99, q, ci in rows:
