@@ -9,8 +9,7 @@
 
 use shoal::api::shm::ShmOutputs;
 use shoal::backend::mock::{MockBackend, MockLog};
-use shoal::backend::{Backend, Signature, TensorSpec};
-use shoal::engine::ModelConfigFile;
+use shoal::backend::{Signature, TensorSpec};
 use shoal::shm::SharedMemory;
 use shoal::tensor::DataType;
 use shoal::{Engine, InferRequest};
@@ -40,25 +39,10 @@ pub fn harness() -> &'static Harness {
             .build()
             .expect("tokio runtime");
         let log = Arc::new(MockLog::default());
-        let engine = rt.block_on(async {
-            let engine = Engine::new();
-            let file = ModelConfigFile::parse("m", "max_batch_size = 8\n").expect("config");
-            let l = log.clone();
-            engine
-                .add_version(
-                    "m",
-                    1,
-                    &file,
-                    Arc::new(move || {
-                        Ok(
-                            Box::new(MockBackend::new(4, std::time::Duration::ZERO, l.clone()))
-                                as Box<dyn Backend>,
-                        )
-                    }),
-                )
-                .expect("mock model");
-            engine
-        });
+        let mock = MockBackend::new(4, std::time::Duration::ZERO, log.clone());
+        let engine = rt
+            .block_on(async { mock.serve("m", "max_batch_size = 8\n") })
+            .expect("mock model");
         let scratch = scratch_dir("engine");
         std::fs::write(scratch.join("obj"), vec![0x3f; OBJECT_BYTES]).expect("scratch object");
         let shm = SharedMemory::with_dir(&scratch);

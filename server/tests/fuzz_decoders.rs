@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use shoal::api::grpc::{decode_request, CallMeta};
 use shoal::api::http::decode_rest_request;
 use shoal::backend::mock::{MockBackend, MockLog};
-use shoal::backend::{Backend, Signature, TensorSpec};
+use shoal::backend::{Signature, TensorSpec};
 use shoal::engine::{Engine, ModelConfigFile};
 use shoal::shm::SharedMemory;
 use shoal::tensor::{split_bytes_elements, DataType};
@@ -264,23 +264,10 @@ fn any_grpc_request() -> impl Strategy<Value = pb::ModelInferRequest> {
 /// An engine with one model, `m`: the mock backend (`y = 2x + 1`) on FP32
 /// `x` of `[-1, 4]`, batching on.
 fn engine() -> Engine {
-    let engine = Engine::new();
-    let file = ModelConfigFile::parse("m", "max_batch_size = 8\n").unwrap();
     let log = Arc::new(MockLog::default());
-    engine
-        .add_version(
-            "m",
-            1,
-            &file,
-            Arc::new(move || {
-                Ok(
-                    Box::new(MockBackend::new(4, std::time::Duration::ZERO, log.clone()))
-                        as Box<dyn Backend>,
-                )
-            }),
-        )
-        .unwrap();
-    engine
+    MockBackend::new(4, std::time::Duration::ZERO, log)
+        .serve("m", "max_batch_size = 8\n")
+        .unwrap()
 }
 
 #[test]

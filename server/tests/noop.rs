@@ -2,6 +2,9 @@
 //! real binary on port 0 answers what perf_analyzer asks over gRPC and
 //! REST (binary extension and JSON), with outputs of the declared shape.
 
+mod common;
+
+use common::{get_json, post_json};
 use shoal_proto as pb;
 use shoal_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use std::io::{BufRead, BufReader};
@@ -127,33 +130,12 @@ async fn noop_answers_metadata_config_and_infer_on_both_protocols() {
     assert_eq!(head["outputs"][0]["shape"], serde_json::json!([2, 10]));
     assert_eq!(bytes.len() - json_len, 2 * 10 * 4);
     // Plain JSON: the zeros as data.
-    let r: serde_json::Value = http
-        .post(format!("{}/v2/models/ffnn/infer", s.http))
-        .json(&serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": vec![0.0; 784]}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plain = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": vec![0.0; 784]}]});
+    let r = post_json(&http, format!("{}/v2/models/ffnn/infer", s.http), &plain).await;
     assert_eq!(r["outputs"][0]["data"].as_array().unwrap().len(), 10);
-    let server: serde_json::Value = http
-        .get(format!("{}/v2", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server: serde_json::Value = get_json(&http, format!("{}/v2", s.http)).await;
     assert_eq!(server["name"], "shoal-noop");
-    let cfg: serde_json::Value = http
-        .get(format!("{}/v2/models/ffnn/config", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cfg: serde_json::Value = get_json(&http, format!("{}/v2/models/ffnn/config", s.http)).await;
     assert_eq!(cfg["output"][0]["data_type"], "TYPE_FP32");
 }
 

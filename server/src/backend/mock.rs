@@ -74,6 +74,24 @@ impl MockBackend {
         self
     }
 
+    /// An engine serving `model` (version 1) from `config`, this mock on
+    /// every replica: the setup of engine tests, benches and fuzz targets.
+    pub fn serve(
+        self,
+        model: &str,
+        config: &str,
+    ) -> Result<crate::engine::Engine, crate::engine::LoadError> {
+        let engine = crate::engine::Engine::new();
+        let file = crate::engine::ModelConfigFile::parse(model, config)?;
+        engine.add_version(
+            model,
+            1,
+            &file,
+            Arc::new(move || Ok(Box::new(self.clone()) as Box<dyn Backend>)),
+        )?;
+        Ok(engine)
+    }
+
     /// Like `new` but every run fails, to test error propagation.
     pub fn failing(width: i64, log: Arc<MockLog>) -> Self {
         Self {

@@ -139,33 +139,19 @@ impl Drop for Hold {
 mod tests {
     use super::*;
     use crate::backend::mock::{MockBackend, MockLog};
-    use crate::backend::Backend;
-    use crate::engine::{Engine, ModelConfigFile};
     use std::time::{Duration, Instant};
-
-    fn engine(config: &str) -> Engine {
-        let engine = Engine::new();
-        let file = ModelConfigFile::parse("m", config).unwrap();
-        let log = Arc::new(MockLog::default());
-        engine
-            .add_version(
-                "m",
-                1,
-                &file,
-                Arc::new(move || {
-                    Ok(Box::new(MockBackend::new(1, Duration::ZERO, log.clone()))
-                        as Box<dyn Backend>)
-                }),
-            )
-            .unwrap();
-        engine
-    }
 
     /// A hold dropped on a path that gave nothing back (what a panic or a
     /// forgotten branch would do) gives back all three.
     #[test]
     fn dropping_a_hold_gives_everything_back() {
-        let engine = engine("max_batch_size = 1\ninstance_count = 2\nmax_queue_size = 2\n");
+        let mock = MockBackend::new(1, Duration::ZERO, Arc::new(MockLog::default()));
+        let engine = mock
+            .serve(
+                "m",
+                "max_batch_size = 1\ninstance_count = 2\nmax_queue_size = 2\n",
+            )
+            .unwrap();
         let core = engine.model("m", None).unwrap().core.clone();
         let key: Key = "k".into();
         let mut first = Hold::admit(&core, 1).unwrap();
