@@ -118,6 +118,16 @@ pub struct Args {
     #[arg(long, env = "SHOAL_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub grpc_max_message_bytes: usize,
 
+    /// Compress gRPC responses (when the client accepts the encoding):
+    /// none, gzip, zstd or any. Requests may be compressed regardless.
+    #[arg(
+        long,
+        env = "SHOAL_GRPC_RESPONSE_COMPRESSION",
+        value_enum,
+        default_value_t
+    )]
+    pub grpc_response_compression: crate::api::grpc::ResponseCompression,
+
     /// Seconds to wait for in-flight requests after SIGTERM/SIGINT.
     #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,

@@ -251,7 +251,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         .with_shared_memory(shm.clone(), Bearer::new(args.shm_token.clone()))
         .with_repository(repository_api)
         .with_shutdown(stop.clone())
-        .into_server(args.grpc_max_message_bytes);
+        .into_server(args.grpc_max_message_bytes, args.grpc_response_compression);
     let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop, limits, &slots)
         .map_err(|e| ServeError::Serve("grpc", e.to_string()))?;
 

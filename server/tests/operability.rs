@@ -316,9 +316,30 @@ async fn rest_bodies_compress_both_ways_within_the_body_limit() {
 async fn grpc_messages_compress_both_ways_within_the_message_limit() {
     use tonic::codec::CompressionEncoding;
     let repo = ffnn_repo();
-    let s = Server::start_with_repo(repo.path(), &["--grpc-max-message-bytes", "1000000"]);
     let input = ffnn_input(3, 2);
     let want = reference_ffnn(1, &input);
+    // By default answers go back uncompressed, even to a client that
+    // accepts gzip (every gRPC C++ client says it does).
+    let s = Server::start_with_repo(repo.path(), &[]);
+    let r = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap()
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .model_infer(common::ffnn_grpc_request(&input))
+        .await
+        .unwrap();
+    assert_eq!(r.metadata().get("grpc-encoding"), None);
+    drop(s);
+    let s = Server::start_with_repo(
+        repo.path(),
+        &[
+            "--grpc-max-message-bytes",
+            "1000000",
+            "--grpc-response-compression",
+            "any",
+        ],
+    );
     for enc in [CompressionEncoding::Gzip, CompressionEncoding::Zstd] {
         let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
             .await

@@ -84,17 +84,50 @@ impl GrpcService {
 
     /// The tonic service. Requests may come gzip- or zstd-compressed
     /// (the message limit applies to what they expand to); responses are
-    /// compressed when the client's `grpc-accept-encoding` asks for it.
-    pub fn into_server(self, max_message_bytes: usize) -> GrpcInferenceServiceServer<Self> {
+    /// compressed only as `response` allows, and then only in an encoding
+    /// the client's `grpc-accept-encoding` lists.
+    pub fn into_server(
+        self,
+        max_message_bytes: usize,
+        response: ResponseCompression,
+    ) -> GrpcInferenceServiceServer<Self> {
         use tonic::codec::CompressionEncoding::{Gzip, Zstd};
-        GrpcInferenceServiceServer::new(self)
+        let mut server = GrpcInferenceServiceServer::new(self)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
             .accept_compressed(Gzip)
-            .accept_compressed(Zstd)
-            .send_compressed(Gzip)
-            .send_compressed(Zstd)
+            .accept_compressed(Zstd);
+        if matches!(
+            response,
+            ResponseCompression::Gzip | ResponseCompression::Any
+        ) {
+            server = server.send_compressed(Gzip);
+        }
+        if matches!(
+            response,
+            ResponseCompression::Zstd | ResponseCompression::Any
+        ) {
+            server = server.send_compressed(Zstd);
+        }
+        server
     }
+}
+
+/// Which encodings gRPC responses may be compressed with
+/// (`--grpc-response-compression`). Off by default, as Triton's
+/// `--grpc-infer-response-compression-level`: gRPC clients list gzip in
+/// `grpc-accept-encoding` whether or not they want it (the C++ library
+/// always does), and compressing every answer on a sidecar's loopback
+/// costs CPU and latency for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ResponseCompression {
+    /// Never compress responses.
+    #[default]
+    None,
+    Gzip,
+    Zstd,
+    /// gzip or zstd, whichever the client accepts.
+    Any,
 }
 
 /// Parses the `grpc-timeout` header (e.g. `100m`, `5S`) into a duration.
