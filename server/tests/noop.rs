@@ -72,22 +72,9 @@ async fn noop_answers_metadata_config_and_infer_on_both_protocols() {
         .unwrap()
         .into_inner();
     assert_eq!(meta.outputs[0].shape, vec![-1, 10]);
-    let r = c
-        .model_infer(pb::ModelInferRequest {
-            model_name: "ffnn".into(),
-            id: "7".into(),
-            inputs: vec![pb::model_infer_request::InferInputTensor {
-                name: "input".into(),
-                datatype: "FP32".into(),
-                shape: vec![3, 784],
-                ..Default::default()
-            }],
-            raw_input_contents: vec![vec![0u8; 3 * 784 * 4].into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut request = common::ffnn_grpc_request(&[0.0; 3 * 784]);
+    request.id = "7".into();
+    let r = c.model_infer(request).await.unwrap().into_inner();
     assert_eq!(
         (r.id.as_str(), r.outputs[0].shape.clone()),
         ("7", vec![3, 10])
