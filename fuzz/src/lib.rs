@@ -9,7 +9,7 @@
 
 use shoal::api::shm::ShmOutputs;
 use shoal::backend::mock::{MockBackend, MockLog};
-use shoal::backend::{Signature, TensorSpec};
+use shoal::backend::{Backend, Signature};
 use shoal::shm::SharedMemory;
 use shoal::tensor::DataType;
 use shoal::{Engine, InferRequest};
@@ -128,13 +128,8 @@ pub fn refused(what: &dyn std::fmt::Debug) {
 
 /// The mock model's graph, for resolving parsed configs against.
 pub fn graph() -> Signature {
-    let spec = |name: &str| TensorSpec {
-        name: name.into(),
-        datatype: DataType::Fp32,
-        shape: vec![-1, 4],
-    };
-    Signature {
-        inputs: vec![spec("x")],
-        outputs: vec![spec("y")],
-    }
+    // The mock model's own signature: FP32 `x` and `y` of [-1, 4].
+    MockBackend::new(4, std::time::Duration::ZERO, Arc::new(MockLog::default()))
+        .signature()
+        .clone()
 }

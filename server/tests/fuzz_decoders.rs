@@ -22,10 +22,10 @@ use serde_json::{json, Value};
 use shoal::api::grpc::{decode_request, CallMeta};
 use shoal::api::http::decode_rest_request;
 use shoal::backend::mock::{MockBackend, MockLog};
-use shoal::backend::{Signature, TensorSpec};
+use shoal::backend::{Backend, Signature};
 use shoal::engine::{Engine, ModelConfigFile};
 use shoal::shm::SharedMemory;
-use shoal::tensor::{split_bytes_elements, DataType};
+use shoal::tensor::split_bytes_elements;
 use shoal_proto as pb;
 use std::sync::Arc;
 
@@ -312,15 +312,10 @@ fn grpc_requests_through_the_engine_never_panic() {
 
 /// The model's graph for the config properties: FP32 `x` [-1, 4] → `y`.
 fn graph() -> Signature {
-    let spec = |name: &str| TensorSpec {
-        name: name.into(),
-        datatype: DataType::Fp32,
-        shape: vec![-1, 4],
-    };
-    Signature {
-        inputs: vec![spec("x")],
-        outputs: vec![spec("y")],
-    }
+    // The mock model's own signature: FP32 `x` and `y` of [-1, 4].
+    MockBackend::new(4, std::time::Duration::ZERO, Arc::new(MockLog::default()))
+        .signature()
+        .clone()
 }
 
 /// config.toml lines, right and wrong, in any order.
