@@ -128,7 +128,7 @@ done
 [ $found = 1 ] || [ "$SERVER_KIND" = noop ] || die "no model $MODEL in $MODEL_REPO (run scripts/setup.sh)"
 
 mkdir -p "$OUT"
-rm -f "$OUT/${MODEL}"_*_c*.csv "$OUT/${MODEL}"_*_c*.log
+rm -f "$OUT/${MODEL}"_*_c*.csv "$OUT/${MODEL}"_*_c*.log "$OUT/${MODEL}"_*_c*.cpu
 SERVER_OUT="$OUT/shoal.stdout"
 SERVER_ERR="$OUT/shoal.stderr.log"
 SERVER_PID=""
@@ -182,6 +182,12 @@ GRPC_ADDR=${BASH_REMATCH[2]}
 log "$SERVER_KIND up: http=$HTTP_ADDR grpc=$GRPC_ADDR"
 
 # ---------------------------------------------------------------- runs
+# The server's CPU time (user + system, in clock ticks) from /proc: CPU per
+# request is that over a run divided by the requests it served, where the
+# run's rate is perf_analyzer's stable throughput (its warm-up windows run
+# at the same rate).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
+TICKS_PER_S=$(getconf CLK_TCK)
 failed=()
 for proto in $PROTOCOLS; do
   case "$proto" in
@@ -195,8 +201,11 @@ for proto in $PROTOCOLS; do
     cmd=("$PA_BIN" -i "$proto" -u "$addr" -m "$MODEL" --shape input:1,784 --input-data zero
          --concurrency-range "$c:$c" --measurement-interval "$MEASUREMENT_MS" -f "$csv")
     log "running: ${cmd[*]}"
+    t0=$(cpu_ticks); w0=$(date +%s.%N)
     if "${cmd[@]}" >"$plog" 2>&1 && [ -s "$csv" ]; then
-      :
+      t1=$(cpu_ticks); w1=$(date +%s.%N)
+      # CPU seconds the server used and the wall seconds of the run.
+      echo "$(( t1 - t0 )) $TICKS_PER_S $w0 $w1" >"${csv%.csv}.cpu"
     else
       log "FAILED ($proto, concurrency $c); its output ($plog):"
       tail -n 40 "$plog" >&2
@@ -213,22 +222,31 @@ stop_server || code=$?
 "$PY" - "$OUT" "$MODEL" "$SERVER_KIND" <<'EOF'
 import csv, glob, os, re, sys
 out, model, server = sys.argv[1], sys.argv[2], sys.argv[3]
+def cpu_us(path, tput):
+    # Server CPU µs per request: its CPU share over the run over the rate.
+    try:
+        ticks, hz, w0, w1 = open(path).read().split()
+        return float(ticks) / float(hz) / (float(w1) - float(w0)) * 1e6 / tput
+    except (OSError, ValueError, ZeroDivisionError):
+        return float("nan")
 rows = []
 for path in glob.glob(os.path.join(out, f"{model}_*_c*.csv")):
     m = re.search(r"_(grpc|http)_c(\d+)\.csv$", path)
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            rows.append((m[1], int(r["Concurrency"]), float(r["Inferences/Second"]),
+            tput = float(r["Inferences/Second"])
+            rows.append((m[1], int(r["Concurrency"]), tput,
                          int(r["p50 latency"]), int(r["p99 latency"]),
                          int(r.get("Server Queue", 0) or 0),
-                         int(r.get("Server Compute Infer", 0) or 0)))
+                         int(r.get("Server Compute Infer", 0) or 0),
+                         cpu_us(path[:-4] + ".cpu", tput)))
 rows.sort()
 print(f"\nperf_analyzer against {server}, model {model}, input [1,784] zeros")
 print(f"{'protocol':<9}{'concurrency':>12}{'infer/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
-      f"{'srv queue ms':>14}{'srv infer ms':>14}")
-for proto, c, tput, p50, p99, q, ci in rows:
+      f"{'srv queue ms':>14}{'srv infer ms':>14}{'srv CPU µs/req':>16}")
+for proto, c, tput, p50, p99, q, ci, cpu in rows:
     print(f"{proto:<9}{c:>12}{tput:>12.1f}{p50/1000:>10.3f}{p99/1000:>10.3f}"
-          f"{q/1000:>14.3f}{ci/1000:>14.3f}")
+          f"{q/1000:>14.3f}{ci/1000:>14.3f}{cpu:>16.1f}")
 EOF
 log "CSVs and logs in $OUT"
 

@@ -28,22 +28,31 @@ PY=python3
 "$PY" - "$RES" ffnn <<'PYEOF'
 import csv, glob, os, re, sys
 res, model = sys.argv[1], sys.argv[2]
+def cpu_us(path, tput):
+    # Server CPU µs per request (see perf_analyzer.sh).
+    try:
+        ticks, hz, w0, w1 = open(path).read().split()
+        return float(ticks) / float(hz) / (float(w1) - float(w0)) * 1e6 / tput
+    except (OSError, ValueError, ZeroDivisionError):
+        return float("nan")
 def load(server):
     rows = {}
     for path in glob.glob(os.path.join(res, server, f"{model}_*_c*.csv")):
         m = re.search(r"_(grpc|http)_c(\d+)\.csv$", path)
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                rows[(m[1], int(m[2]))] = (float(r["Inferences/Second"]), int(r["p50 latency"]))
+                tput = float(r["Inferences/Second"])
+                rows[(m[1], int(m[2]))] = (tput, int(r["p50 latency"]), cpu_us(path[:-4] + ".cpu", tput))
     return rows
 shoal, noop = load("shoal"), load("noop")
 print(f"\nshoal against shoal-noop, model {model}, measured back to back")
 print(f"{'protocol':<9}{'conc.':>6}{'shoal infer/s':>15}{'noop infer/s':>14}{'ratio':>8}"
-      f"{'shoal p50 µs':>14}{'noop p50 µs':>13}{'gap µs':>8}")
+      f"{'shoal p50 µs':>14}{'noop p50 µs':>13}{'gap µs':>8}{'shoal CPU µs':>14}{'noop CPU µs':>13}")
 for k in sorted(shoal):
     if k not in noop:
         continue
-    (st, sp), (nt, np_) = shoal[k], noop[k]
-    print(f"{k[0]:<9}{k[1]:>6}{st:>15.0f}{nt:>14.0f}{st / nt:>8.2f}{sp:>14}{np_:>13}{sp - np_:>8}")
+    (st, sp, sc), (nt, np_, nc) = shoal[k], noop[k]
+    print(f"{k[0]:<9}{k[1]:>6}{st:>15.0f}{nt:>14.0f}{st / nt:>8.2f}{sp:>14}{np_:>13}{sp - np_:>8}"
+          f"{sc:>14.1f}{nc:>13.1f}")
 PYEOF
 exit $status

@@ -4,6 +4,10 @@ use anyhow::Context;
 use clap::Parser;
 use shoal_loadgen::{analyze, experiment, report, scorer_for, sustain, Cli, Command};
 
+// The server's allocator, so the embedded engine runs as it does in shoal.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Draws a progress bar on stderr (only when it is a terminal) with the
 /// run's rate, backlog and recent p99, until aborted.
 fn progress_bar(

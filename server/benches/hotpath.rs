@@ -1,23 +1,60 @@
-//! The engine's own request path, without a real model: lookup in the
-//! model table, validation, admission, routing, the replica queue and the
-//! reply, through `Engine::infer` with the mock backend (no compute). A
-//! fixed number of requests per cell, so `perf stat -e instructions:u`
-//! around it gives instructions per request, which a busy shared machine
-//! disturbs far less than time.
+//! The request path without the network: the engine alone (`Engine::infer`:
+//! lookup in the model table, validation, admission, routing, the replica
+//! or the inline run, the reply), and the gRPC handler's work around it
+//! (protobuf bytes decoded, `decode_request`, the engine, `encode_response`,
+//! protobuf bytes encoded), with the mock backend (no compute, 784 FP32
+//! inputs as the FFNN's). Per request: wall and CPU µs, and heap
+//! allocations, counted by a wrapper around the binaries' allocator
+//! (mimalloc). A fixed number of requests per cell, so `perf stat` around
+//! it compares runs too.
 //!
 //! `cargo bench --bench hotpath` (`-- --requests N`, `-- --reps R`).
 
 use bytes::Bytes;
+use prost::Message;
+use shoal::api::grpc::{decode_request, encode_response, CallMeta};
 use shoal::backend::mock::{MockBackend, MockLog};
 use shoal::backend::Backend;
 use shoal::engine::{Engine, ModelConfigFile};
+use shoal::shm::SharedMemory;
 use shoal::tensor::{DataType, Tensor};
 use shoal::InferRequest;
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Heap allocations (and reallocations) since the start.
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+struct Counting;
+
+// SAFETY: forwards every call to mimalloc unchanged; the counter has no
+// effect on the memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
 /// Models in the table besides the one requested: lookups see a realistic table.
 const OTHER_MODELS: usize = 15;
+const WIDTH: usize = 784;
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -27,9 +64,11 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Model `m` as the transport benchmarks serve the FFNN: the defaults (no
+/// batching, one replica), among other models.
 fn engine() -> Engine {
     let engine = Engine::new();
-    let file = ModelConfigFile::parse("m", "max_batch_size = 8\ninstance_count = 2\n").unwrap();
+    let file = ModelConfigFile::parse("m", "").unwrap();
     let log = Arc::new(MockLog::default());
     for i in 0..=OTHER_MODELS {
         let name = if i == 0 {
@@ -44,8 +83,10 @@ fn engine() -> Engine {
                 1,
                 &file,
                 Arc::new(move || {
-                    Ok(Box::new(MockBackend::new(4, Duration::ZERO, l.clone()))
-                        as Box<dyn Backend>)
+                    Ok(
+                        Box::new(MockBackend::new(WIDTH as i64, Duration::ZERO, l.clone()))
+                            as Box<dyn Backend>,
+                    )
                 }),
             )
             .unwrap();
@@ -59,24 +100,66 @@ fn request() -> InferRequest {
         inputs: vec![Tensor {
             name: "x".into(),
             datatype: DataType::Fp32,
-            shape: vec![1, 4],
-            data: Bytes::from(vec![0u8; 16]),
+            shape: vec![1, WIDTH as i64],
+            data: Bytes::from(vec![0u8; 4 * WIDTH]),
         }],
         ..Default::default()
     }
 }
 
-/// Wall and CPU µs per request for `n` requests at `concurrency`.
-async fn cell(engine: &Engine, n: usize, concurrency: usize) -> (f64, f64) {
+/// A ModelInfer request as it arrives off the wire.
+fn grpc_bytes() -> Bytes {
+    shoal_proto::ModelInferRequest {
+        model_name: "m".into(),
+        inputs: vec![shoal_proto::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, WIDTH as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(vec![0u8; 4 * WIDTH])],
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+#[derive(Clone, Copy)]
+enum Path {
+    Engine,
+    Grpc,
+}
+
+/// One request through `path`; the answer's encoded length for gRPC.
+async fn one(engine: &Engine, shm: &SharedMemory, wire: &Bytes, path: Path) -> usize {
+    match path {
+        Path::Engine => {
+            engine.infer(request()).await.expect("mock answers");
+            0
+        }
+        Path::Grpc => {
+            let msg = shoal_proto::ModelInferRequest::decode(wire.clone()).expect("valid protobuf");
+            let (req, _) = decode_request(msg, CallMeta::default(), shm).expect("valid request");
+            let resp = engine.infer(req).await.expect("mock answers");
+            encode_response(resp, &[]).encode_to_vec().len()
+        }
+    }
+}
+
+/// Wall µs, CPU µs and allocations per request for `n` requests at `concurrency`.
+async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64, f64, f64) {
+    let shm = Arc::new(SharedMemory::new());
+    let wire = grpc_bytes();
+    let allocs = ALLOCATIONS.load(Relaxed);
     let cpu = cpu_seconds();
     let t = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let e = engine.clone();
+            let (e, shm, wire) = (engine.clone(), shm.clone(), wire.clone());
             let each = n / concurrency;
             tokio::spawn(async move {
                 for _ in 0..each {
-                    e.infer(request()).await.expect("mock answers");
+                    std::hint::black_box(one(&e, &shm, &wire, path).await);
                 }
             })
         })
@@ -86,7 +169,8 @@ async fn cell(engine: &Engine, n: usize, concurrency: usize) -> (f64, f64) {
     }
     let wall = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     let cpu = (cpu_seconds() - cpu) * 1e6 / n as f64;
-    (wall, cpu)
+    let allocs = (ALLOCATIONS.load(Relaxed) - allocs) as f64 / n as f64;
+    (wall, cpu, allocs)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -110,18 +194,26 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let engine = engine();
-        // Warm: threads started, allocator settled.
-        cell(&engine, n / 10, 8).await;
-        println!("| concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req |");
-        println!("|---:|---:|---:|---:|");
-        for c in [1, 64] {
-            let (mut walls, mut cpus) = (Vec::new(), Vec::new());
-            for _ in 0..reps {
-                let (w, cpu) = cell(&engine, n, c).await;
-                walls.push(w);
-                cpus.push(cpu);
+        // Warm: threads started, allocator settled, replicas measured.
+        cell(&engine, Path::Grpc, n / 10, 8).await;
+        println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (path, label) in [(Path::Engine, "engine"), (Path::Grpc, "gRPC handler")] {
+            for c in [1, 64] {
+                let (mut walls, mut cpus, mut allocs) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..reps {
+                    let (w, cpu, a) = cell(&engine, path, n, c).await;
+                    walls.push(w);
+                    cpus.push(cpu);
+                    allocs.push(a);
+                }
+                println!(
+                    "| {label} | {c} | {n} | {:.2} | {:.2} | {:.1} |",
+                    median(walls),
+                    median(cpus),
+                    median(allocs)
+                );
             }
-            println!("| {c} | {n} | {:.2} | {:.2} |", median(walls), median(cpus));
         }
         engine.shutdown();
     });

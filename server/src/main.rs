@@ -5,6 +5,12 @@ use clap::Parser;
 use shoal::config::Args;
 use shoal::healthcheck::{self, HealthcheckArgs};
 
+// glibc's malloc spent 15% of the server's CPU at concurrency 64 on the
+// request path's short-lived buffers (issue 18); mimalloc's thread-local
+// free lists cut CPU per request by a sixth.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     // A subcommand beside the server's flat flags: the server keeps its
     // Triton-like command line (`shoal --model-repository DIR`).

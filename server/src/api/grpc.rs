@@ -240,7 +240,7 @@ pub fn decode_request(
     let in_shm = req
         .inputs
         .iter()
-        .map(|t| shm_api::grpc_ref(&format!("input {:?}", t.name), &t.parameters))
+        .map(|t| shm_api::grpc_ref(&format_args!("input {:?}", t.name), &t.parameters))
         .collect::<Result<Vec<_>, _>>()?;
     let raw = req.raw_input_contents;
     let by_value = in_shm.iter().filter(|r| r.is_none()).count();
@@ -302,7 +302,7 @@ pub fn decode_request(
     }
     let mut shm_outputs = ShmOutputs::default();
     for o in &req.outputs {
-        if let Some(r) = shm_api::grpc_ref(&format!("output {:?}", o.name), &o.parameters)? {
+        if let Some(r) = shm_api::grpc_ref(&format_args!("output {:?}", o.name), &o.parameters)? {
             shm_outputs.push(o.name.clone(), shm.output(&o.name, &r)?);
         }
     }

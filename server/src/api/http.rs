@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json as j, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -397,7 +397,7 @@ fn decode_infer(
                 i.name, i.datatype
             ))
         })?;
-        let in_shm = shm_api::http_ref(&format!("input {:?}", i.name), &i.parameters)?;
+        let in_shm = shm_api::http_ref(&format_args!("input {:?}", i.name), &i.parameters)?;
         if let Some(r) = in_shm {
             if i.data.is_some() || i.parameters.contains_key("binary_data_size") {
                 return Err(ApiError::invalid(format!(
@@ -484,7 +484,7 @@ fn decode_infer(
     };
     let mut shm_outputs = ShmOutputs::default();
     for o in &req.outputs {
-        if let Some(r) = shm_api::http_ref(&format!("output {:?}", o.name), &o.parameters)? {
+        if let Some(r) = shm_api::http_ref(&format_args!("output {:?}", o.name), &o.parameters)? {
             shm_outputs.push(o.name.clone(), shm.output(&o.name, &r)?);
         }
     }
@@ -528,42 +528,73 @@ fn decode_infer(
     Ok((request, binary_outputs, shm_outputs))
 }
 
+/// The JSON part of an infer answer, serialized straight from the
+/// response: building a `serde_json::Value` tree first cost a map and a
+/// string per field of every answer (issue 18).
+#[derive(Serialize)]
+struct AnswerHead<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    id: &'a str,
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Map<String, Value>>,
+    outputs: Vec<AnswerTensor<'a>>,
+}
+
+#[derive(Serialize)]
+struct AnswerTensor<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Value>,
+}
+
 fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, written: &[Written]) -> Response {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
-    let mut blobs: Vec<Bytes> = Vec::new();
-    for t in resp.outputs {
-        let mut o = j!({"name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape});
+    let mut blobs: Vec<&Bytes> = Vec::new();
+    for t in &resp.outputs {
+        let mut o = AnswerTensor {
+            name: &t.name,
+            datatype: t.datatype.as_str(),
+            shape: &t.shape,
+            parameters: None,
+            data: None,
+        };
         if let Some(w) = written.iter().find(|w| w.name == t.name) {
-            o["parameters"] = w.json_parameters();
+            o.parameters = Some(w.json_parameters());
         } else if binary.binary(&t.name) {
-            o["parameters"] = j!({"binary_data_size": t.data.len()});
-            blobs.push(t.data);
+            o.parameters = Some(j!({"binary_data_size": t.data.len()}));
+            blobs.push(&t.data);
         } else {
-            o["data"] = json::from_bytes(t.datatype, &t.data);
+            o.data = Some(json::from_bytes(t.datatype, &t.data));
         }
         outputs.push(o);
     }
-    let mut head =
-        j!({"model_name": resp.model, "model_version": resp.version, "outputs": outputs});
-    if !resp.id.is_empty() {
-        head["id"] = Value::String(resp.id);
-    }
-    if !resp.parameters.is_empty() {
-        let params: Map<String, Value> = resp
-            .parameters
-            .into_iter()
+    let parameters = (!resp.parameters.is_empty()).then(|| {
+        resp.parameters
+            .iter()
             .map(|(k, v)| {
                 let v = match v {
-                    Param::Bool(b) => Value::Bool(b),
-                    Param::Int(i) => Value::from(i),
-                    Param::Str(s) => Value::String(s),
+                    Param::Bool(b) => Value::Bool(*b),
+                    Param::Int(i) => Value::from(*i),
+                    Param::Str(s) => Value::String(s.clone()),
                 };
-                (k, v)
+                (k.clone(), v)
             })
-            .collect();
-        head["parameters"] = Value::Object(params);
-    }
-    let head = serde_json::to_vec(&head).expect("JSON values serialize");
+            .collect()
+    });
+    let head = AnswerHead {
+        id: &resp.id,
+        model_name: &resp.model,
+        model_version: &resp.version,
+        parameters,
+        outputs,
+    };
+    let head = serde_json::to_vec(&head).expect("answer heads serialize");
     if blobs.is_empty() {
         return (
             [(

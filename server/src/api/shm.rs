@@ -42,9 +42,10 @@ pub enum ParamView<'a> {
 }
 
 /// Reads a tensor's `shared_memory_*` parameters: `None` when it has no
-/// region, an error when they are incomplete or mistyped.
+/// region, an error when they are incomplete or mistyped. `what` names the
+/// tensor in errors, formatted only then (every request passes here).
 pub fn shm_ref<'a>(
-    what: &str,
+    what: &dyn std::fmt::Display,
     get: impl Fn(&str) -> Option<ParamView<'a>>,
 ) -> Result<Option<ShmRef>, ApiError> {
     let int = |key: &str| -> Result<Option<u64>, ApiError> {
@@ -85,7 +86,7 @@ pub fn shm_ref<'a>(
 
 /// [`shm_ref`] over gRPC tensor parameters.
 pub fn grpc_ref(
-    what: &str,
+    what: &dyn std::fmt::Display,
     params: &HashMap<String, pb::InferParameter>,
 ) -> Result<Option<ShmRef>, ApiError> {
     use pb::infer_parameter::ParameterChoice::*;
@@ -100,7 +101,10 @@ pub fn grpc_ref(
 }
 
 /// [`shm_ref`] over REST tensor parameters.
-pub fn http_ref(what: &str, params: &Map<String, Value>) -> Result<Option<ShmRef>, ApiError> {
+pub fn http_ref(
+    what: &dyn std::fmt::Display,
+    params: &Map<String, Value>,
+) -> Result<Option<ShmRef>, ApiError> {
     shm_ref(what, |k| {
         Some(match params.get(k)? {
             Value::String(s) => ParamView::Str(s),
@@ -331,9 +335,9 @@ mod tests {
 
     #[test]
     fn tensor_parameters() {
-        assert_eq!(http_ref("input x", &params(json!({}))).unwrap(), None);
+        assert_eq!(http_ref(&"input x", &params(json!({}))).unwrap(), None);
         let r = http_ref(
-            "input x",
+            &"input x",
             &params(json!({REGION: "r", BYTE_SIZE: 16, OFFSET: 8})),
         )
         .unwrap()
@@ -346,7 +350,7 @@ mod tests {
             json!({REGION: "r", BYTE_SIZE: -1}),
             json!({REGION: "r", BYTE_SIZE: 16, OFFSET: "8"}),
         ] {
-            let e = http_ref("input x", &params(bad.clone())).unwrap_err();
+            let e = http_ref(&"input x", &params(bad.clone())).unwrap_err();
             assert!(e.message.starts_with("input x"), "{bad}: {}", e.message);
         }
         let mut g = HashMap::new();
@@ -358,13 +362,13 @@ mod tests {
                 )),
             },
         );
-        assert!(grpc_ref("output y", &g).is_err());
+        assert!(grpc_ref(&"output y", &g).is_err());
         g.insert(
             BYTE_SIZE.to_string(),
             pb::InferParameter {
                 parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(4)),
             },
         );
-        assert_eq!(grpc_ref("output y", &g).unwrap().unwrap().byte_size, 4);
+        assert_eq!(grpc_ref(&"output y", &g).unwrap().unwrap().byte_size, 4);
     }
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct MockLog {
     /// Rows of every executed batch, in execution order.
     pub batches: Mutex<Vec<usize>>,
+    /// The thread that ran each batch, in execution order.
+    pub threads: Mutex<Vec<std::thread::ThreadId>>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,9 +112,14 @@ impl Backend for MockBackend {
         "mock"
     }
 
+    fn runs_on_any_thread(&self) -> bool {
+        true
+    }
+
     fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<BatchOutput>, BackendError> {
         let x = &inputs[0];
         self.log.batches.lock().push(x.shape[0] as usize);
+        self.log.threads.lock().push(std::thread::current().id());
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }

@@ -105,6 +105,13 @@ pub trait Backend: Send + 'static {
     fn signature(&self) -> &Signature;
     /// The execution provider actually in use (e.g. `CPUExecutionProvider`).
     fn execution_provider(&self) -> &str;
+    /// Whether `run` may be called from a thread other than the one that
+    /// created the backend at no extra cost (no per-thread device context,
+    /// thread pool or grad mode): then a cheap lone request may run on the
+    /// thread that received it.
+    fn runs_on_any_thread(&self) -> bool {
+        false
+    }
     /// Runs one batch; returns every model output.
     fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<BatchOutput>, BackendError>;
 }

@@ -490,6 +490,12 @@ impl Backend for OrtBackend {
         &self.provider
     }
 
+    fn runs_on_any_thread(&self) -> bool {
+        // A CPU session's thread pools are its own, not the caller's; a GPU
+        // session binds its device to the calling thread, so it stays home.
+        self.provider == "CPUExecutionProvider"
+    }
+
     fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<BatchOutput>, BackendError> {
         let mut values = Vec::with_capacity(inputs.len());
         for input in inputs {

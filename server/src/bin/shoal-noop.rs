@@ -30,6 +30,10 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Status};
 
+// shoal's allocator, so the ceiling is measured on the same terms.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "A KServe v2 server that answers without inference (a transport baseline)")]
 struct Args {

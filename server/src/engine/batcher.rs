@@ -59,6 +59,13 @@ pub trait BatchPolicy: Send + 'static {
     fn deadline_order(&self) -> Option<Duration> {
         None
     }
+    /// True when a lone request on an idle replica is dispatched at once
+    /// and the policy learns nothing from executions: such a request may
+    /// run on the thread that submitted it, with the same batch and the
+    /// same answer as on the replica thread.
+    fn runs_lone_request_at_once(&self) -> bool {
+        false
+    }
 }
 
 /// One request per execution: the model runs without dynamic batching.
@@ -66,6 +73,10 @@ pub trait BatchPolicy: Send + 'static {
 pub struct NoBatching;
 
 impl BatchPolicy for NoBatching {
+    fn runs_lone_request_at_once(&self) -> bool {
+        true
+    }
+
     fn decide(&mut self, view: QueueView<'_>) -> Decision {
         debug_assert!(!view.rows.is_empty());
         Decision::Dispatch(1)
@@ -83,6 +94,12 @@ pub struct StaticBatching {
 }
 
 impl BatchPolicy for StaticBatching {
+    fn runs_lone_request_at_once(&self) -> bool {
+        // With a delay the lone request waits for company; a largest
+        // preferred size of 1 would cut it at once, but waiting is the rule.
+        self.config.max_queue_delay.is_zero()
+    }
+
     fn wake_rows(&self) -> Option<usize> {
         let full = self.max_batch_size;
         Some(

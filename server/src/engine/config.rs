@@ -41,6 +41,13 @@ pub struct ModelConfigFile {
     pub shed_late: Option<bool>,
     /// `none`: one request per execution, never merged.
     pub batching: Option<String>,
+    /// A request that arrives at an idle replica with an empty queue, and
+    /// whose batch would be that request alone, runs on the thread that
+    /// received it instead of hopping to the replica thread and back, while
+    /// the replica's smoothed execution time stays under this many µs
+    /// (default 100; 0: always hop). Only for backends that run on any
+    /// thread (ONNX Runtime on the CPU).
+    pub inline_execution_max_us: Option<u64>,
     /// Bound on queued requests when no `[dynamic_batching]` is given.
     pub max_queue_size: Option<usize>,
     #[serde(default)]
@@ -511,9 +518,17 @@ pub struct ModelConfig {
     pub controls: Vec<ControlSpec>,
     pub version_policy: VersionPolicy,
     pub warmup: Vec<WarmupSample>,
+    /// Longest smoothed execution that may run on the receiving thread
+    /// (`inline_execution_max_us`); zero: never.
+    pub inline_max: Duration,
     /// The config.pbtxt this came from, if any.
     pub triton: Option<std::sync::Arc<shoal_proto::ModelConfig>>,
 }
+
+/// Tokio's guidance for the longest a task may run between awaits.
+const DEFAULT_INLINE_MAX_US: u64 = 100;
+/// A bound past which "cheap" means nothing: 10 ms on a runtime thread.
+const MAX_INLINE_MAX_US: u64 = 10_000;
 
 impl ModelConfig {
     /// True when requests of a key depend on the key's earlier requests.
@@ -832,6 +847,15 @@ impl ModelConfigFile {
             .filter(|o| !states.iter().any(|s| s.output == o.name))
             .collect();
         let warmup = self.resolve_warmup(max_batch_size, &inputs).map_err(err)?;
+        let inline_us = self
+            .inline_execution_max_us
+            .unwrap_or(DEFAULT_INLINE_MAX_US);
+        if inline_us > MAX_INLINE_MAX_US {
+            return Err(err(format!(
+                "inline_execution_max_us must be at most {MAX_INLINE_MAX_US} (longer blocks a network thread), got {inline_us}"
+            )));
+        }
+        let inline_max = Duration::from_micros(inline_us);
         Ok(ModelConfig {
             name: model.to_string(),
             platform: self
@@ -861,6 +885,7 @@ impl ModelConfigFile {
                 .clone()
                 .unwrap_or(VersionPolicy::Latest(1)),
             warmup,
+            inline_max,
             triton: self.triton.clone(),
         })
     }

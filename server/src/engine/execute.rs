@@ -7,7 +7,7 @@ use super::batcher::BatchPolicy;
 use super::config::{ControlKind, InputSource, Warmup};
 use super::error::EngineError;
 use super::model::ModelCore;
-use super::replica::{Answer, Pending, Taken};
+use super::replica::{Answer, Pending, Reply, ReplyTo, Taken};
 use super::request::Timing;
 use super::state::KeyState;
 use crate::backend::{Backend, BatchInput, BatchOutput};
@@ -42,12 +42,16 @@ impl Slot {
     }
 }
 
+/// Runs `taken` as one batch. The answers go into `answered`, for the
+/// caller to send once it has let go of the backend: a client's next
+/// request must find the replica free to run inline.
 pub fn execute(
     replica: usize,
     core: &Arc<ModelCore>,
     backend: &mut dyn Backend,
     policy: &mut dyn BatchPolicy,
     taken: Taken,
+    answered: &mut Vec<(ReplyTo, Reply)>,
 ) -> Executed {
     let start = Instant::now();
     let cfg = &core.config;
@@ -138,11 +142,14 @@ pub fn execute(
                 let fill = (state.window.len(), w.length);
                 pokes.extend(store_and_finish(core, replica, &mut slot));
                 slot.phase = None;
-                let _ = slot.p.reply.send(Ok(Answer {
-                    outputs: Vec::new(),
-                    window_fill: Some(fill),
-                    timing: slot.timing,
-                }));
+                answered.push((
+                    slot.p.reply.share(),
+                    Ok(Answer {
+                        outputs: Vec::new(),
+                        window_fill: Some(fill),
+                        timing: slot.timing,
+                    }),
+                ));
                 continue;
             }
             kept.push(slot);
@@ -406,7 +413,7 @@ pub fn execute(
             }
         }
         pokes.extend(store_and_finish(core, replica, &mut slot));
-        let _ = slot.p.reply.send(answer);
+        answered.push((slot.p.reply.share(), answer));
     }
     poke_all(core, pokes);
     core.replica_metrics[replica]

@@ -16,6 +16,8 @@ pub const QUEUE_DEPTH: &str = "shoal_queue_depth";
 pub const INFERENCE_COUNT: &str = "shoal_inference_count_total";
 pub const EXECUTION_COUNT: &str = "shoal_execution_count_total";
 pub const REPLICA_REQUESTS: &str = "shoal_replica_requests_total";
+pub const REPLICA_INLINE: &str = "shoal_replica_inline_executions_total";
+pub const INLINE_DURATION: &str = "shoal_inline_execution_seconds";
 pub const REPLICA_PANICS: &str = "shoal_replica_panics_total";
 pub const REPLICA_HANGS: &str = "shoal_replica_hangs_total";
 pub const REPLICA_HUNG: &str = "shoal_replica_hung";
@@ -69,6 +71,15 @@ pub fn describe() {
     describe_counter!(INFERENCE_COUNT, "Rows inferred (a batch of n counts n)");
     describe_counter!(EXECUTION_COUNT, "Backend executions (a batch counts once)");
     describe_counter!(REPLICA_REQUESTS, "Requests executed by a replica");
+    describe_counter!(
+        REPLICA_INLINE,
+        "Requests a replica's backend ran on the network thread that received them (alone, on an idle replica, for a cheap model)"
+    );
+    describe_histogram!(
+        INLINE_DURATION,
+        Unit::Seconds,
+        "How long each inline execution held a network thread (bounded by the model's inline_execution_max_us, smoothed)"
+    );
     describe_counter!(
         REPLICA_PANICS,
         "Batches whose execution panicked on a replica (their requests failed with INTERNAL; the backend was reloaded)"
@@ -168,6 +179,7 @@ fn replica_labels(model: &str, version: &str, replica: usize) -> [(&'static str,
 /// Handles for one replica.
 pub struct ReplicaMetrics {
     pub requests: Counter,
+    pub inline: Counter,
     pub panics: Counter,
     pub hangs: Counter,
     pub hung: Gauge,
@@ -180,6 +192,7 @@ impl ReplicaMetrics {
         let labels = replica_labels(model, version, replica);
         Self {
             requests: metrics::counter!(REPLICA_REQUESTS, &labels),
+            inline: metrics::counter!(REPLICA_INLINE, &labels),
             panics: metrics::counter!(REPLICA_PANICS, &labels),
             hangs: metrics::counter!(REPLICA_HANGS, &labels),
             hung: metrics::gauge!(REPLICA_HUNG, &labels),
@@ -234,6 +247,7 @@ pub struct ModelMetrics {
     pub request_duration: Histogram,
     pub queue_duration: Histogram,
     pub compute_duration: Histogram,
+    pub inline_duration: Histogram,
     pub batch_size: Histogram,
     pub queue_depth: Gauge,
     pub inference_count: Counter,
@@ -262,6 +276,7 @@ impl ModelMetrics {
             request_duration: metrics::histogram!(REQUEST_DURATION, &labels),
             queue_duration: metrics::histogram!(QUEUE_DURATION, &labels),
             compute_duration: metrics::histogram!(COMPUTE_DURATION, &labels),
+            inline_duration: metrics::histogram!(INLINE_DURATION, &labels),
             batch_size: metrics::histogram!(BATCH_SIZE, &labels),
             queue_depth: metrics::gauge!(QUEUE_DEPTH, &labels),
             inference_count: metrics::counter!(INFERENCE_COUNT, &labels),

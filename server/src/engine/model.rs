@@ -357,7 +357,10 @@ impl ModelVersion {
         };
         // A stopping replica hands the request back; dropping it gives
         // back what it holds.
-        if self.replicas[replica].enqueue(pending).is_err() {
+        if self.replicas[replica]
+            .run_or_enqueue(&self.core, pending)
+            .is_err()
+        {
             return Err(EngineError::Unavailable(format!(
                 "model {} is shutting down",
                 cfg.name
@@ -398,6 +401,11 @@ impl ModelVersion {
             .min_by_key(|(_, r)| (r.hung(), r.load()))
             .map(|(i, _)| i)
             .expect("a model has at least one replica")
+    }
+
+    /// Requests its replicas ran on the threads that submitted them.
+    pub fn inline_runs(&self) -> u64 {
+        self.replicas.iter().map(Replica::inline_runs).sum()
     }
 
     /// Whether no replica is hung (readiness).

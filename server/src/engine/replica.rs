@@ -1,7 +1,12 @@
 //! A worker replica: one OS thread that owns a backend session, a FIFO
-//! queue, and the batching loop. Inference never runs on tokio threads.
+//! queue, and the batching loop. A lone request that finds its replica idle
+//! may run on the thread that received it ([`Replica::run_or_enqueue`]):
+//! only when the batch and the answer are the same as on the replica
+//! thread, and only for a backend whose measured executions are cheap, so
+//! a network thread is never held longer than the model's
+//! `inline_execution_max_us`.
 
-use super::batcher::{BatchPolicy, Decision, QueueView};
+use super::batcher::{BatchPolicy, Decision, NoBatching, QueueView};
 use super::config::TimeoutAction;
 use super::error::EngineError;
 use super::execute::Executed;
@@ -12,7 +17,7 @@ use crate::backend::{Backend, BackendError, BackendFactory, Signature};
 use crate::tensor::Tensor;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,7 +64,7 @@ impl ReplyTo {
         self.0.lock().as_ref().is_none_or(|tx| tx.is_closed())
     }
 
-    fn share(&self) -> Self {
+    pub(super) fn share(&self) -> Self {
         Self(self.0.clone())
     }
 }
@@ -131,6 +136,12 @@ struct Queue {
     arrived_rows: u64,
     stopping: bool,
     sleep: Sleep,
+    /// A caller is running a request on its own thread: arrivals do not
+    /// wake the worker (the backend is taken); the caller wakes it after.
+    inline_running: bool,
+    /// An inline run panicked: the worker reloads the backend now, on its
+    /// own thread, rather than before the next batch.
+    reload: bool,
 }
 
 impl Queue {
@@ -157,6 +168,57 @@ enum Sleep {
     Until { wake_rows: usize },
 }
 
+/// A replica's backend, used by whichever thread runs a batch: the
+/// replica thread, or a caller running a lone request inline.
+struct BackendSlot {
+    /// `None` once the replica thread has stopped (it drops the backend on
+    /// its own thread, where it was made).
+    backend: Option<Box<dyn Backend>>,
+    /// The last batch panicked: the replica thread loads a fresh backend
+    /// before the next one, and nothing runs inline until it has.
+    reload: bool,
+    /// Longest smoothed execution that may run inline; zero: never.
+    inline_max: Duration,
+    /// Smoothed execution time of this replica's batches: the median of
+    /// the first [`INLINE_AFTER`], then 1/8 per batch, a batch counting at
+    /// most four times the estimate (a run preempted by the scheduler must
+    /// not stop inlining; a model that really slows down gets there in a
+    /// few runs).
+    cost: Duration,
+    /// Batches measured; the first ones run on the replica thread.
+    measured: u32,
+    first: [Duration; INLINE_AFTER as usize],
+}
+
+/// Batches measured on a replica before a request may run inline.
+const INLINE_AFTER: u32 = 8;
+
+impl BackendSlot {
+    fn observe(&mut self, took: Duration) {
+        let n = self.measured as usize;
+        if n < self.first.len() {
+            // The first runs are cold (page faults, lazy initialization).
+            self.first[n] = took;
+            if n + 1 == self.first.len() {
+                let mut sorted = self.first;
+                sorted.sort_unstable();
+                self.cost = sorted[sorted.len() / 2];
+            }
+        } else {
+            let took = took.min(self.cost.max(Duration::from_micros(1)) * 4);
+            self.cost = self.cost - self.cost / 8 + took / 8;
+        }
+        self.measured = self.measured.saturating_add(1);
+    }
+
+    fn inline_allowed(&self) -> bool {
+        !self.reload
+            && self.backend.is_some()
+            && self.measured >= INLINE_AFTER
+            && self.cost <= self.inline_max
+    }
+}
+
 /// The part of a replica other threads touch: its queue and its wake-up.
 pub struct Shared {
     queue: Mutex<Queue>,
@@ -167,6 +229,9 @@ pub struct Shared {
     running: Mutex<Option<Running>>,
     /// Its batch ran past the batch timeout and has not returned.
     hung: AtomicBool,
+    backend: Mutex<BackendSlot>,
+    /// Requests run inline, on the thread that submitted them.
+    inline_runs: AtomicU64,
 }
 
 impl Shared {
@@ -198,6 +263,8 @@ pub struct StartingReplica {
     pub id: usize,
     pub signature: Signature,
     pub execution_provider: String,
+    /// The backend may run on a caller's thread (see [`Backend::runs_on_any_thread`]).
+    any_thread: bool,
     shared: Arc<Shared>,
     go: mpsc::Sender<Go>,
     thread: JoinHandle<()>,
@@ -222,6 +289,15 @@ impl StartingReplica {
             load: AtomicUsize::new(0),
             running: Mutex::new(None),
             hung: AtomicBool::new(false),
+            inline_runs: AtomicU64::new(0),
+            backend: Mutex::new(BackendSlot {
+                backend: None,
+                reload: false,
+                inline_max: Duration::ZERO,
+                cost: Duration::ZERO,
+                measured: 0,
+                first: [Duration::ZERO; INLINE_AFTER as usize],
+            }),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<Go>();
@@ -238,27 +314,32 @@ impl StartingReplica {
                 };
                 let sig = backend.signature().clone();
                 let ep = backend.execution_provider().to_string();
-                if ready_tx.send(Ok((sig, ep))).is_err() {
+                let any_thread = backend.runs_on_any_thread();
+                thread_shared.backend.lock().backend = Some(backend);
+                if ready_tx.send(Ok((sig, ep, any_thread))).is_err() {
                     return;
                 }
                 if let Ok(Some((core, policy))) = go_rx.recv() {
                     Worker {
                         id,
                         core,
-                        shared: thread_shared,
-                        backend,
+                        shared: thread_shared.clone(),
                         factory,
                         policy,
                     }
                     .run();
                 }
+                // Dropped here, on the thread that made it.
+                let backend = thread_shared.backend.lock().backend.take();
+                drop(backend);
             })
             .map_err(|e| BackendError::Runtime(format!("cannot spawn replica thread: {e}")))?;
         match ready_rx.recv() {
-            Ok(Ok((signature, execution_provider))) => Ok(Self {
+            Ok(Ok((signature, execution_provider, any_thread))) => Ok(Self {
                 id,
                 signature,
                 execution_provider,
+                any_thread,
                 shared,
                 go: go_tx,
                 thread,
@@ -278,6 +359,9 @@ impl StartingReplica {
 
     /// Lets the replica serve.
     pub fn start(self, core: Arc<ModelCore>, policy: Box<dyn BatchPolicy>) -> Replica {
+        if self.any_thread && policy.runs_lone_request_at_once() {
+            self.shared.backend.lock().inline_max = core.config.inline_max;
+        }
         let _ = self.go.send(Some((core, policy)));
         Replica {
             id: self.id,
@@ -324,7 +408,7 @@ impl Replica {
         q.items.insert(at, p);
         let wake = match q.sleep {
             Sleep::Busy => false,
-            Sleep::Idle => true,
+            Sleep::Idle => !q.inline_running,
             Sleep::Until { wake_rows } => q.rows >= wake_rows,
         };
         drop(q);
@@ -332,6 +416,99 @@ impl Replica {
             self.shared.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Runs `p` here, on the calling thread, when it is alone: the replica
+    /// idle, its queue empty, the policy one that would dispatch it at once
+    /// and learns nothing, its key's turn (if it has a key), and the
+    /// replica's executions cheap (under the model's
+    /// `inline_execution_max_us`, smoothed, after a few measured). The
+    /// batch, its answer, statistics and metrics are those of the replica
+    /// thread; what is saved is the hop there and back (two wake-ups,
+    /// which at one request at a time cost more than a small model's
+    /// compute). Otherwise queues it as [`Replica::enqueue`] does.
+    pub fn run_or_enqueue(&self, core: &Arc<ModelCore>, p: Pending) -> Result<(), Box<Pending>> {
+        let Some((mut slot, owner)) = self.claim(core, &p) else {
+            return self.enqueue(p);
+        };
+        let mut p = p;
+        p.hold.count_load();
+        let t0 = Instant::now();
+        let mut answered = Vec::with_capacity(1);
+        run_batch(
+            self.id,
+            core,
+            &self.shared,
+            &mut slot,
+            &mut NoBatching,
+            Taken {
+                requests: vec![p],
+                owners: vec![owner],
+            },
+            &mut answered,
+        );
+        let reload = slot.reload;
+        drop(slot);
+        send_all(&mut answered);
+        core.metrics
+            .inline_duration
+            .record(t0.elapsed().as_secs_f64());
+        self.shared.inline_runs.fetch_add(1, Ordering::Relaxed);
+        let m = &core.replica_metrics[self.id];
+        m.inline.increment(1);
+        m.queue_depth.set(self.shared.load() as f64);
+        core.state_metrics.sync(&core.keys.counters);
+        let mut q = self.shared.queue.lock();
+        q.inline_running = false;
+        q.reload |= reload;
+        // Arrivals meanwhile did not wake the worker.
+        let wake = reload || !q.items.is_empty();
+        drop(q);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The backend, if `p` may run inline now (see [`Replica::run_or_enqueue`]),
+    /// with where its key's state is.
+    fn claim(
+        &self,
+        core: &ModelCore,
+        p: &Pending,
+    ) -> Option<(parking_lot::MutexGuard<'_, BackendSlot>, Option<usize>)> {
+        let mut q = self.shared.queue.lock();
+        // An empty queue and a free backend: the worker is asleep or on its
+        // way there (it finds nothing to take). It need not be asleep yet:
+        // a client's next request often comes before the worker has gone
+        // back to its queue after answering the previous one.
+        if q.stopping || q.inline_running || !q.items.is_empty() {
+            return None;
+        }
+        if self.hung() {
+            return None;
+        }
+        // Never waits: a held backend means a batch is running.
+        let slot = self.shared.backend.try_lock()?;
+        if !slot.inline_allowed() {
+            return None;
+        }
+        let mut owner = None;
+        if let Some(key) = &p.key {
+            let mut check = [(Some(key), p.hold.ticket(), None, false)];
+            core.keys.check(&mut check);
+            if !check[0].3 {
+                return None;
+            }
+            owner = check[0].2;
+        }
+        q.inline_running = true;
+        Some((slot, owner))
+    }
+
+    /// Requests it ran inline so far.
+    pub fn inline_runs(&self) -> u64 {
+        self.shared.inline_runs.load(Ordering::Relaxed)
     }
 
     /// Whether its batch has run past the batch timeout and not returned.
@@ -421,7 +598,6 @@ struct Worker {
     id: usize,
     core: Arc<ModelCore>,
     shared: Arc<Shared>,
-    backend: Box<dyn Backend>,
     /// Reloads the backend after it panicked.
     factory: Arc<dyn BackendFactory>,
     policy: Box<dyn BatchPolicy>,
@@ -446,57 +622,120 @@ impl Scratch {
     }
 }
 
+/// What wakes the worker out of its queue.
+enum Next {
+    Batch(Taken),
+    /// The backend panicked in an inline run: load a fresh one.
+    Reload,
+}
+
 /// A batch taken from the queue, with where each keyed request's state is.
 pub struct Taken {
     pub requests: Vec<Pending>,
     pub owners: Vec<Option<usize>>,
 }
 
+/// Sends a batch's answers, each once (the watchdog may have answered a
+/// hung batch's already).
+fn send_all(answered: &mut Vec<(ReplyTo, Reply)>) {
+    for (to, answer) in answered.drain(..) {
+        to.send(answer);
+    }
+}
+
+/// Executes one batch on the slot's backend, on whichever thread holds the
+/// slot: watched by the watchdog while it runs, a panic failing only its
+/// requests (the replica thread reloads the backend before the next).
+fn run_batch(
+    id: usize,
+    core: &Arc<ModelCore>,
+    shared: &Shared,
+    slot: &mut BackendSlot,
+    policy: &mut dyn BatchPolicy,
+    batch: Taken,
+    answered: &mut Vec<(ReplyTo, Reply)>,
+) {
+    let t0 = Instant::now();
+    let Some(backend) = slot.backend.as_mut() else {
+        // The replica thread has stopped; dropped requests answer INTERNAL.
+        return;
+    };
+    *shared.running.lock() = Some(Running {
+        since: t0,
+        replies: batch.requests.iter().map(|p| p.reply.share()).collect(),
+        fired: false,
+    });
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        super::execute::execute(id, core, backend.as_mut(), policy, batch, answered)
+    }));
+    match outcome {
+        Ok(Executed::Ran) => {}
+        Ok(Executed::BackendPanicked) => {
+            core.replica_metrics[id].panics.increment(1);
+            slot.reload = true;
+        }
+        Err(payload) => {
+            // Its requests were dropped in the unwinding: their clients get
+            // INTERNAL, their holds freed their keys.
+            tracing::error!(
+                model = %core.config.name,
+                replica = id,
+                panic = %super::execute::panic_message(&payload),
+                "a batch's execution panicked; its requests failed"
+            );
+            core.replica_metrics[id].panics.increment(1);
+            slot.reload = true;
+        }
+    }
+    let ran = shared.running.lock().take();
+    if ran.is_some_and(|r| r.fired) {
+        shared.hung.store(false, Ordering::Relaxed);
+        core.replica_metrics[id].hung.set(0.0);
+        tracing::warn!(
+            model = %core.config.name,
+            replica = id,
+            ran_s = t0.elapsed().as_secs_f64(),
+            "the hung batch returned; the replica serves again"
+        );
+    }
+    slot.observe(t0.elapsed());
+}
+
 impl Worker {
     fn run(mut self) {
         let mut scratch = Scratch::default();
-        while let Some(batch) = self.next_batch(&mut scratch) {
-            let rows: usize = batch.requests.iter().map(|p| p.rows).sum();
-            let t0 = Instant::now();
-            *self.shared.running.lock() = Some(Running {
-                since: t0,
-                replies: batch.requests.iter().map(|p| p.reply.share()).collect(),
-                fired: false,
-            });
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                super::execute::execute(
-                    self.id,
-                    &self.core,
-                    self.backend.as_mut(),
-                    self.policy.as_mut(),
-                    batch,
-                )
-            }));
-            match outcome {
-                Ok(Executed::Ran) => {}
-                Ok(Executed::BackendPanicked) => self.reload_backend(),
-                Err(payload) => {
-                    // Its requests were dropped in the unwinding: their
-                    // clients get INTERNAL, their holds freed their keys.
-                    tracing::error!(
-                        model = %self.core.config.name,
-                        replica = self.id,
-                        panic = %super::execute::panic_message(&payload),
-                        "a batch's execution panicked; its requests failed"
-                    );
-                    self.reload_backend();
+        let mut answered = Vec::new();
+        loop {
+            let batch = match self.next_batch(&mut scratch) {
+                None => return,
+                Some(Next::Batch(b)) => b,
+                Some(Next::Reload) => {
+                    let mut slot = self.shared.backend.lock();
+                    if slot.reload {
+                        self.reload_backend(&mut slot);
+                    }
+                    continue;
                 }
-            }
-            let ran = self.shared.running.lock().take();
-            if ran.is_some_and(|r| r.fired) {
-                self.shared.hung.store(false, Ordering::Relaxed);
-                self.core.replica_metrics[self.id].hung.set(0.0);
-                tracing::warn!(
-                    model = %self.core.config.name,
-                    replica = self.id,
-                    ran_s = t0.elapsed().as_secs_f64(),
-                    "the hung batch returned; the replica serves again"
-                );
+            };
+            let rows: usize = batch.requests.iter().map(|p| p.rows).sum();
+            // Waits only for a caller's inline run to finish.
+            let mut slot = self.shared.backend.lock();
+            let t0 = Instant::now();
+            run_batch(
+                self.id,
+                &self.core,
+                &self.shared,
+                &mut slot,
+                self.policy.as_mut(),
+                batch,
+                &mut answered,
+            );
+            let reload = slot.reload;
+            drop(slot);
+            send_all(&mut answered);
+            // After the batch answered, so its clients do not wait on it.
+            if reload {
+                self.reload_backend(&mut self.shared.backend.lock());
             }
             // The policy learns what a batch costs the replica: the backend
             // run and the assembly, split and answers around it, which for
@@ -513,12 +752,12 @@ impl Worker {
     /// A new backend from the factory after the old one panicked (its state
     /// cannot be trusted). If that fails the old one stays: the next batch
     /// tells whether it still works.
-    fn reload_backend(&mut self) {
+    fn reload_backend(&self, slot: &mut BackendSlot) {
         let model = &self.core.config.name;
-        self.core.replica_metrics[self.id].panics.increment(1);
+        slot.reload = false;
         match self.factory.create() {
             Ok(b) => {
-                self.backend = b;
+                slot.backend = Some(b);
                 tracing::error!(model = %model, replica = self.id, "the backend panicked; its batch failed with INTERNAL and the backend was reloaded");
             }
             Err(e) => {
@@ -527,10 +766,14 @@ impl Worker {
         }
     }
 
-    /// Blocks until the policy releases a batch; `None` once stopped and drained.
-    fn next_batch(&mut self, sc: &mut Scratch) -> Option<Taken> {
+    /// Blocks until the policy releases a batch (or an inline run asks for
+    /// a reload); `None` once stopped and drained.
+    fn next_batch(&mut self, sc: &mut Scratch) -> Option<Next> {
         let mut q = self.shared.queue.lock();
         loop {
+            if std::mem::take(&mut q.reload) {
+                return Some(Next::Reload);
+            }
             let now = Instant::now();
             let pokes = self.purge(&mut q, now);
             if !pokes.is_empty() {
@@ -680,7 +923,7 @@ impl Worker {
             }
             requests.reverse();
             owners.reverse();
-            return Some(Taken { requests, owners });
+            return Some(Next::Batch(Taken { requests, owners }));
         }
     }
 
@@ -817,5 +1060,46 @@ impl Worker {
             }
         }
         pokes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> BackendSlot {
+        BackendSlot {
+            backend: None,
+            reload: false,
+            inline_max: Duration::from_micros(100),
+            cost: Duration::ZERO,
+            measured: 0,
+            first: [Duration::ZERO; INLINE_AFTER as usize],
+        }
+    }
+
+    #[test]
+    fn the_cost_ignores_a_cold_start_and_a_preempted_run_but_follows_a_slowdown() {
+        let us = Duration::from_micros;
+        let mut s = slot();
+        // A cold first run of 5 ms, then the model's 10 µs.
+        s.observe(us(5000));
+        for _ in 1..INLINE_AFTER {
+            s.observe(us(10));
+        }
+        assert_eq!(s.cost, us(10));
+        // One run preempted for 20 ms moves the estimate by 1/8 of 40 µs.
+        s.observe(us(20_000));
+        assert!(s.cost < us(20), "{:?}", s.cost);
+        for _ in 0..20 {
+            s.observe(us(10));
+        }
+        // A model that now takes 1 ms per run passes the bound within ten.
+        let mut runs = 0;
+        while s.cost <= s.inline_max {
+            s.observe(us(1000));
+            runs += 1;
+        }
+        assert!(runs <= 10, "{runs}");
     }
 }
