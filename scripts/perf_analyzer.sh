@@ -219,16 +219,11 @@ stop_server || code=$?
 [ "$code" = 0 ] || { log "shoal exited with code $code after SIGTERM"; tail -n 30 "$SERVER_ERR" >&2; failed+=("shutdown"); }
 
 # ---------------------------------------------------------------- table
-"$PY" - "$OUT" "$MODEL" "$SERVER_KIND" <<'EOF'
+SHOAL_SCRIPTS="$ROOT/scripts" "$PY" - "$OUT" "$MODEL" "$SERVER_KIND" <<'EOF'
 import csv, glob, os, re, sys
 out, model, server = sys.argv[1], sys.argv[2], sys.argv[3]
-def cpu_us(path, tput):
-    # Server CPU µs per request: its CPU share over the run over the rate.
-    try:
-        ticks, hz, w0, w1 = open(path).read().split()
-        return float(ticks) / float(hz) / (float(w1) - float(w0)) * 1e6 / tput
-    except (OSError, ValueError, ZeroDivisionError):
-        return float("nan")
+sys.path.insert(0, os.environ["SHOAL_SCRIPTS"])
+from perf_cpu import cpu_us
 rows = []
 for path in glob.glob(os.path.join(out, f"{model}_*_c*.csv")):
     m = re.search(r"_(grpc|http)_c(\d+)\.csv$", path)

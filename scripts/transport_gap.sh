@@ -25,16 +25,11 @@ SHOAL_MODEL_REPOSITORY="$repo" PERF_SERVER=shoal scripts/perf_analyzer.sh || sta
 PERF_SERVER=noop scripts/perf_analyzer.sh || status=1
 PY=python3
 [ -x "$SHOAL_HOME/venv/bin/python" ] && PY="$SHOAL_HOME/venv/bin/python"
-"$PY" - "$RES" ffnn <<'PYEOF'
+SHOAL_SCRIPTS="$PWD/scripts" "$PY" - "$RES" ffnn <<'PYEOF'
 import csv, glob, os, re, sys
 res, model = sys.argv[1], sys.argv[2]
-def cpu_us(path, tput):
-    # Server CPU µs per request (see perf_analyzer.sh).
-    try:
-        ticks, hz, w0, w1 = open(path).read().split()
-        return float(ticks) / float(hz) / (float(w1) - float(w0)) * 1e6 / tput
-    except (OSError, ValueError, ZeroDivisionError):
-        return float("nan")
+sys.path.insert(0, os.environ["SHOAL_SCRIPTS"])
+from perf_cpu import cpu_us
 def load(server):
     rows = {}
     for path in glob.glob(os.path.join(res, server, f"{model}_*_c*.csv")):

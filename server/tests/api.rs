@@ -399,36 +399,20 @@ async fn metrics_pass_promtool_and_count_requests() {
 /// request runs on the network thread, with the answer in-process ORT gives.
 #[tokio::test]
 async fn a_cheap_model_runs_inline_with_the_same_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("ffnn");
-    std::fs::create_dir(&model).unwrap();
-    std::os::unix::fs::symlink(common::model_repository().join("ffnn/2"), model.join("2")).unwrap();
     // The widest bound, so a loaded test machine cannot push the smoothed
     // cost of this small model past it.
-    std::fs::write(
-        model.join("config.toml"),
-        "inline_execution_max_us = 10000\n",
-    )
-    .unwrap();
-    let s = Server::start_with_repo(dir.path(), &[]);
+    let repo = common::repo_of("ffnn", "ffnn", "inline_execution_max_us = 10000\n");
+    let s = Server::start_with_repo(repo.path(), &[]);
     let c = reqwest::Client::new();
     let n = 30;
     for seed in 0..n {
         let input = ffnn_input(1, seed);
-        let r: Value = c
-            .post(format!("{}/v2/models/ffnn/infer", s.http))
-            .json(&json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": input}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let got: Vec<f32> = serde_json::from_value(r["outputs"][0]["data"].clone()).unwrap();
-        let want = reference_ffnn(2, &input);
-        assert!(
-            got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
-            "{got:?} vs {want:?}"
+        let url = format!("{}/v2/models/ffnn/infer", s.http);
+        let r = common::post_json(&c, url, &common::ffnn_infer_body(&input)).await;
+        common::assert_close(
+            &common::f32s(&r["outputs"][0]["data"]),
+            &reference_ffnn(1, &input),
+            1e-5,
         );
     }
     let text = common::get_text(&c, format!("{}/metrics", s.metrics)).await;
@@ -441,14 +425,14 @@ async fn a_cheap_model_runs_inline_with_the_same_answers() {
     };
     // The first eight ran on the replica thread, to measure the model.
     let inline =
-        value("shoal_replica_inline_executions_total{model=\"ffnn\",version=\"2\",replica=\"0\"}");
+        value("shoal_replica_inline_executions_total{model=\"ffnn\",version=\"1\",replica=\"0\"}");
     assert_eq!(inline, (n - 8) as f64);
     assert_eq!(
-        value("shoal_inline_execution_seconds_count{model=\"ffnn\",version=\"2\"}"),
+        value("shoal_inline_execution_seconds_count{model=\"ffnn\",version=\"1\"}"),
         inline
     );
     assert_eq!(
-        value("shoal_inference_count_total{model=\"ffnn\",version=\"2\"}"),
+        value("shoal_inference_count_total{model=\"ffnn\",version=\"1\"}"),
         n as f64
     );
     common::promtool_check(&text);

@@ -14,22 +14,9 @@ use std::time::Duration;
 /// Batches a replica measures before it lets a request run inline.
 const MEASURED_FIRST: usize = 8;
 
-fn engine_of(
-    config: &str,
-    make: impl Fn(Arc<MockLog>) -> MockBackend + Send + Sync + 'static,
-) -> (Engine, Arc<MockLog>) {
+fn engine_of(config: &str, make: impl Fn(Arc<MockLog>) -> MockBackend) -> (Engine, Arc<MockLog>) {
     let log = Arc::new(MockLog::default());
-    let engine = Engine::new();
-    let file = ModelConfigFile::parse("m", config).unwrap();
-    let l = log.clone();
-    engine
-        .add_version(
-            "m",
-            1,
-            &file,
-            Arc::new(move || Ok(Box::new(make(l.clone())) as Box<dyn Backend>)),
-        )
-        .unwrap();
+    let engine = make(log.clone()).serve("m", config).unwrap();
     (engine, log)
 }
 
@@ -126,18 +113,8 @@ async fn a_zero_bound_or_a_batching_delay_keeps_every_run_on_the_replica() {
 
 #[test]
 fn a_bound_past_ten_milliseconds_is_refused() {
-    let engine = Engine::new();
-    let file = ModelConfigFile::parse("m", "inline_execution_max_us = 20000\n").unwrap();
-    let log = Arc::new(MockLog::default());
-    let err = engine
-        .add_version(
-            "m",
-            1,
-            &file,
-            Arc::new(move || {
-                Ok(Box::new(MockBackend::new(1, Duration::ZERO, log.clone())) as Box<dyn Backend>)
-            }),
-        )
+    let err = MockBackend::new(1, Duration::ZERO, Default::default())
+        .serve("m", "inline_execution_max_us = 20000\n")
         .unwrap_err();
     assert!(err.to_string().contains("inline_execution_max_us"), "{err}");
 }

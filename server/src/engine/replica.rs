@@ -418,8 +418,8 @@ impl Replica {
         Ok(())
     }
 
-    /// Runs `p` here, on the calling thread, when it is alone: the replica
-    /// idle, its queue empty, the policy one that would dispatch it at once
+    /// Runs `p` here, on the calling thread, when it is alone: the replica's
+    /// queue empty and its backend free, the policy one that would dispatch it at once
     /// and learns nothing, its key's turn (if it has a key), and the
     /// replica's executions cheap (under the model's
     /// `inline_execution_max_us`, smoothed, after a few measured). The
