@@ -45,7 +45,12 @@ fn grpc_outcome(
             let m = s.message();
             if m.contains("shutting down") || m.contains("draining") || m.contains("not ready") {
                 Outcome::Refused
-            } else if format!("{s:?}").contains("ConnectionRefused") {
+            } else if format!("{s:?}").contains("ConnectionRefused")
+                || s.message().contains("tcp connect error")
+            {
+                // The client's new connection never opened (refused, or
+                // reset from the listen backlog as the listener closed):
+                // the request never left it.
                 Outcome::NotSent
             } else {
                 // The server's GOAWAY refused a stream the client opened
