@@ -32,6 +32,8 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 # Its own target dir: the instrumented build shares nothing with the
 # workspace's, and kept under $SHOAL_HOME it is paid once per machine.
 export CARGO_TARGET_DIR="${SHOAL_FUZZ_TARGET:-$SHOAL_HOME/fuzz/target}"
+# What newer builds superseded goes (scripts/prune_target.py says why).
+python3 scripts/prune_target.py "$CARGO_TARGET_DIR"
 # --target keeps the flags off build scripts and proc macros, which must
 # not be instrumented (they would need libFuzzer's runtime to link).
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

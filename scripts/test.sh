@@ -43,6 +43,10 @@ fi
 (
   . "$SHOAL_HOME/torch/env.sh"
   export CARGO_TARGET_DIR="${SHOAL_TORCH_TARGET:-$SHOAL_HOME/torch/target}"
+  # A cache that outlives checkouts: no incremental state, and what newer
+  # builds superseded is removed (it once filled the disk mid-CI).
+  export CARGO_INCREMENTAL=0
+  python3 scripts/prune_target.py "$CARGO_TARGET_DIR"
   step "torch feature: clippy and tests (first time: about 10 minutes of C++ and Rust builds)"
   cargo clippy -p shoal -p shoal-loadgen --features shoal-loadgen/torch --all-targets -- -D warnings
   # Builds the torch-enabled `shoal` that loadgen's external mode starts.
