@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 BATCH = "batch"
-MODELS = ("ffnn", "resnet50", "types", "accumulator", "trajectory", "identity_600k", "sequence")
+MODELS = ("ffnn", "resnet50", "types", "accumulator", "decay", "trajectory", "identity_600k", "sequence")
 
 
 # --------------------------------------------------------------------------
@@ -242,6 +242,28 @@ def build_accumulator(seed: int) -> onnx.ModelProto:
     return make_model(graph, "Accumulator with keyed state: h_out = h_in + x, y = h_out")
 
 
+def build_decay(seed: int) -> onnx.ModelProto:
+    """Keyed sequence state that depends on the order of a key's events,
+    not only on their sum: h_out = 0.5 * h_in + x, y = h_out. Replaying a
+    key's events in another order, twice, or from a reset state gives
+    other answers, so the Kafka tests can check order and state exactly
+    (every value is a float32 sum of dyadic fractions: no rounding noise
+    for small integer inputs)."""
+    del seed
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, 4])
+    h_in = helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [BATCH, 4])
+    h_out = helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [BATCH, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, 4])
+    nodes = [
+        helper.make_node("Mul", ["h_in", "half"], ["kept"], name="decay"),
+        helper.make_node("Add", ["kept", "x"], ["h_out"], name="accumulate"),
+        helper.make_node("Identity", ["h_out"], ["y"], name="emit"),
+    ]
+    graph = helper.make_graph(nodes, "decay", [x, h_in], [y, h_out],
+                              initializer=[init("half", np.full((1, 4), 0.5, np.float32))])
+    return make_model(graph, "Order-sensitive keyed state: h_out = 0.5 * h_in + x, y = h_out")
+
+
 def build_sequence(seed: int) -> onnx.ModelProto:
     """A Triton sequence model in the shape of Triton's `simple_sequence`
     example, with implicit state: the server feeds START, READY (INT32 0/1),
@@ -417,6 +439,8 @@ def main(argv=None) -> int:
             ("accumulator_rr/1", out / "accumulator_rr" / "1", args.seed, out / "accumulator" / "1"),
             ("accumulator_random/1", out / "accumulator_random" / "1", args.seed, out / "accumulator" / "1"),
         ]
+    if "decay" in only:
+        jobs.append(("decay/1", out / "decay" / "1", args.seed, build_decay))
     if "sequence" in only:
         jobs.append(("sequence/1", out / "sequence" / "1", args.seed, build_sequence))
     if "trajectory" in only:

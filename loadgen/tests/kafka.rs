@@ -5,74 +5,11 @@ use shoal_loadgen::analyze::summarize;
 use shoal_loadgen::pipeline::{run_on, EndTime, Experiment, Load, Transport};
 use shoal_loadgen::schedule::Schedule;
 use shoal_loadgen::scorer::Scorer;
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn tansu_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("SHOAL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/shoal")
-        });
-    let p = home.join("tansu/bin/tansu");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/setup.sh (it builds the tansu broker)",
-        p.display()
-    );
-    p
-}
-
-struct Broker {
-    child: Child,
-    addr: String,
-}
-
-impl Broker {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let addr = format!("127.0.0.1:{port}");
-        let t = Instant::now();
-        while TcpStream::connect(&addr).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "tansu did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, addr }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "../../server/tests/common/broker.rs"]
+mod broker;
+use broker::Broker;
 
 #[tokio::test]
 async fn events_go_through_kafka_and_the_books_balance() {

@@ -214,6 +214,9 @@ pub struct Args {
     /// does not decide (a sampled traceparent is always followed).
     #[arg(long, env = "SHOAL_TRACE_RATE", default_value_t = 1.0)]
     pub trace_rate: f64,
+
+    #[command(flatten)]
+    pub kafka: crate::kafka::KafkaArgs,
 }
 
 impl Args {

@@ -9,6 +9,7 @@ pub mod connections;
 pub mod engine;
 pub mod gpu;
 pub mod healthcheck;
+pub mod kafka;
 pub mod launch;
 pub mod listen;
 pub mod server;

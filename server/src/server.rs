@@ -35,6 +35,8 @@ pub enum ServeError {
     Metrics(String),
     #[error("{0} server failed: {1}")]
     Serve(&'static str, String),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
 }
 
 /// The addresses actually bound (port 0 resolved).
@@ -255,6 +257,28 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     let grpc_tasks = listen::serve_grpc(grpc_l, grpc_uds, grpc_tls, svc, &stop, limits, &slots)
         .map_err(|e| ServeError::Serve("grpc", e.to_string()))?;
 
+    // Kafka-native serving starts once the models are loaded; a broker
+    // that does not answer fails startup within seconds.
+    let kafka = match args.kafka.config()? {
+        None => None,
+        Some(cfg) => {
+            if let Some((m, v)) = &cfg.model {
+                if mode == ControlMode::None {
+                    engine
+                        .model(m, v.as_deref())
+                        .map_err(|e| ServeError::Config(format!("--kafka-model {m}: {e}")))?;
+                }
+            }
+            let (engine, rt) = (engine.clone(), tokio::runtime::Handle::current());
+            let k = tokio::task::spawn_blocking(move || {
+                crate::kafka::KafkaServing::start(engine, cfg, rt)
+            })
+            .await
+            .map_err(|e| ServeError::Serve("kafka", e.to_string()))??;
+            Some(k)
+        }
+    };
+
     tracing::info!(%bound, "listening");
     {
         let mut out = std::io::stdout().lock();
@@ -292,7 +316,27 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         });
     }
 
-    shutdown.await;
+    let kafka_failed = async {
+        match &kafka {
+            Some(k) => k.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown => {}
+        reason = kafka_failed => failure = Some(reason),
+    }
+    // Kafka intake stops first: what it took finishes and is committed
+    // while the engine still accepts work.
+    if let Some(k) = kafka {
+        let timeout = Duration::from_secs(args.shutdown_timeout_secs);
+        match tokio::task::spawn_blocking(move || k.stop(timeout)).await {
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("kafka consumer: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
     tracing::info!("shutting down: readiness off, refusing new requests, draining in-flight ones");
     engine.stop_accepting();
     stop.cancel();
@@ -324,7 +368,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
     let _ = admin_thread.join();
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(reason) => Err(crate::kafka::KafkaError::Fatal(reason).into()),
+        None => Ok(()),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

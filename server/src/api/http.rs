@@ -255,7 +255,7 @@ async fn infer_traced(
 ) -> Result<Response, ApiError> {
     let body = read_body(body, st.max_body_bytes).await?;
     let (mut request, binary_outputs, shm_outputs) =
-        decode_infer(&p.m, p.v.clone(), headers, body, &st.shm)?;
+        decode_infer(&p.m, p.v.clone(), headers, body, &st.shm, false)?;
     request.span = span.clone();
     let key = telemetry::access_log_keys()
         .then(|| request.correlation_key.clone())
@@ -318,12 +318,20 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 /// Which outputs go back as binary: the request-wide
 /// `binary_data_output` default, overridden per output by `binary_data`.
-struct BinaryOutputs {
+pub(crate) struct BinaryOutputs {
     default: bool,
     per_output: Vec<(String, bool)>,
 }
 
 impl BinaryOutputs {
+    /// Every output as binary (answers to requests that were raw bytes).
+    pub(crate) fn all() -> Self {
+        Self {
+            default: true,
+            per_output: Vec::new(),
+        }
+    }
+
     fn binary(&self, name: &str) -> bool {
         self.per_output
             .iter()
@@ -340,15 +348,19 @@ pub fn decode_rest_request(
     body: Bytes,
     shm: &SharedMemory,
 ) -> Result<InferRequest, ApiError> {
-    decode_infer(model, None, headers, body, shm).map(|(r, _, _)| r)
+    decode_infer(model, None, headers, body, shm, false).map(|(r, _, _)| r)
 }
 
-fn decode_infer(
+/// `binary_answer`: outputs go back as binary unless the request says
+/// otherwise (REST answers JSON by default; Kafka answers in the format
+/// of the request).
+pub(crate) fn decode_infer(
     model: &str,
     version: Option<String>,
     headers: &HeaderMap,
     body: Bytes,
     shm: &SharedMemory,
+    binary_answer: bool,
 ) -> Result<(InferRequest, BinaryOutputs, ShmOutputs), ApiError> {
     let (header, mut binary) = match headers.get(HEADER_LENGTH) {
         None => (body, Bytes::new()),
@@ -471,7 +483,7 @@ fn decode_infer(
         }
     };
     let binary_outputs = BinaryOutputs {
-        default: flag(&req.parameters, "binary_data_output")?.unwrap_or(false),
+        default: flag(&req.parameters, "binary_data_output")?.unwrap_or(binary_answer),
         per_output: req
             .outputs
             .iter()
@@ -554,6 +566,35 @@ struct AnswerTensor<'a> {
 }
 
 fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, written: &[Written]) -> Response {
+    let (body, header_length) = encode_answer(&resp, binary, written);
+    let Some(n) = header_length else {
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+    };
+    let mut r = Response::new(Body::from(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(HEADER_LENGTH, HeaderValue::from(n));
+    r
+}
+
+/// An infer answer's REST body, and the length of its JSON header when
+/// binary tensors follow it (`Inference-Header-Content-Length`); `None`:
+/// the body is JSON alone. Kafka-native serving writes the same bodies.
+pub(crate) fn encode_answer(
+    resp: &InferResponse,
+    binary: &BinaryOutputs,
+    written: &[Written],
+) -> (Bytes, Option<usize>) {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut blobs: Vec<&Bytes> = Vec::new();
     for t in &resp.outputs {
@@ -596,14 +637,7 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, written: &[Written]
     };
     let head = serde_json::to_vec(&head).expect("answer heads serialize");
     if blobs.is_empty() {
-        return (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            head,
-        )
-            .into_response();
+        return (Bytes::from(head), None);
     }
     let mut body =
         BytesMut::with_capacity(head.len() + blobs.iter().map(|b| b.len()).sum::<usize>());
@@ -611,12 +645,5 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, written: &[Written]
     for b in &blobs {
         body.extend_from_slice(b);
     }
-    let mut r = Response::new(Body::from(body.freeze()));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(HEADER_LENGTH, HeaderValue::from(head.len()));
-    r
+    (body.freeze(), Some(head.len()))
 }

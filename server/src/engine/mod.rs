@@ -107,6 +107,18 @@ enum SubmitState {
 }
 
 impl Submitted {
+    /// Why the engine refused the request at once (unknown model, invalid
+    /// input, a full queue), before it was queued; `None`: it is queued.
+    /// Lets a caller that can hold the request (a Kafka consumer) retry
+    /// after an overload instead of failing it.
+    pub fn refusal(&self) -> Option<&EngineError> {
+        match &self.state {
+            SubmitState::Unknown(e) => Some(e),
+            SubmitState::Queued { rx: Err(e), .. } => Some(e),
+            SubmitState::Queued { rx: Ok(_), .. } => None,
+        }
+    }
+
     /// The answer. Dropping this future cancels the request.
     pub async fn wait(self) -> Result<InferResponse, EngineError> {
         let (mv, rx, started, deadline, id) = match self.state {

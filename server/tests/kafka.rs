@@ -1,0 +1,589 @@
+//! Kafka-native serving against a real Kafka-protocol broker (tansu): the
+//! real binary joins a consumer group, scores keyed messages in offset
+//! order with their state, writes answers and error records, commits
+//! what is done, and fails fast when no broker answers.
+
+#[path = "common/broker.rs"]
+mod broker;
+mod common;
+
+use broker::Broker;
+use common::Server;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+const DECAY: &str = "max_batch_size = 32\ninstance_count = 2\nrouting = \"affinity\"\n\
+[dynamic_batching]\nmax_queue_delay_us = 100\nmax_queue_size = 8192\n\
+[keyed_state]\nmax_keys = 100000\nidle_timeout_s = 600\n\
+[[sequence_state]]\ninput = \"h_in\"\noutput = \"h_out\"\ninitial = 0.0\n";
+
+fn decay_repo() -> tempfile::TempDir {
+    common::repo_of("decay", "decay", DECAY)
+}
+
+async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+/// One message to produce: key, value, headers.
+struct Record {
+    key: Option<String>,
+    value: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+}
+
+/// Produces every record (partitioned by key, as a stream processor's
+/// producer would) and waits until the broker has them all.
+fn produce(brokers: &str, topic: &str, records: &[Record]) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    for r in records {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut rec = BaseRecord::<str, [u8]>::to(topic)
+            .payload(&r.value[..])
+            .headers(h);
+        if let Some(k) = &r.key {
+            rec = rec.key(k.as_str());
+        }
+        let mut rec = Some(rec);
+        while let Some(x) = rec.take() {
+            if let Err((e, back)) = p.send(x) {
+                assert!(
+                    matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ),
+                    "{e}"
+                );
+                p.poll(Duration::from_millis(5));
+                rec = Some(back);
+            }
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// Reads `n` messages of `topic` (every partition, from the start), or
+/// panics after `within`.
+fn consume(brokers: &str, topic: &str, n: usize, within: Duration) -> Vec<OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while got.len() < n {
+        assert!(
+            t.elapsed() < within,
+            "{topic}: {} of {n} messages after {within:?}",
+            got.len()
+        );
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            got.push(m.unwrap().detach());
+        }
+    }
+    // Nothing more arrives (no duplicates beyond what was counted).
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(500) {
+        if let Some(m) = c.poll(Duration::from_millis(50)) {
+            got.push(m.unwrap().detach());
+        }
+    }
+    got
+}
+
+fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
+/// The value of one series in a Prometheus text page (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+async fn metrics_of(s: &Server) -> String {
+    common::get_text(&reqwest::Client::new(), format!("{}/metrics", s.metrics)).await
+}
+
+/// Waits until the server's consumer has been assigned `n` partitions
+/// (net of revocations).
+async fn wait_assigned(s: &Server, n: f64) {
+    let t = Instant::now();
+    loop {
+        let m = metrics_of(s).await;
+        let held = metric(&m, "shoal_kafka_rebalances_total{kind=\"assign\"}")
+            - metric(&m, "shoal_kafka_rebalances_total{kind=\"revoke\"}");
+        if held == n {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{held} partitions assigned, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn kafka_args<'a>(brokers: &'a str, input: &'a str, output: &'a str) -> Vec<&'a str> {
+    vec![
+        "--kafka-brokers",
+        brokers,
+        "--kafka-input-topic",
+        input,
+        "--kafka-output-topic",
+        output,
+        "--kafka-model",
+        "decay",
+    ]
+}
+
+/// A JSON request body for the decay model.
+fn json_body(id: &str, x: [f32; 4]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x}]
+    }))
+    .unwrap()
+}
+
+/// A binary-extension body and its header length.
+fn binary_body(id: &str, x: [f32; 4]) -> (Vec<u8>, usize) {
+    let mut body = serde_json::to_vec(&json!({
+        "id": id,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                    "parameters": {"binary_data_size": 16}}]
+    }))
+    .unwrap();
+    let n = body.len();
+    for v in x {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    (body, n)
+}
+
+/// The answer's id and its output `y`, JSON or binary extension.
+fn answer_y(m: &OwnedMessage) -> (String, Vec<f32>) {
+    let value = m.payload().unwrap();
+    let (head, blobs) = match header(m, "Inference-Header-Content-Length") {
+        Some(n) => {
+            let n: usize = n.parse().unwrap();
+            (&value[..n], &value[n..])
+        }
+        None => (value, &[][..]),
+    };
+    let head: Value = serde_json::from_slice(head).unwrap();
+    let mut at = 0;
+    let mut y = None;
+    for o in head["outputs"].as_array().unwrap() {
+        let data = match o["parameters"]["binary_data_size"].as_u64() {
+            Some(n) => {
+                let b = &blobs[at..at + n as usize];
+                at += n as usize;
+                b.chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            }
+            None => common::f32s(&o["data"]),
+        };
+        if o["name"] == "y" {
+            y = Some(data);
+        }
+    }
+    let id = head["id"].as_str().unwrap_or_default().to_string();
+    (id, y.expect("output y"))
+}
+
+/// The event `i` of key `k` (small integers: the fold is exact).
+fn event(k: usize, i: usize) -> [f32; 4] {
+    [(i % 7) as f32, 1.0, -((i % 3) as f32), (k % 5) as f32]
+}
+
+#[tokio::test]
+async fn two_processes_in_a_group_score_every_key_in_order_with_its_state() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    let repo = decay_repo();
+    let args = kafka_args(b, "in", "out");
+    let first = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&first, 4.0).await;
+    let second = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&second, 2.0).await;
+    wait_assigned(&first, 2.0).await;
+
+    // 50k keyed events of 500 keys, half as JSON and half as the binary
+    // extension, produced before any is scored would be fine too: the
+    // processes keep up or lag, and either way each key stays in order.
+    let (keys, per_key) = (500, 100);
+    let mut records = Vec::with_capacity(keys * per_key);
+    for i in 0..per_key {
+        for k in 0..keys {
+            let id = format!("{k}/{i}");
+            let (value, headers) = if (k + i) % 2 == 0 {
+                (json_body(&id, event(k, i)), vec![("trace", id.clone())])
+            } else {
+                let (v, n) = binary_body(&id, event(k, i));
+                (
+                    v,
+                    vec![
+                        ("trace", id.clone()),
+                        ("Inference-Header-Content-Length", n.to_string()),
+                    ],
+                )
+            };
+            records.push(Record {
+                key: Some(format!("key-{k}")),
+                value,
+                headers,
+            });
+        }
+    }
+    let t = Instant::now();
+    produce(b, "in", &records);
+    let out = consume(b, "out", keys * per_key, Duration::from_secs(240));
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{} answers in {secs:.1} s ({:.0}/s)",
+        out.len(),
+        out.len() as f64 / secs
+    );
+
+    // The expectation: each key's fold h = 0.5 h + x over its events in
+    // order, in f32 as the model computes it.
+    let mut want: HashMap<String, Vec<f32>> = HashMap::new();
+    for k in 0..keys {
+        let mut h = [0f32; 4];
+        for i in 0..per_key {
+            let x = event(k, i);
+            for j in 0..4 {
+                h[j] = h[j] * 0.5 + x[j];
+            }
+            want.insert(format!("{k}/{i}"), h.to_vec());
+        }
+    }
+    let mut seen = HashSet::new();
+    for m in &out {
+        let (id, y) = answer_y(m);
+        assert_eq!(y, want[&id], "answer {id}");
+        let k = id.split('/').next().unwrap();
+        assert_eq!(m.key(), Some(format!("key-{k}").as_bytes()), "answer {id}");
+        assert_eq!(header(m, "trace"), Some(id.as_str()), "headers carried");
+        let binary = header(m, "Inference-Header-Content-Length").is_some();
+        let i: usize = id.split('/').nth(1).unwrap().parse().unwrap();
+        assert_eq!(
+            binary,
+            (k.parse::<usize>().unwrap() + i) % 2 == 1,
+            "answer {id} in the request's format"
+        );
+        let p = header(m, "shoal-input-partition").unwrap();
+        let o = header(m, "shoal-input-offset").unwrap();
+        assert!(header(m, "shoal-compute-us").is_some());
+        assert!(header(m, "shoal-queue-us").is_some());
+        assert!(
+            seen.insert((p.to_string(), o.to_string())),
+            "partition {p} offset {o} answered twice"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        keys * per_key,
+        "every input offset answered once"
+    );
+
+    let (m1, m2) = (metrics_of(&first).await, metrics_of(&second).await);
+    let scored = |m: &str| metric(m, "shoal_kafka_messages_total{outcome=\"scored\"}");
+    assert!(
+        scored(&m1) > 0.0 && scored(&m2) > 0.0,
+        "both processes scored"
+    );
+    assert_eq!(scored(&m1) + scored(&m2), (keys * per_key) as f64);
+    common::promtool_check(&m1);
+
+    // A clean stop commits everything: the group's offsets are the ends.
+    assert_eq!(first.stop(), Some(0));
+    assert_eq!(second.stop(), Some(0));
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .set("group.id", "shoal-decay")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition("in", p);
+    }
+    // Against the answers' input offsets: tansu's high watermarks lag.
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let mut total = 0;
+    for e in committed.elements() {
+        let p = e.partition().to_string();
+        let end = seen
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| o.parse::<i64>().unwrap() + 1)
+            .max()
+            .unwrap();
+        assert_eq!(e.offset(), Offset::Offset(end), "partition {p}");
+        total += end;
+    }
+    assert_eq!(total as usize, keys * per_key);
+}
+
+#[tokio::test]
+async fn bad_messages_go_to_the_error_topic_and_the_partition_keeps_moving() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 1), ("out", 1), ("dlq", 1)]).await;
+    let repo = decay_repo();
+    let mut args = kafka_args(b, "in", "out");
+    args.extend(["--kafka-error-topic", "dlq"]);
+    let s = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&s, 1.0).await;
+
+    let keyed = |value: Vec<u8>, headers: Vec<(&'static str, String)>| Record {
+        key: Some("k".into()),
+        value,
+        headers,
+    };
+    let wrong_type = serde_json::to_vec(&json!({
+        "inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]}]
+    }))
+    .unwrap();
+    let two_rows = serde_json::to_vec(&json!({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [0, 0, 0, 0, 0, 0, 0, 0]}]
+    }))
+    .unwrap();
+    let records = vec![
+        keyed(json_body("a", [1.0; 4]), vec![]),
+        keyed(b"{ not json".to_vec(), vec![("note", "garbage".into())]),
+        keyed(wrong_type, vec![]),
+        keyed(json_body("c", [1.0; 4]), vec![("model", "nope".into())]),
+        Record {
+            key: None,
+            value: json_body("d", [1.0; 4]),
+            headers: vec![],
+        },
+        keyed(two_rows, vec![]),
+        keyed(
+            b"{}".to_vec(),
+            vec![("Inference-Header-Content-Length", "999".into())],
+        ),
+        keyed(json_body("b", [2.0; 4]), vec![]),
+    ];
+    produce(b, "in", &records);
+    let out = consume(b, "out", 2, Duration::from_secs(60));
+    let mut dlq = consume(b, "dlq", 6, Duration::from_secs(60));
+    // Error records are written as each refusal happens, not in order.
+    dlq.sort_by_key(|m| {
+        header(m, "shoal-input-offset")
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    });
+    assert_eq!(out.len(), 2);
+    assert_eq!(dlq.len(), 6);
+    // The errors changed no state: b follows a directly.
+    assert_eq!(answer_y(&out[0]), ("a".to_string(), vec![1.0; 4]));
+    assert_eq!(answer_y(&out[1]), ("b".to_string(), vec![2.5; 4]));
+    assert_eq!(header(&out[1], "shoal-input-offset"), Some("7"));
+
+    let reasons: Vec<(&str, &str, &str)> = dlq
+        .iter()
+        .map(|m| {
+            (
+                header(m, "shoal-input-offset").unwrap(),
+                header(m, "shoal-error-reason").unwrap(),
+                header(m, "shoal-error").unwrap(),
+            )
+        })
+        .collect();
+    let expect = [
+        ("1", "invalid_argument", "invalid JSON"),
+        ("2", "invalid_argument", "INT32"),
+        ("3", "not_found", "nope"),
+        ("4", "invalid_argument", "correlation key"),
+        ("5", "invalid_argument", "one row"),
+        (
+            "6",
+            "invalid_argument",
+            "Inference-Header-Content-Length 999",
+        ),
+    ];
+    for ((o, r, text), (wo, wr, wtext)) in reasons.iter().zip(expect) {
+        assert_eq!((*o, *r), (wo, wr), "{text}");
+        assert!(text.contains(wtext), "offset {o}: {text:?} lacks {wtext:?}");
+    }
+    // The error record keeps the input as it came, to be replayed.
+    assert_eq!(dlq[0].payload(), Some(&b"{ not json"[..]));
+    assert_eq!(header(&dlq[0], "note"), Some("garbage"));
+    assert_eq!(dlq[0].key(), Some(&b"k"[..]));
+
+    let m = metrics_of(&s).await;
+    assert_eq!(
+        metric(&m, "shoal_kafka_messages_total{outcome=\"scored\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "shoal_kafka_messages_total{outcome=\"failed\"}"),
+        6.0
+    );
+    assert_eq!(metric(&m, "shoal_kafka_error_records_total"), 6.0);
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn raw_tensors_are_scored_and_a_small_in_flight_bound_pauses_without_loss() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 2), ("out", 1)]).await;
+    let repo = decay_repo();
+    let mut args = kafka_args(b, "in", "out");
+    args.extend(["--kafka-input-format", "raw", "--kafka-max-in-flight", "4"]);
+    let s = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&s, 2.0).await;
+
+    let (keys, per_key) = (20, 100);
+    let mut records = Vec::new();
+    for i in 0..per_key {
+        for k in 0..keys {
+            let mut value: Vec<u8> = event(k, i).iter().flat_map(|v| v.to_le_bytes()).collect();
+            if k == 0 && i == 50 {
+                value.truncate(10); // not a whole row: refused, logged
+            }
+            records.push(Record {
+                key: Some(format!("{k}")),
+                value,
+                headers: vec![("i", i.to_string())],
+            });
+        }
+    }
+    produce(b, "in", &records);
+    let n = keys * per_key - 1;
+    let out = consume(b, "out", n, Duration::from_secs(120));
+    assert_eq!(out.len(), n, "each input answered once");
+    for m in &out {
+        let k: usize = std::str::from_utf8(m.key().unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let i: usize = header(m, "i").unwrap().parse().unwrap();
+        let mut h = [0f32; 4];
+        for e in (0..=i).filter(|&e| !(k == 0 && e == 50)) {
+            let x = event(k, e);
+            for j in 0..4 {
+                h[j] = h[j] * 0.5 + x[j];
+            }
+        }
+        let (_, y) = answer_y(m);
+        assert_eq!(y, h.to_vec(), "key {k} event {i}");
+    }
+    let m = metrics_of(&s).await;
+    assert!(
+        metric(&m, "shoal_kafka_pauses_total") > 0.0,
+        "4 in flight against 2000 messages pauses the partitions"
+    );
+    assert_eq!(
+        metric(&m, "shoal_kafka_messages_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn startup_fails_within_seconds_when_no_broker_answers() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let repo = decay_repo();
+    let t = Instant::now();
+    let err = common::failed_start(&[
+        "--model-repository",
+        repo.path().to_str().unwrap(),
+        "--kafka-brokers",
+        &closed,
+        "--kafka-input-topic",
+        "in",
+        "--kafka-output-topic",
+        "out",
+        "--kafka-model",
+        "decay",
+    ]);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(err.contains("kafka at") && err.contains(&closed), "{err}");
+    let err = common::failed_start(&[
+        "--model-repository",
+        repo.path().to_str().unwrap(),
+        "--kafka-brokers",
+        &closed,
+        "--kafka-input-topic",
+        "in",
+        "--kafka-output-topic",
+        "out",
+        "--kafka-model",
+        "absent",
+    ]);
+    assert!(err.contains("--kafka-model absent"), "{err}");
+}
