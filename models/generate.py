@@ -13,6 +13,7 @@ package (no torch):
     ffnn_nobatch/1/model.onnx  copy of ffnn/1 (served with another config)
     resnet50/1/model.onnx      ResNet50 v1 (torchvision layout), ~100 MB
     types/1/model.onnx         one Identity per KServe datatype
+    decay/1/model.onnx         keyed state h = 0.5 h + x: answers depend on event order
     identity_600k/1/model.onnx Identity on a ResNet50-sized input [N,3,224,224]
                                fp32 (~600 KB a row): transport cost, no compute
 

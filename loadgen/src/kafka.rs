@@ -5,14 +5,14 @@
 //! processor task is assigned its own partition, as a Kafka consumer group
 //! with `mp` members over `mp` partitions would settle.
 
-use crate::transport::{Message, SendError};
+use crate::transport::{Message, SendError, Stamp};
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message as _, Timestamp};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, Timestamp};
 use rdkafka::producer::{
     BaseProducer, BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer,
     ProducerContext,
@@ -36,7 +36,27 @@ pub struct Topics {
     pub brokers: String,
     pub input: String,
     pub output: String,
+    /// Where a server that consumes the input itself writes what it could
+    /// not score (kafka-native mode).
+    pub errors: Option<String>,
     pub partitions: usize,
+}
+
+/// The headers that carry a [`Stamp`] (decimal text, so they read well in
+/// any Kafka tool).
+const SEQ_HEADER: &str = "loadgen-seq";
+const SCHEDULED_HEADER: &str = "loadgen-scheduled-ns";
+/// The header shoal puts on error records.
+const REASON_HEADER: &str = "shoal-error-reason";
+
+/// What the sink needs of an output message in kafka-native mode.
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    pub stamp: Option<Stamp>,
+    /// shoal's reason, on error records.
+    pub reason: Option<String>,
+    /// The broker's LogAppendTime, ms since the epoch, when it gives one.
+    pub log_append_ms: Option<i64>,
 }
 
 fn client(brokers: &str) -> ClientConfig {
@@ -53,6 +73,17 @@ impl Topics {
         partitions: usize,
         tag: &str,
     ) -> Result<Self, KafkaSetupError> {
+        Self::create_with(brokers, partitions, tag, false).await
+    }
+
+    /// [`Topics::create`], with a one-partition error topic too when
+    /// `errors`.
+    pub async fn create_with(
+        brokers: &str,
+        partitions: usize,
+        tag: &str,
+        errors: bool,
+    ) -> Result<Self, KafkaSetupError> {
         let admin: AdminClient<DefaultClientContext> =
             client(brokers)
                 .create()
@@ -64,12 +95,16 @@ impl Topics {
             brokers: brokers.into(),
             input: format!("shoal-in-{tag}"),
             output: format!("shoal-out-{tag}"),
+            errors: errors.then(|| format!("shoal-err-{tag}")),
             partitions: partitions.max(1),
         };
-        let topics = [
+        let mut topics = vec![
             NewTopic::new(&t.input, t.partitions as i32, TopicReplication::Fixed(1)),
             NewTopic::new(&t.output, 1, TopicReplication::Fixed(1)),
         ];
+        if let Some(e) = &t.errors {
+            topics.push(NewTopic::new(e, 1, TopicReplication::Fixed(1)));
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
             .create_topics(&topics, &opts)
@@ -93,9 +128,9 @@ impl Topics {
 
     pub async fn delete(&self) {
         if let Ok(admin) = client(&self.brokers).create::<AdminClient<DefaultClientContext>>() {
-            let _ = admin
-                .delete_topics(&[&self.input, &self.output], &AdminOptions::new())
-                .await;
+            let mut names = vec![self.input.as_str(), self.output.as_str()];
+            names.extend(self.errors.as_deref());
+            let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
         }
     }
 
@@ -198,6 +233,20 @@ impl SyncSender {
 
     pub fn try_send(&self, m: Message, partition: Option<usize>) -> Result<(), SendError> {
         let mut r: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.topic).payload(&m.payload[..]);
+        if let Some(s) = m.stamp {
+            let (seq, at) = (s.seq.to_string(), s.scheduled_ns.to_string());
+            r = r.headers(
+                OwnedHeaders::new_with_capacity(2)
+                    .insert(Header {
+                        key: SEQ_HEADER,
+                        value: Some(seq.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: SCHEDULED_HEADER,
+                        value: Some(at.as_bytes()),
+                    }),
+            );
+        }
         if let Some(k) = m.key.as_deref() {
             r = r.key(k);
         }
@@ -281,6 +330,50 @@ impl Receiver {
             .and_then(|k| std::str::from_utf8(k).ok())
             .map(str::to_string);
         let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
-        Some((Message { key, payload }, log_append))
+        let stamp = stamp_of(&m);
+        Some((
+            Message {
+                key,
+                payload,
+                stamp,
+            },
+            log_append,
+        ))
     }
+
+    /// The next message's stamp and error reason, without its payload.
+    pub async fn recv_stamped(&mut self) -> Option<Stamped> {
+        let m = self.consumer.recv().await.ok()?;
+        let log_append_ms = match m.timestamp() {
+            Timestamp::LogAppendTime(ms) => Some(ms),
+            _ => None,
+        };
+        let reason = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == REASON_HEADER)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        Some(Stamped {
+            stamp: stamp_of(&m),
+            reason,
+            log_append_ms,
+        })
+    }
+}
+
+/// The [`Stamp`] in a message's headers, if it has a whole one.
+fn stamp_of(m: &impl rdkafka::message::Message) -> Option<Stamp> {
+    let h = m.headers()?;
+    let num = |key: &str| {
+        h.iter()
+            .find(|h| h.key == key)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some(Stamp {
+        seq: num(SEQ_HEADER)?,
+        scheduled_ns: num(SCHEDULED_HEADER)?,
+    })
 }

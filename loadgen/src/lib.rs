@@ -8,6 +8,7 @@ pub mod analyze;
 pub mod batching;
 pub mod event;
 pub mod kafka;
+pub mod native;
 pub mod npy;
 pub mod pipeline;
 pub mod plot;
@@ -186,6 +187,9 @@ pub enum Mode {
     Rest,
     /// No scoring: the pipeline's own speed.
     Noop,
+    /// shoal consumes the input topic and writes the output topic itself
+    /// (`--kafka-*`): no processor, no per-event RPC. Needs `--brokers`.
+    KafkaNative,
 }
 
 impl Mode {
@@ -195,6 +199,7 @@ impl Mode {
             Mode::Grpc => "grpc",
             Mode::Rest => "rest",
             Mode::Noop => "noop",
+            Mode::KafkaNative => "kafka-native",
         }
     }
 }
@@ -411,6 +416,11 @@ pub async fn scorer_for(mode: Mode, m: &ModelOpts) -> Result<ScorerSetup, SetupE
     };
     let scorer = match mode {
         Mode::Noop => scorer::Scorer::Noop,
+        Mode::KafkaNative => scorer::Scorer::KafkaNative(native::Target {
+            bin: m.shoal_bin.clone().unwrap_or_else(server::default_binary),
+            repository: m.model_repository.clone(),
+            model: m.model.clone(),
+        }),
         Mode::Embedded => {
             let repo = m.model_repository.clone();
             let engine = tokio::task::spawn_blocking(move || {

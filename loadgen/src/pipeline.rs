@@ -5,7 +5,7 @@
 use crate::event::{Event, Outcome, Output};
 use crate::schedule::Schedule;
 use crate::scorer::Scorer;
-use crate::transport::{topic, Message, SendError, TopicSender};
+use crate::transport::{topic, Message, SendError, Stamp, TopicSender};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -179,7 +179,7 @@ pub enum Transport {
     Kafka { brokers: String },
 }
 
-enum InputSide {
+pub(crate) enum InputSide {
     Memory(TopicSender),
     Kafka(crate::kafka::SyncSender),
 }
@@ -191,7 +191,7 @@ impl InputSide {
             InputSide::Kafka(k) => k.partitions(),
         }
     }
-    fn try_send(&self, m: Message, partition: Option<usize>) -> Result<(), SendError> {
+    pub(crate) fn try_send(&self, m: Message, partition: Option<usize>) -> Result<(), SendError> {
         match (self, partition) {
             (InputSide::Memory(t), None) => t.try_send(m),
             (InputSide::Memory(t), Some(p)) => t.try_send_to(p, m),
@@ -199,7 +199,7 @@ impl InputSide {
         }
     }
     /// Waits until queued messages are with the broker.
-    fn flush(&self) {
+    pub(crate) fn flush(&self) {
         if let InputSide::Kafka(k) = self {
             k.flush();
         }
@@ -252,6 +252,7 @@ fn ready() -> Message {
     Message {
         key: None,
         payload: Bytes::from_static(&[0xff]),
+        stamp: None,
     }
 }
 
@@ -296,6 +297,7 @@ fn eos() -> Message {
     Message {
         key: None,
         payload: Bytes::new(),
+        stamp: None,
     }
 }
 
@@ -305,6 +307,8 @@ pub enum RunError {
     Kafka(#[from] crate::kafka::KafkaSetupError),
     #[error("topics did not come up: {0}")]
     WarmUp(String),
+    #[error("kafka-native mode needs a broker (--brokers)")]
+    NeedsBroker,
 }
 
 /// Runs the experiment on in-memory topics.
@@ -331,6 +335,12 @@ pub async fn run_live(
     transport: &Transport,
     live: Option<Arc<crate::progress::Live>>,
 ) -> Result<RunResult, RunError> {
+    if let Scorer::KafkaNative(target) = &scorer {
+        return match transport {
+            Transport::Kafka { brokers } => crate::native::run(exp, target, brokers, live).await,
+            Transport::Memory => Err(RunError::NeedsBroker),
+        };
+    }
     let mp = exp.mp.max(1);
     let sink_live = live.clone();
     let (input, partitions, output, sink_rx, kafka_topics) = match transport {
@@ -455,6 +465,7 @@ pub async fn run_live(
                     .send(Message {
                         key: e.key,
                         payload: out.encode(),
+                        stamp: None,
                     })
                     .await
                     .is_err()
@@ -471,12 +482,77 @@ pub async fn run_live(
     };
     drop(output);
 
-    // The producer has an OS thread of its own, so it keeps its schedule
-    // whatever the runtime is doing.
     let rejected = Arc::new(AtomicU64::new(0));
+    let producer = spawn_producer(
+        exp,
+        input,
+        t0,
+        live,
+        ack_rx,
+        rejected.clone(),
+        Encoding::Event,
+    );
+    let (produced, lost_at_input) =
+        tokio::task::spawn_blocking(move || producer.join().expect("producer thread"))
+            .await
+            .expect("join");
+    for p in processors {
+        let _ = p.await;
+    }
+    let (records, log_append_used) = sink.await.expect("sink task");
+    let output_lost = output_failures.map_or(0, |k| {
+        k.flush();
+        k.failed.load(Relaxed)
+    });
+    if let Some(t) = kafka_topics {
+        t.delete().await;
+    }
+    let offered_rate = match &exp.load {
+        Load::Open(_) => produced as f64 / exp.duration.as_secs_f64(),
+        Load::Closed => records.len() as f64 / exp.duration.as_secs_f64(),
+    };
+    Ok(RunResult {
+        produced,
+        input_rejected: rejected.load(Relaxed),
+        input_lost: lost_at_input,
+        output_lost,
+        malformed: malformed.load(Relaxed),
+        records,
+        duration: exp.duration,
+        offered_rate,
+        end_time: if log_append_used {
+            EndTime::LogAppendTime
+        } else {
+            EndTime::SinkReceive
+        },
+    })
+}
+
+/// How the producer writes an event to the input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// loadgen's own event encoding, each partition ended by a marker, for
+    /// loadgen's processors.
+    Event,
+    /// The raw tensor bytes, the event's identity in headers and no end
+    /// markers, for a server that consumes the topic itself.
+    Raw,
+}
+
+/// Starts the producer on an OS thread of its own, so it keeps its schedule
+/// whatever the runtime is doing. It returns the events it produced and
+/// those the broker refused after taking them.
+pub(crate) fn spawn_producer(
+    exp: &Experiment,
+    input: InputSide,
+    t0: Instant,
+    live: Option<Arc<crate::progress::Live>>,
+    ack_rx: std::sync::mpsc::Receiver<u64>,
+    rej: Arc<AtomicU64>,
+    encoding: Encoding,
+) -> std::thread::JoinHandle<(u64, u64)> {
     let exp2 = exp.clone();
-    let rej = rejected.clone();
-    let producer = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let pool = payloads(&exp2);
         let mut rng = Rng::new(exp2.seed ^ 0x5eed);
         let offsets = match &exp2.load {
@@ -489,20 +565,28 @@ pub async fn run_live(
             let key = sampler
                 .as_ref()
                 .map(|k| format!("key-{}", k.sample(&mut rng)));
-            let e = Event {
-                seq,
-                scheduled_ns: scheduled.as_nanos() as u64,
-                key: key.clone(),
-                rows: exp2.rows,
-                payload: pool[seq as usize % pool.len()].clone(),
-            };
-            match input.try_send(
-                Message {
+            let payload = pool[seq as usize % pool.len()].clone();
+            let scheduled_ns = scheduled.as_nanos() as u64;
+            let m = match encoding {
+                Encoding::Event => Message {
+                    payload: Event {
+                        seq,
+                        scheduled_ns,
+                        key: key.clone(),
+                        rows: exp2.rows,
+                        payload,
+                    }
+                    .encode(),
                     key,
-                    payload: e.encode(),
+                    stamp: None,
                 },
-                None,
-            ) {
+                Encoding::Raw => Message {
+                    key,
+                    payload,
+                    stamp: Some(Stamp { seq, scheduled_ns }),
+                },
+            };
+            match input.try_send(m, None) {
                 Ok(()) => {
                     if let Some(l) = &live {
                         l.sent();
@@ -537,48 +621,16 @@ pub async fn run_live(
                 }
             }
         }
-        // End every partition's stream; these markers wait for room.
-        for p in 0..input.partitions() {
-            while let Err(SendError::Full) = input.try_send(eos(), Some(p)) {
-                std::thread::sleep(Duration::from_millis(1));
+        if encoding == Encoding::Event {
+            // End every partition's stream; these markers wait for room.
+            for p in 0..input.partitions() {
+                while let Err(SendError::Full) = input.try_send(eos(), Some(p)) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
         let lost = input.finish();
         (seq, lost)
-    });
-    let (produced, lost_at_input) =
-        tokio::task::spawn_blocking(move || producer.join().expect("producer thread"))
-            .await
-            .expect("join");
-    for p in processors {
-        let _ = p.await;
-    }
-    let (records, log_append_used) = sink.await.expect("sink task");
-    let output_lost = output_failures.map_or(0, |k| {
-        k.flush();
-        k.failed.load(Relaxed)
-    });
-    if let Some(t) = kafka_topics {
-        t.delete().await;
-    }
-    let offered_rate = match &exp.load {
-        Load::Open(_) => produced as f64 / exp.duration.as_secs_f64(),
-        Load::Closed => records.len() as f64 / exp.duration.as_secs_f64(),
-    };
-    Ok(RunResult {
-        produced,
-        input_rejected: rejected.load(Relaxed),
-        input_lost: lost_at_input,
-        output_lost,
-        malformed: malformed.load(Relaxed),
-        records,
-        duration: exp.duration,
-        offered_rate,
-        end_time: if log_append_used {
-            EndTime::LogAppendTime
-        } else {
-            EndTime::SinkReceive
-        },
     })
 }
 

@@ -36,6 +36,9 @@ pub enum Scorer {
         target: Target,
     },
     Noop,
+    /// shoal consumes the input topic itself: the pipeline hands the whole
+    /// run to [`crate::native::run`], so no processor task scores with it.
+    KafkaNative(crate::native::Target),
     /// Blocks a thread for this long per event: a processor with a known
     /// capacity, for testing the analyzer.
     Synthetic(Duration),
@@ -52,6 +55,9 @@ impl Scorer {
     pub async fn score(&mut self, e: &Event) -> Outcome {
         match self {
             Scorer::Noop => Outcome::Scored,
+            // Never reached: `pipeline::run_live` runs this mode without
+            // processors. A processor that got it anyway scored nothing.
+            Scorer::KafkaNative(_) => Outcome::TransportError,
             Scorer::Synthetic(d) => {
                 let d = *d;
                 let _ = tokio::task::spawn_blocking(move || std::thread::sleep(d)).await;

@@ -11,6 +11,17 @@ use tokio::sync::mpsc;
 pub struct Message {
     pub key: Option<String>,
     pub payload: Bytes,
+    /// The event's identity outside the payload (Kafka headers), for
+    /// payloads that are not loadgen's own encoding.
+    pub stamp: Option<Stamp>,
+}
+
+/// Which event a message is, when the payload cannot say: kafka-native mode
+/// sends shoal raw tensors, and shoal carries the headers to its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub seq: u64,
+    pub scheduled_ns: u64,
 }
 
 /// The sending side of an in-memory topic.
@@ -100,6 +111,7 @@ mod tests {
             tx.try_send(Message {
                 key: Some(format!("k{}", i % 3)),
                 payload: Bytes::new(),
+                stamp: None,
             })
             .unwrap();
         }
@@ -119,12 +131,14 @@ mod tests {
         tx.try_send(Message {
             key: None,
             payload: Bytes::new(),
+            stamp: None,
         })
         .unwrap();
         assert_eq!(
             tx.try_send(Message {
                 key: None,
-                payload: Bytes::new()
+                payload: Bytes::new(),
+                stamp: None,
             }),
             Err(SendError::Full)
         );

@@ -1,10 +1,13 @@
 //! The pipeline over a real Kafka-protocol broker: tansu, started here on a
 //! loopback port chosen at run time (scripts/setup.sh builds it once).
 
+mod common;
+
 use shoal_loadgen::analyze::summarize;
 use shoal_loadgen::pipeline::{run_on, EndTime, Experiment, Load, Transport};
 use shoal_loadgen::schedule::Schedule;
 use shoal_loadgen::scorer::Scorer;
+use shoal_loadgen::{experiment, scorer_for, Mode};
 use std::time::Duration;
 
 #[path = "../../server/tests/common/broker.rs"]
@@ -58,4 +61,55 @@ async fn events_go_through_kafka_and_the_books_balance() {
         "{}",
         s.reconciliation_line()
     );
+}
+
+#[tokio::test]
+async fn kafka_native_mode_has_shoal_consume_the_topic_and_every_event_comes_back() {
+    let broker = Broker::start();
+    let mut m = common::model_opts("ffnn", "model.onnx");
+    m.brokers = Some(broker.addr.clone());
+    let setup = scorer_for(Mode::KafkaNative, &m).await.unwrap();
+    // 2 partitions, 50 keys, 2 rows of 784 per event, raw tensors.
+    let exp = experiment(&m, 2, 2.0, Load::Open(Schedule::Constant { rate: 400.0 }));
+    let r = run_on(&exp, setup.scorer.clone(), &m.transport())
+        .await
+        .unwrap();
+    let s = summarize(&r, 0.25);
+    assert!(s.reconciled, "{}", s.reconciliation_line());
+    assert_eq!(s.scored, r.produced, "{}", s.reconciliation_line());
+    assert!((790..=810).contains(&r.produced), "{}", r.produced);
+    assert!(s.p50_us > 0.0 && s.p99_us < 2_000_000.0, "{s:?}");
+
+    // Closed loop: the sink's answer releases the next event.
+    let closed = experiment(&m, 2, 1.0, Load::Closed);
+    let r = run_on(&closed, setup.scorer.clone(), &m.transport())
+        .await
+        .unwrap();
+    let s = summarize(&r, 0.0);
+    assert!(
+        s.reconciled && r.produced > 5 && s.scored == r.produced,
+        "{}",
+        s.reconciliation_line()
+    );
+
+    // Events shoal cannot score come back from the error topic: here the
+    // warm-up's, whose 100 values are no whole row of the FFNN's 784.
+    let mut bad = m.clone();
+    bad.isz = vec![100];
+    let exp = experiment(&bad, 1, 1.0, Load::Closed);
+    let err = run_on(&exp, setup.scorer.clone(), &bad.transport())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("refused") && err.contains("invalid_argument"),
+        "{err}"
+    );
+
+    // Without a broker there is no topic for shoal to consume.
+    m.brokers = None;
+    let err = run_on(&exp, setup.scorer.clone(), &m.transport())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--brokers"), "{err}");
 }

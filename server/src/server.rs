@@ -259,7 +259,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
 
     // Kafka-native serving starts once the models are loaded; a broker
     // that does not answer fails startup within seconds.
-    let kafka = match args.kafka.config()? {
+    let kafka = match args.kafka.config(args.max_body_bytes)? {
         None => None,
         Some(cfg) => {
             if let Some((m, v)) = &cfg.model {

@@ -57,7 +57,16 @@ struct Record {
 /// Produces every record (partitioned by key, as a stream processor's
 /// producer would) and waits until the broker has them all.
 fn produce(brokers: &str, topic: &str, records: &[Record]) {
-    let p: BaseProducer = ClientConfig::new()
+    produce_with(brokers, topic, records, &[]);
+}
+
+/// [`produce`] with more producer properties.
+fn produce_with(brokers: &str, topic: &str, records: &[Record], props: &[(&str, &str)]) {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in props {
+        cfg.set(*k, *v);
+    }
+    let p: BaseProducer = cfg
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
@@ -393,7 +402,8 @@ async fn bad_messages_go_to_the_error_topic_and_the_partition_keeps_moving() {
     create_topics(b, &[("in", 1), ("out", 1), ("dlq", 1)]).await;
     let repo = decay_repo();
     let mut args = kafka_args(b, "in", "out");
-    args.extend(["--kafka-error-topic", "dlq"]);
+    // Values over the REST body limit are refused as bodies are.
+    args.extend(["--kafka-error-topic", "dlq", "--max-body-bytes", "4096"]);
     let s = Server::start_with_repo(repo.path(), &args);
     wait_assigned(&s, 1.0).await;
 
@@ -425,11 +435,15 @@ async fn bad_messages_go_to_the_error_topic_and_the_partition_keeps_moving() {
             b"{}".to_vec(),
             vec![("Inference-Header-Content-Length", "999".into())],
         ),
+        keyed(
+            [json_body("big", [1.0; 4]), vec![b' '; 5000]].concat(),
+            vec![],
+        ),
         keyed(json_body("b", [2.0; 4]), vec![]),
     ];
     produce(b, "in", &records);
     let out = consume(b, "out", 2, Duration::from_secs(60));
-    let mut dlq = consume(b, "dlq", 6, Duration::from_secs(60));
+    let mut dlq = consume(b, "dlq", 7, Duration::from_secs(60));
     // Error records are written as each refusal happens, not in order.
     dlq.sort_by_key(|m| {
         header(m, "shoal-input-offset")
@@ -438,11 +452,11 @@ async fn bad_messages_go_to_the_error_topic_and_the_partition_keeps_moving() {
             .unwrap()
     });
     assert_eq!(out.len(), 2);
-    assert_eq!(dlq.len(), 6);
+    assert_eq!(dlq.len(), 7);
     // The errors changed no state: b follows a directly.
     assert_eq!(answer_y(&out[0]), ("a".to_string(), vec![1.0; 4]));
     assert_eq!(answer_y(&out[1]), ("b".to_string(), vec![2.5; 4]));
-    assert_eq!(header(&out[1], "shoal-input-offset"), Some("7"));
+    assert_eq!(header(&out[1], "shoal-input-offset"), Some("8"));
 
     let reasons: Vec<(&str, &str, &str)> = dlq
         .iter()
@@ -465,6 +479,7 @@ async fn bad_messages_go_to_the_error_topic_and_the_partition_keeps_moving() {
             "invalid_argument",
             "Inference-Header-Content-Length 999",
         ),
+        ("7", "payload_too_large", "over the limit of 4096"),
     ];
     for ((o, r, text), (wo, wr, wtext)) in reasons.iter().zip(expect) {
         assert_eq!((*o, *r), (wo, wr), "{text}");
@@ -482,9 +497,9 @@ async fn bad_messages_go_to_the_error_topic_and_the_partition_keeps_moving() {
     );
     assert_eq!(
         metric(&m, "shoal_kafka_messages_total{outcome=\"failed\"}"),
-        6.0
+        7.0
     );
-    assert_eq!(metric(&m, "shoal_kafka_error_records_total"), 6.0);
+    assert_eq!(metric(&m, "shoal_kafka_error_records_total"), 7.0);
     assert_eq!(s.stop(), Some(0));
 }
 
@@ -586,4 +601,202 @@ fn startup_fails_within_seconds_when_no_broker_answers() {
         "absent",
     ]);
     assert!(err.contains("--kafka-model absent"), "{err}");
+}
+
+/// The records of events `from..to` of `keys` keys, JSON bodies.
+fn json_records(keys: usize, from: usize, to: usize) -> Vec<Record> {
+    (from..to)
+        .flat_map(|i| {
+            (0..keys).map(move |k| Record {
+                key: Some(format!("key-{k}")),
+                value: json_body(&format!("{k}/{i}"), event(k, i)),
+                headers: vec![],
+            })
+        })
+        .collect()
+}
+
+/// Key `k`'s answer to event `i` when its state started afresh at `from`.
+fn fold(k: usize, from: usize, i: usize) -> Vec<f32> {
+    let mut h = [0f32; 4];
+    for e in from..=i {
+        let x = event(k, e);
+        for j in 0..4 {
+            h[j] = h[j] * 0.5 + x[j];
+        }
+    }
+    h.to_vec()
+}
+
+#[tokio::test]
+async fn partitions_that_move_commit_first_and_their_keys_start_afresh_where_they_land() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    let repo = decay_repo();
+    let args = kafka_args(b, "in", "out");
+    let (keys, p1, p2, p3) = (200, 10, 20, 30);
+
+    // Phase 1: one process holds all four partitions.
+    let a = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&a, 4.0).await;
+    produce(b, "in", &json_records(keys, 0, p1));
+    consume(b, "out", keys * p1, Duration::from_secs(120));
+    // Phase 2: a second process joins; two partitions move to it.
+    let second = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&second, 2.0).await;
+    wait_assigned(&a, 2.0).await;
+    produce(b, "in", &json_records(keys, p1, p2));
+    consume(b, "out", keys * p2, Duration::from_secs(120));
+    // Phase 3: it leaves; its partitions come back to the first, which
+    // still holds those keys' state from phase 1: stale, so not used.
+    assert_eq!(second.stop(), Some(0));
+    wait_assigned(&a, 4.0).await;
+    produce(b, "in", &json_records(keys, p2, p3));
+    let out = consume(b, "out", keys * p3, Duration::from_secs(120));
+
+    let mut seen = HashSet::new();
+    // partition -> (phase-2 answers that continue phase 1's state, that
+    // started afresh)
+    let mut moved: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut answers = Vec::new();
+    for m in &out {
+        let p = header(m, "shoal-input-partition").unwrap().to_string();
+        let o = header(m, "shoal-input-offset").unwrap().to_string();
+        assert!(seen.insert((p.clone(), o)), "an input answered twice");
+        let (id, y) = answer_y(m);
+        let mut it = id.split('/').map(|s| s.parse::<usize>().unwrap());
+        let (k, i) = (it.next().unwrap(), it.next().unwrap());
+        if (p1..p2).contains(&i) {
+            let e = moved.entry(p.clone()).or_default();
+            if y == fold(k, 0, i) {
+                e.0 += 1;
+            } else {
+                assert_eq!(y, fold(k, p1, i), "key {k} event {i} on partition {p}");
+                e.1 += 1;
+            }
+        }
+        answers.push((p, k, i, y));
+    }
+    assert_eq!(seen.len(), keys * p3, "every input answered once");
+    let moved: HashSet<String> = moved
+        .into_iter()
+        .map(|(p, (kept, fresh))| {
+            assert!(kept == 0 || fresh == 0, "partition {p}: mixed state");
+            (p, fresh > 0)
+        })
+        .filter(|(_, fresh)| *fresh)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(moved.len(), 2, "two partitions moved: {moved:?}");
+    for (p, k, i, y) in answers {
+        let want = match (moved.contains(&p), i) {
+            (_, i) if i < p1 => fold(k, 0, i),
+            (true, i) if i < p2 => fold(k, p1, i),
+            (true, i) => fold(k, p2, i),
+            (false, i) => fold(k, 0, i),
+        };
+        assert_eq!(y, want, "key {k} event {i} on partition {p}");
+    }
+    assert_eq!(a.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn after_a_crash_the_restarted_process_scores_the_uncommitted_rest_from_fresh_state() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    let repo = decay_repo();
+    let mut args = kafka_args(b, "in", "out");
+    // Static membership (a pod's stable name): the restarted process takes
+    // the dead one's place in the group at once. tansu never expires a
+    // member that stops heartbeating, so a dynamic member's partitions
+    // would stay with the dead process there.
+    args.extend(["--kafka-property", "group.instance.id=shoal-0"]);
+    let doomed = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&doomed, 4.0).await;
+
+    let (keys, per_key) = (200, 100);
+    let records = json_records(keys, 0, per_key);
+    // One message per record batch: the restarted process resumes from the dead
+    // member's commits, and tansu only answers fetches at batch starts.
+    let producing = {
+        let b = b.to_string();
+        std::thread::spawn(move || produce_with(&b, "in", &records, &[("batch.num.messages", "1")]))
+    };
+    // Killed mid-run, with answers written and not yet committed.
+    let t = Instant::now();
+    loop {
+        let m = metrics_of(&doomed).await;
+        if metric(&m, "shoal_kafka_messages_total{outcome=\"scored\"}") >= 2000.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &doomed.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let restarted_process = Server::start_with_repo(repo.path(), &args);
+    producing.join().unwrap();
+
+    // Every input is answered at least once.
+    let total = keys * per_key;
+    let t = Instant::now();
+    let out = loop {
+        let out = consume(b, "out", total, Duration::from_secs(180));
+        let distinct: HashSet<(String, String)> = out
+            .iter()
+            .map(|m| {
+                (
+                    header(m, "shoal-input-partition").unwrap().to_string(),
+                    header(m, "shoal-input-offset").unwrap().to_string(),
+                )
+            })
+            .collect();
+        if distinct.len() == total {
+            break out;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "{} of {total} inputs answered",
+            distinct.len()
+        );
+    };
+    let duplicates = out.len() - total;
+    eprintln!("{duplicates} inputs answered twice after the crash");
+    assert!(duplicates <= 4096, "{duplicates} duplicates");
+
+    // Per key, in output order: its answers from event 0 with its state,
+    // then at most one restart from fresh state at or before the next
+    // event (the restarted process resuming from the dead one's commit).
+    let mut by_key: HashMap<usize, Vec<(usize, Vec<f32>)>> = HashMap::new();
+    for m in &out {
+        let (id, y) = answer_y(m);
+        let mut it = id.split('/').map(|s| s.parse::<usize>().unwrap());
+        let (k, i) = (it.next().unwrap(), it.next().unwrap());
+        by_key.entry(k).or_default().push((i, y));
+    }
+    let mut restarted = 0;
+    for (k, answers) in by_key {
+        let (mut from, mut next, mut restarts) = (0, 0, 0);
+        for (i, y) in answers {
+            if i == next && y == fold(k, from, i) {
+                next += 1;
+                continue;
+            }
+            assert!(
+                restarts == 0 && i <= next && y == fold(k, i, i),
+                "key {k}: event {i} (expected {next}, state from {from}) answered {y:?}"
+            );
+            (from, next, restarts) = (i, i + 1, 1);
+        }
+        assert_eq!(next, per_key, "key {k} answered to its last event");
+        restarted += restarts;
+    }
+    assert!(restarted > 0, "keys restarted from the commit");
+    eprintln!("{restarted} keys restarted from fresh state");
+    assert_eq!(restarted_process.stop(), Some(0));
 }

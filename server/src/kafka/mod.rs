@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod offsets;
+mod order;
 mod serve;
 
 pub use codec::InputFormat;
@@ -76,6 +77,9 @@ pub struct KafkaConfig {
     pub input_format: InputFormat,
     pub max_in_flight: usize,
     pub properties: Vec<(String, String)>,
+    /// Largest message value scored: the REST body limit
+    /// (`--max-body-bytes`), so both doors take the same requests.
+    pub max_value_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +94,8 @@ pub enum KafkaError {
 
 impl KafkaArgs {
     /// `None`: Kafka-native serving is off (no --kafka-brokers).
-    pub fn config(&self) -> Result<Option<KafkaConfig>, KafkaError> {
+    /// `max_value_bytes`: see [`KafkaConfig::max_value_bytes`].
+    pub fn config(&self, max_value_bytes: usize) -> Result<Option<KafkaConfig>, KafkaError> {
         let Some(brokers) = self.kafka_brokers.clone().filter(|b| !b.is_empty()) else {
             let given = [
                 ("--kafka-input-topic", self.kafka_input_topic.is_some()),
@@ -150,6 +155,7 @@ impl KafkaArgs {
             input_format: self.kafka_input_format,
             max_in_flight: self.kafka_max_in_flight as usize,
             properties,
+            max_value_bytes,
         }))
     }
 }
@@ -206,7 +212,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Option<KafkaConfig>, KafkaError> {
         Cli::parse_from(std::iter::once("shoal").chain(args.iter().copied()))
             .kafka
-            .config()
+            .config(64 << 20)
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use super::codec::{self, Refusal};
 use super::metric;
 use super::offsets::{Offsets, Taken};
+use super::order::{KeyOrder, Turn};
 use super::{KafkaConfig, KafkaError};
 use crate::engine::{Engine, EngineError, InferResponse};
 use crate::shm::SharedMemory;
@@ -20,7 +21,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -49,6 +50,8 @@ struct Shared {
     cfg: KafkaConfig,
     engine: Engine,
     offsets: Offsets,
+    /// Each key's answers reach the output topic in offset order.
+    order: KeyOrder,
     producer: FutureProducer,
     /// Stops intake; set by `stop` or by a fatal error.
     stop: AtomicBool,
@@ -201,6 +204,7 @@ impl KafkaServing {
         let shared = Arc::new(Shared {
             engine,
             offsets: Offsets::default(),
+            order: KeyOrder::default(),
             producer,
             stop: AtomicBool::new(false),
             drain_ms: AtomicU64::new(30_000),
@@ -319,6 +323,7 @@ fn consume(consumer: BaseConsumer<GroupContext>, s: Arc<Shared>, rt: tokio::runt
         }
         if last_commit.elapsed() >= COMMIT_EVERY && !s.fatal.is_cancelled() {
             commit(&consumer, &s, None);
+            s.order.prune();
             last_commit = Instant::now();
         }
         if last_lag.elapsed() >= LAG_EVERY {
@@ -414,6 +419,18 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
             .map(str::to_string)
     };
+    if origin.value.len() > s.cfg.max_value_bytes {
+        let r = Refusal {
+            reason: "payload_too_large",
+            text: format!(
+                "the message value of {} bytes is over the limit of {} (--max-body-bytes)",
+                origin.value.len(),
+                s.cfg.max_value_bytes
+            ),
+        };
+        rt.spawn(refuse(s.clone(), origin, r));
+        return;
+    }
     let (model, version) = match (header("model"), &s.cfg.model) {
         (Some(m), _) => (m, header("model-version")),
         (None, Some((m, v))) => (m.clone(), header("model-version").or(v.clone())),
@@ -471,14 +488,20 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
             .wait_below(n.saturating_sub(2), Duration::from_millis(20));
     };
     let answer = decoded.answer;
+    let mut turn = s.order.turn(origin.key.as_ref());
     let s = s.clone();
     rt.spawn(async move {
-        match submitted.wait().await {
+        let result = submitted.wait().await;
+        turn.wait().await;
+        match result {
             Ok(resp) => {
                 let (value, header_length) = answer.encode(&resp);
-                deliver(&s, origin, value, header_length, &resp).await;
+                deliver(&s, origin, value, header_length, &resp, turn).await;
             }
-            Err(e) => refuse(s, origin, Refusal::from(e)).await,
+            Err(e) => {
+                turn.release();
+                refuse(s, origin, Refusal::from(e)).await
+            }
         }
     });
 }
@@ -521,6 +544,7 @@ async fn deliver(
     value: Bytes,
     header_length: Option<usize>,
     resp: &InferResponse,
+    mut turn: Turn,
 ) {
     let mut headers = carried(&origin, SET_ON_ANSWERS);
     let queue = resp.timing.queue.as_micros().to_string();
@@ -547,7 +571,19 @@ async fn deliver(
     if let Some(k) = &origin.key {
         record = record.key(&k[..]);
     }
-    match send(s, record).await {
+    let queued = enqueue(s, record).await;
+    // In the producer's queue, the answer keeps its place: the key's next
+    // answer may follow.
+    turn.release();
+    let delivered = match queued {
+        Ok(delivery) => match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(RdError::Canceled),
+        },
+        Err(e) => Err(e),
+    };
+    match delivered {
         Ok(()) => {
             s.scored.increment(1);
             s.offsets.done(origin.taken);
@@ -604,6 +640,23 @@ async fn refuse(s: Arc<Shared>, origin: Origin, r: Refusal) {
 /// Produces one record and waits for the broker's acknowledgement (the
 /// producer is idempotent and retries on its own until
 /// `message.timeout.ms`).
+/// Puts a record in the producer's queue, waiting while it is full.
+async fn enqueue(
+    s: &Shared,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, RdError> {
+    loop {
+        match s.producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 async fn send(s: &Shared, record: FutureRecord<'_, [u8], [u8]>) -> Result<(), RdError> {
     s.producer
         .send(record, Timeout::Never)
