@@ -7,7 +7,7 @@
 use crate::event::Outcome;
 use crate::kafka::{Stamped, Topics};
 use crate::pipeline::{
-    spawn_producer, Encoding, EndTime, Experiment, InputSide, Load, Record, RunError, RunResult,
+    produce, Clock, Encoding, Experiment, InputSide, Load, RunError, RunResult, Tally,
 };
 use crate::transport::{Message, Stamp};
 use std::path::PathBuf;
@@ -157,23 +157,20 @@ async fn run_on(
         }
     }
 
-    let t0 = Instant::now() + Duration::from_millis(10);
-    let t0_wall_ns = (std::time::SystemTime::now() + Duration::from_millis(10))
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
+    let clock = Clock::start();
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
-    let closed = exp.load == Load::Closed;
+    let mut tally = Tally::new(
+        clock,
+        live.clone(),
+        (exp.load == Load::Closed).then_some(ack_tx),
+    );
     // The producer's final count, once known: the sink stops when it has
     // that many (Kafka topics do not end, and shoal writes no end markers).
     let (expect_tx, mut expect_rx) = tokio::sync::watch::channel(None::<u64>);
-    let sink_live = live.clone();
     let sink = tokio::spawn(async move {
-        let mut records = Vec::new();
-        let mut log_append_used = false;
         loop {
             let expected = *expect_rx.borrow();
-            if expected.is_some_and(|n| records.len() as u64 >= n) {
+            if expected.is_some_and(|n| tally.len() as u64 >= n) {
                 break;
             }
             let got = tokio::select! {
@@ -189,72 +186,27 @@ async fn run_on(
             };
             let end = Instant::now();
             let Some(s) = got else { break };
-            let Some(stamp) = s.stamp.filter(|s| s.seq != WARM_UP_SEQ) else {
-                continue;
-            };
-            let latency_ns = match s.log_append_ms {
-                Some(ms) => {
-                    log_append_used = true;
-                    (ms as i128 * 1_000_000 - (t0_wall_ns + stamp.scheduled_ns as i128)).max(0)
-                        as u64
-                }
-                None => end
-                    .saturating_duration_since(t0 + Duration::from_nanos(stamp.scheduled_ns))
-                    .as_nanos() as u64,
-            };
-            records.push(Record {
-                scheduled_ns: stamp.scheduled_ns,
-                latency_ns,
-                outcome: outcome(&s),
-            });
-            if let Some(l) = &sink_live {
-                l.done(latency_ns);
-            }
-            if closed {
-                let _ = ack_tx.send(stamp.seq);
+            if let Some(stamp) = s.stamp.filter(|s| s.seq != WARM_UP_SEQ) {
+                tally.add(
+                    stamp.seq,
+                    stamp.scheduled_ns,
+                    outcome(&s),
+                    s.log_append_ms,
+                    end,
+                );
             }
         }
-        (records, log_append_used)
+        tally
     });
 
-    let rejected = Arc::new(AtomicU64::new(0));
-    let producer = spawn_producer(
-        exp,
-        input,
-        t0,
-        live,
-        ack_rx,
-        rejected.clone(),
-        Encoding::Raw,
-    );
-    let (produced, lost_at_input) =
-        tokio::task::spawn_blocking(move || producer.join().expect("producer thread"))
-            .await
-            .expect("join");
-    let sent = produced - rejected.load(Relaxed) - lost_at_input;
+    let p = produce(exp, input, clock.t0, live, ack_rx, Encoding::Raw).await;
+    let sent = p.produced - p.rejected - p.lost;
     let _ = expect_tx.send(Some(sent));
-    let (records, log_append_used) = sink.await.expect("sink task");
+    let tally = sink.await.expect("sink task");
     drop(server);
-    let offered_rate = match &exp.load {
-        Load::Open(_) => produced as f64 / exp.duration.as_secs_f64(),
-        Load::Closed => records.len() as f64 / exp.duration.as_secs_f64(),
-    };
-    Ok(RunResult {
-        produced,
-        input_rejected: rejected.load(Relaxed),
-        input_lost: lost_at_input,
-        // Sent and never answered nor refused within the stall timeout.
-        output_lost: sent.saturating_sub(records.len() as u64),
-        malformed: 0,
-        records,
-        duration: exp.duration,
-        offered_rate,
-        end_time: if log_append_used {
-            EndTime::LogAppendTime
-        } else {
-            EndTime::SinkReceive
-        },
-    })
+    // Sent and never answered nor refused within the stall timeout.
+    let lost = sent.saturating_sub(tally.len() as u64);
+    Ok(tally.result(exp, p, lost, 0))
 }
 
 #[cfg(test)]

@@ -389,19 +389,17 @@ pub async fn run_live(
         // start-up is not measured as latency.
         warm_up(&input, &mut partitions, &output, &mut sink_rx).await?;
     }
-    let t0 = Instant::now() + Duration::from_millis(10);
-    let t0_wall_ns = (std::time::SystemTime::now() + Duration::from_millis(10))
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
+    let clock = Clock::start();
 
     // Closed loop: the sink tells the producer when an event is done.
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
-    let closed = exp.load == Load::Closed;
+    let mut tally = Tally::new(
+        clock,
+        sink_live,
+        (exp.load == Load::Closed).then_some(ack_tx),
+    );
     let sink = tokio::spawn(async move {
-        let mut records = Vec::new();
         let mut ended = 0;
-        let mut log_append_used = false;
         while let Some((m, log_append_ms)) = sink_rx.recv().await {
             let end = Instant::now();
             if m.payload.is_empty() {
@@ -414,30 +412,9 @@ pub async fn run_live(
             let Ok(o) = Output::decode(m.payload) else {
                 continue;
             };
-            let latency_ns = match log_append_ms {
-                // The broker's own append time, when it really gives one.
-                Some(ms) => {
-                    log_append_used = true;
-                    (ms as i128 * 1_000_000 - (t0_wall_ns + o.scheduled_ns as i128)).max(0) as u64
-                }
-                None => {
-                    let scheduled = t0 + Duration::from_nanos(o.scheduled_ns);
-                    end.saturating_duration_since(scheduled).as_nanos() as u64
-                }
-            };
-            records.push(Record {
-                scheduled_ns: o.scheduled_ns,
-                latency_ns,
-                outcome: o.outcome,
-            });
-            if let Some(l) = &sink_live {
-                l.done(latency_ns);
-            }
-            if closed {
-                let _ = ack_tx.send(o.seq);
-            }
+            tally.add(o.seq, o.scheduled_ns, o.outcome, log_append_ms, end);
         }
-        (records, log_append_used)
+        tally
     });
 
     let malformed = Arc::new(AtomicU64::new(0));
@@ -482,24 +459,11 @@ pub async fn run_live(
     };
     drop(output);
 
-    let rejected = Arc::new(AtomicU64::new(0));
-    let producer = spawn_producer(
-        exp,
-        input,
-        t0,
-        live,
-        ack_rx,
-        rejected.clone(),
-        Encoding::Event,
-    );
-    let (produced, lost_at_input) =
-        tokio::task::spawn_blocking(move || producer.join().expect("producer thread"))
-            .await
-            .expect("join");
+    let produced = produce(exp, input, clock.t0, live, ack_rx, Encoding::Event).await;
     for p in processors {
         let _ = p.await;
     }
-    let (records, log_append_used) = sink.await.expect("sink task");
+    let tally = sink.await.expect("sink task");
     let output_lost = output_failures.map_or(0, |k| {
         k.flush();
         k.failed.load(Relaxed)
@@ -507,25 +471,152 @@ pub async fn run_live(
     if let Some(t) = kafka_topics {
         t.delete().await;
     }
-    let offered_rate = match &exp.load {
-        Load::Open(_) => produced as f64 / exp.duration.as_secs_f64(),
-        Load::Closed => records.len() as f64 / exp.duration.as_secs_f64(),
-    };
-    Ok(RunResult {
+    Ok(tally.result(exp, produced, output_lost, malformed.load(Relaxed)))
+}
+
+/// The run's start, 10 ms after it is taken, on the monotonic clock and
+/// the wall clock (for the broker's LogAppendTime).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    pub t0: Instant,
+    t0_wall_ns: i128,
+}
+
+impl Clock {
+    pub(crate) fn start() -> Self {
+        let lead = Duration::from_millis(10);
+        Self {
+            t0: Instant::now() + lead,
+            t0_wall_ns: (std::time::SystemTime::now() + lead)
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// What the producer did: events produced, refused at the input topic,
+/// and taken there but then refused by the broker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Produced {
+    pub produced: u64,
+    pub rejected: u64,
+    pub lost: u64,
+}
+
+/// Runs the producer to its end (see [`spawn_producer`]).
+pub(crate) async fn produce(
+    exp: &Experiment,
+    input: InputSide,
+    t0: Instant,
+    live: Option<Arc<crate::progress::Live>>,
+    ack_rx: std::sync::mpsc::Receiver<u64>,
+    encoding: Encoding,
+) -> Produced {
+    let rejected = Arc::new(AtomicU64::new(0));
+    let producer = spawn_producer(exp, input, t0, live, ack_rx, rejected.clone(), encoding);
+    let (produced, lost) =
+        tokio::task::spawn_blocking(move || producer.join().expect("producer thread"))
+            .await
+            .expect("join");
+    Produced {
         produced,
-        input_rejected: rejected.load(Relaxed),
-        input_lost: lost_at_input,
-        output_lost,
-        malformed: malformed.load(Relaxed),
-        records,
-        duration: exp.duration,
-        offered_rate,
-        end_time: if log_append_used {
-            EndTime::LogAppendTime
-        } else {
-            EndTime::SinkReceive
-        },
-    })
+        rejected: rejected.load(Relaxed),
+        lost,
+    }
+}
+
+/// The sink's books: each event that came back, with its latency from its
+/// scheduled time.
+pub(crate) struct Tally {
+    clock: Clock,
+    records: Vec<Record>,
+    log_append_used: bool,
+    live: Option<Arc<crate::progress::Live>>,
+    /// Closed loop: tells the producer an event is done.
+    ack: Option<std::sync::mpsc::Sender<u64>>,
+}
+
+impl Tally {
+    pub(crate) fn new(
+        clock: Clock,
+        live: Option<Arc<crate::progress::Live>>,
+        ack: Option<std::sync::mpsc::Sender<u64>>,
+    ) -> Self {
+        Self {
+            clock,
+            records: Vec::new(),
+            log_append_used: false,
+            live,
+            ack,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Books event `seq`, received at `end` (or appended to the output
+    /// topic at `log_append_ms`, when the broker really gives that time).
+    pub(crate) fn add(
+        &mut self,
+        seq: u64,
+        scheduled_ns: u64,
+        outcome: Outcome,
+        log_append_ms: Option<i64>,
+        end: Instant,
+    ) {
+        let c = &self.clock;
+        let latency_ns = match log_append_ms {
+            Some(ms) => {
+                self.log_append_used = true;
+                (ms as i128 * 1_000_000 - (c.t0_wall_ns + scheduled_ns as i128)).max(0) as u64
+            }
+            None => end
+                .saturating_duration_since(c.t0 + Duration::from_nanos(scheduled_ns))
+                .as_nanos() as u64,
+        };
+        self.records.push(Record {
+            scheduled_ns,
+            latency_ns,
+            outcome,
+        });
+        if let Some(l) = &self.live {
+            l.done(latency_ns);
+        }
+        if let Some(ack) = &self.ack {
+            let _ = ack.send(seq);
+        }
+    }
+
+    /// The run's result.
+    pub(crate) fn result(
+        self,
+        exp: &Experiment,
+        p: Produced,
+        output_lost: u64,
+        malformed: u64,
+    ) -> RunResult {
+        let offered_rate = match &exp.load {
+            Load::Open(_) => p.produced as f64 / exp.duration.as_secs_f64(),
+            Load::Closed => self.records.len() as f64 / exp.duration.as_secs_f64(),
+        };
+        RunResult {
+            produced: p.produced,
+            input_rejected: p.rejected,
+            input_lost: p.lost,
+            output_lost,
+            malformed,
+            records: self.records,
+            duration: exp.duration,
+            offered_rate,
+            end_time: if self.log_append_used {
+                EndTime::LogAppendTime
+            } else {
+                EndTime::SinkReceive
+            },
+        }
+    }
 }
 
 /// How the producer writes an event to the input topic.
@@ -542,7 +633,7 @@ pub(crate) enum Encoding {
 /// Starts the producer on an OS thread of its own, so it keeps its schedule
 /// whatever the runtime is doing. It returns the events it produced and
 /// those the broker refused after taking them.
-pub(crate) fn spawn_producer(
+fn spawn_producer(
     exp: &Experiment,
     input: InputSide,
     t0: Instant,

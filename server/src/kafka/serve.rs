@@ -87,17 +87,21 @@ struct GroupContext {
 
 impl ClientContext for GroupContext {}
 
+/// The partitions of `topic` in a rebalance's list.
+fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    tpl.elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect()
+}
+
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
         let s = &self.shared;
-        let parts: Vec<i32> = tpl
-            .elements_for_topic(&s.cfg.input_topic)
-            .iter()
-            .map(|e| e.partition())
-            .collect();
+        let parts = partitions_of(tpl, &s.cfg.input_topic);
         metrics::counter!(metric::REBALANCES, "kind" => "revoke").increment(parts.len() as u64);
         if !s.offsets.drain(Some(&parts), REVOKE_WAIT) {
             tracing::warn!(
@@ -120,11 +124,7 @@ impl ConsumerContext for GroupContext {
             return;
         };
         let s = &self.shared;
-        let parts: Vec<i32> = tpl
-            .elements_for_topic(&s.cfg.input_topic)
-            .iter()
-            .map(|e| e.partition())
-            .collect();
+        let parts = partitions_of(tpl, &s.cfg.input_topic);
         for p in &parts {
             s.offsets.assign(*p);
         }
