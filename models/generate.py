@@ -227,14 +227,20 @@ def build_identity_600k(seed: int) -> onnx.ModelProto:
     return make_model(graph, "Identity on [N,3,224,224] fp32, for transport benchmarks")
 
 
+def keyed_state_io():
+    """The inputs and outputs of the keyed-state models: x and h_in in,
+    y and h_out out, each [BATCH, 4] float32."""
+    return tuple(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [BATCH, 4])
+        for n in ("x", "h_in", "h_out", "y")
+    )
+
+
 def build_accumulator(seed: int) -> onnx.ModelProto:
     """Keyed sequence state: h_out = h_in + x, y = h_out. The server feeds
     h_in from the key's stored h_out, so y is the running sum of the key's x."""
     del seed
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, 4])
-    h_in = helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [BATCH, 4])
-    h_out = helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [BATCH, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, 4])
+    x, h_in, h_out, y = keyed_state_io()
     nodes = [
         helper.make_node("Add", ["h_in", "x"], ["h_out"], name="accumulate"),
         helper.make_node("Identity", ["h_out"], ["y"], name="emit"),
@@ -251,10 +257,7 @@ def build_decay(seed: int) -> onnx.ModelProto:
     (every value is a float32 sum of dyadic fractions: no rounding noise
     for small integer inputs)."""
     del seed
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, 4])
-    h_in = helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [BATCH, 4])
-    h_out = helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [BATCH, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, 4])
+    x, h_in, h_out, y = keyed_state_io()
     nodes = [
         helper.make_node("Mul", ["h_in", "half"], ["kept"], name="decay"),
         helper.make_node("Add", ["kept", "x"], ["h_out"], name="accumulate"),

@@ -23,7 +23,6 @@ use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -575,15 +574,7 @@ async fn deliver(
     // In the producer's queue, the answer keeps its place: the key's next
     // answer may follow.
     turn.release();
-    let delivered = match queued {
-        Ok(delivery) => match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(RdError::Canceled),
-        },
-        Err(e) => Err(e),
-    };
-    match delivered {
+    match acknowledged(queued).await {
         Ok(()) => {
             s.scored.increment(1);
             s.offsets.done(origin.taken);
@@ -637,9 +628,6 @@ async fn refuse(s: Arc<Shared>, origin: Origin, r: Refusal) {
     }
 }
 
-/// Produces one record and waits for the broker's acknowledgement (the
-/// producer is idempotent and retries on its own until
-/// `message.timeout.ms`).
 /// Puts a record in the producer's queue, waiting while it is full.
 async fn enqueue(
     s: &Shared,
@@ -657,12 +645,20 @@ async fn enqueue(
     }
 }
 
+/// Produces one record and waits for the broker's acknowledgement (the
+/// producer is idempotent and retries on its own until
+/// `message.timeout.ms`).
 async fn send(s: &Shared, record: FutureRecord<'_, [u8], [u8]>) -> Result<(), RdError> {
-    s.producer
-        .send(record, Timeout::Never)
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| e)
+    acknowledged(enqueue(s, record).await).await
+}
+
+/// Waits for the broker's acknowledgement of a queued record.
+async fn acknowledged(queued: Result<DeliveryFuture, RdError>) -> Result<(), RdError> {
+    match queued?.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(RdError::Canceled),
+    }
 }
 
 impl Drop for KafkaServing {
