@@ -628,57 +628,79 @@ fn fold(k: usize, from: usize, i: usize) -> Vec<f32> {
     h.to_vec()
 }
 
-#[tokio::test]
-async fn partitions_that_move_commit_first_and_their_keys_start_afresh_where_they_land() {
-    let broker = Broker::start();
-    let b = broker.addr.as_str();
-    create_topics(b, &[("in", 4), ("out", 1)]).await;
+/// The answers of a process that holds the four partitions of `in` (events
+/// `0..p1` of each key), then shares them with a second that joins (events
+/// `p1..p2`), then holds them again once it has left (`p2..p3`). Also the
+/// first process's metrics and those the second had before it left.
+async fn join_and_leave(
+    b: &str,
+    args: &[&str],
+    keys: usize,
+    (p1, p2, p3): (usize, usize, usize),
+) -> (Vec<OwnedMessage>, String, String) {
     let repo = decay_repo();
-    let args = kafka_args(b, "in", "out");
-    let (keys, p1, p2, p3) = (200, 10, 20, 30);
-
-    // Phase 1: one process holds all four partitions.
-    let a = Server::start_with_repo(repo.path(), &args);
+    let a = Server::start_with_repo(repo.path(), args);
     wait_assigned(&a, 4.0).await;
     produce(b, "in", &json_records(keys, 0, p1));
     consume(b, "out", keys * p1, Duration::from_secs(120));
     // Phase 2: a second process joins; two partitions move to it.
-    let second = Server::start_with_repo(repo.path(), &args);
+    let second = Server::start_with_repo(repo.path(), args);
     wait_assigned(&second, 2.0).await;
     wait_assigned(&a, 2.0).await;
     produce(b, "in", &json_records(keys, p1, p2));
     consume(b, "out", keys * p2, Duration::from_secs(120));
     // Phase 3: it leaves; its partitions come back to the first, which
-    // still holds those keys' state from phase 1: stale, so not used.
+    // still holds those keys' state from phase 1.
+    let second_metrics = metrics_of(&second).await;
     assert_eq!(second.stop(), Some(0));
     wait_assigned(&a, 4.0).await;
     produce(b, "in", &json_records(keys, p2, p3));
     let out = consume(b, "out", keys * p3, Duration::from_secs(120));
+    let a_metrics = metrics_of(&a).await;
+    assert_eq!(a.stop(), Some(0));
+    (out, a_metrics, second_metrics)
+}
 
+/// (input partition, key, event, y) of each answer; panics if an input is
+/// answered twice.
+fn answered_once(out: &[OwnedMessage]) -> Vec<(String, usize, usize, Vec<f32>)> {
     let mut seen = HashSet::new();
+    out.iter()
+        .map(|m| {
+            let p = header(m, "shoal-input-partition").unwrap().to_string();
+            let o = header(m, "shoal-input-offset").unwrap().to_string();
+            assert!(seen.insert((p.clone(), o)), "an input answered twice");
+            let (id, y) = answer_y(m);
+            let mut it = id.split('/').map(|s| s.parse::<usize>().unwrap());
+            (p, it.next().unwrap(), it.next().unwrap(), y)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn partitions_that_move_commit_first_and_their_keys_start_afresh_where_they_land() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    let (keys, p1, p2, p3) = (200, 10, 20, 30);
+    let (out, _, _) = join_and_leave(b, &kafka_args(b, "in", "out"), keys, (p1, p2, p3)).await;
+    let answers = answered_once(&out);
+    assert_eq!(answers.len(), keys * p3, "every input answered once");
+
     // partition -> (phase-2 answers that continue phase 1's state, that
     // started afresh)
     let mut moved: HashMap<String, (usize, usize)> = HashMap::new();
-    let mut answers = Vec::new();
-    for m in &out {
-        let p = header(m, "shoal-input-partition").unwrap().to_string();
-        let o = header(m, "shoal-input-offset").unwrap().to_string();
-        assert!(seen.insert((p.clone(), o)), "an input answered twice");
-        let (id, y) = answer_y(m);
-        let mut it = id.split('/').map(|s| s.parse::<usize>().unwrap());
-        let (k, i) = (it.next().unwrap(), it.next().unwrap());
-        if (p1..p2).contains(&i) {
+    for (p, k, i, y) in &answers {
+        if (p1..p2).contains(i) {
             let e = moved.entry(p.clone()).or_default();
-            if y == fold(k, 0, i) {
+            if *y == fold(*k, 0, *i) {
                 e.0 += 1;
             } else {
-                assert_eq!(y, fold(k, p1, i), "key {k} event {i} on partition {p}");
+                assert_eq!(*y, fold(*k, p1, *i), "key {k} event {i} on partition {p}");
                 e.1 += 1;
             }
         }
-        answers.push((p, k, i, y));
     }
-    assert_eq!(seen.len(), keys * p3, "every input answered once");
     let moved: HashSet<String> = moved
         .into_iter()
         .map(|(p, (kept, fresh))| {
@@ -689,6 +711,8 @@ async fn partitions_that_move_commit_first_and_their_keys_start_afresh_where_the
         .map(|(p, _)| p)
         .collect();
     assert_eq!(moved.len(), 2, "two partitions moved: {moved:?}");
+    // Where they came back, the first process's phase-1 state is stale:
+    // not used.
     for (p, k, i, y) in answers {
         let want = match (moved.contains(&p), i) {
             (_, i) if i < p1 => fold(k, 0, i),
@@ -698,16 +722,61 @@ async fn partitions_that_move_commit_first_and_their_keys_start_afresh_where_the
         };
         assert_eq!(y, want, "key {k} event {i} on partition {p}");
     }
-    assert_eq!(a.stop(), Some(0));
+}
+
+/// `--kafka-state-topic state` beside [`kafka_args`].
+fn with_state_topic(mut args: Vec<&str>) -> Vec<&str> {
+    args.extend(["--kafka-state-topic", "state"]);
+    args
 }
 
 #[tokio::test]
-async fn after_a_crash_the_restarted_process_scores_the_uncommitted_rest_from_fresh_state() {
+async fn with_a_state_topic_keys_keep_their_state_wherever_their_partition_moves() {
     let broker = Broker::start();
     let b = broker.addr.as_str();
-    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    create_topics(b, &[("in", 4), ("out", 1), ("state", 4)]).await;
+    let (keys, p1, p2, p3) = (200, 10, 20, 30);
+    let args = with_state_topic(kafka_args(b, "in", "out"));
+    let (out, a, second) = join_and_leave(b, &args, keys, (p1, p2, p3)).await;
+    // Every answer continues its key's state from event 0, on whichever
+    // process scored it, and nothing is scored twice.
+    let answers = answered_once(&out);
+    assert_eq!(answers.len(), keys * p3, "every input answered once");
+    for (p, k, i, y) in answers {
+        assert_eq!(y, fold(k, 0, i), "key {k} event {i} on partition {p}");
+    }
+    let restored = |m: &str| {
+        metric(
+            m,
+            "shoal_kafka_state_restored_keys_total{outcome=\"restored\"}",
+        )
+    };
+    // The joiner restored the two moved partitions' keys (half the keys,
+    // roughly); the first restored them again when they came back.
+    assert!(restored(&second) > 0.0, "{second}");
+    assert!(restored(&a) >= restored(&second), "{a}");
+    assert_eq!(
+        metric(&a, "shoal_kafka_state_snapshots_total")
+            + metric(&second, "shoal_kafka_state_snapshots_total"),
+        (keys * p3) as f64,
+        "a snapshot per scored message"
+    );
+    assert_eq!(metric(&a, "shoal_kafka_state_replays_skipped_total"), 0.0);
+    common::promtool_check(&a);
+}
+
+/// Starts a process on `in` (static member `shoal-0`), kills it with
+/// SIGKILL once it has scored 2,000 of `keys × per_key` events, and starts
+/// it again. Returns every answer, once each input has at least one, and
+/// the restarted process's metrics.
+async fn crash_and_restart(
+    b: &str,
+    args: &[&str],
+    keys: usize,
+    per_key: usize,
+) -> (Vec<OwnedMessage>, String) {
     let repo = decay_repo();
-    let mut args = kafka_args(b, "in", "out");
+    let mut args = args.to_vec();
     // Static membership (a pod's stable name): the restarted process takes
     // the dead one's place in the group at once. tansu never expires a
     // member that stops heartbeating, so a dynamic member's partitions
@@ -716,10 +785,9 @@ async fn after_a_crash_the_restarted_process_scores_the_uncommitted_rest_from_fr
     let doomed = Server::start_with_repo(repo.path(), &args);
     wait_assigned(&doomed, 4.0).await;
 
-    let (keys, per_key) = (200, 100);
     let records = json_records(keys, 0, per_key);
-    // One message per record batch: the restarted process resumes from the dead
-    // member's commits, and tansu only answers fetches at batch starts.
+    // One message per record batch: the restarted process resumes from the
+    // dead member's commits, and tansu only answers fetches at batch starts.
     let producing = {
         let b = b.to_string();
         std::thread::spawn(move || produce_with(&b, "in", &records, &[("batch.num.messages", "1")]))
@@ -765,22 +833,39 @@ async fn after_a_crash_the_restarted_process_scores_the_uncommitted_rest_from_fr
             distinct.len()
         );
     };
-    let duplicates = out.len() - total;
+    let m = metrics_of(&restarted_process).await;
+    assert_eq!(restarted_process.stop(), Some(0));
+    (out, m)
+}
+
+/// Each key's answers, in output order: (event, y).
+fn by_key(out: &[OwnedMessage]) -> HashMap<usize, Vec<(usize, Vec<f32>)>> {
+    let mut by_key: HashMap<usize, Vec<(usize, Vec<f32>)>> = HashMap::new();
+    for m in out {
+        let (id, y) = answer_y(m);
+        let mut it = id.split('/').map(|s| s.parse::<usize>().unwrap());
+        let (k, i) = (it.next().unwrap(), it.next().unwrap());
+        by_key.entry(k).or_default().push((i, y));
+    }
+    by_key
+}
+
+#[tokio::test]
+async fn after_a_crash_the_restarted_process_scores_the_uncommitted_rest_from_fresh_state() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    let (keys, per_key) = (200, 100);
+    let (out, _) = crash_and_restart(b, &kafka_args(b, "in", "out"), keys, per_key).await;
+    let duplicates = out.len() - keys * per_key;
     eprintln!("{duplicates} inputs answered twice after the crash");
     assert!(duplicates <= 4096, "{duplicates} duplicates");
 
     // Per key, in output order: its answers from event 0 with its state,
     // then at most one restart from fresh state at or before the next
     // event (the restarted process resuming from the dead one's commit).
-    let mut by_key: HashMap<usize, Vec<(usize, Vec<f32>)>> = HashMap::new();
-    for m in &out {
-        let (id, y) = answer_y(m);
-        let mut it = id.split('/').map(|s| s.parse::<usize>().unwrap());
-        let (k, i) = (it.next().unwrap(), it.next().unwrap());
-        by_key.entry(k).or_default().push((i, y));
-    }
     let mut restarted = 0;
-    for (k, answers) in by_key {
+    for (k, answers) in by_key(&out) {
         let (mut from, mut next, mut restarts) = (0, 0, 0);
         for (i, y) in answers {
             if i == next && y == fold(k, from, i) {
@@ -798,5 +883,160 @@ async fn after_a_crash_the_restarted_process_scores_the_uncommitted_rest_from_fr
     }
     assert!(restarted > 0, "keys restarted from the commit");
     eprintln!("{restarted} keys restarted from fresh state");
-    assert_eq!(restarted_process.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn with_a_state_topic_a_crash_resets_no_key_and_applies_no_event_twice() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1), ("state", 4)]).await;
+    let (keys, per_key) = (200, 100);
+    let args = with_state_topic(kafka_args(b, "in", "out"));
+    let (out, m) = crash_and_restart(b, &args, keys, per_key).await;
+    let restored = metric(
+        &m,
+        "shoal_kafka_state_restored_keys_total{outcome=\"restored\"}",
+    );
+    let skipped = metric(&m, "shoal_kafka_state_replays_skipped_total");
+    let duplicates = out.len() - keys * per_key;
+    eprintln!(
+        "{restored} keys restored; of the uncommitted events, {skipped} skipped as already in a snapshot, {duplicates} answered twice"
+    );
+    assert_eq!(restored, keys as f64, "every key had scored when it died");
+    // Every answer, duplicates included, continues its key's state from
+    // event 0: no key restarts, no event counts twice in a state. A
+    // duplicate is an answer acknowledged just before the crash whose
+    // snapshot was not: the event is scored again from the state before
+    // it, so its answer repeats, equal.
+    for (k, answers) in by_key(&out) {
+        let mut next = 0;
+        for (i, y) in answers {
+            assert_eq!(y, fold(k, 0, i), "key {k} event {i}");
+            assert!(i <= next, "key {k}: event {i} before {next}");
+            next = next.max(i + 1);
+        }
+        assert_eq!(next, per_key, "key {k} answered to its last event");
+    }
+    assert!(duplicates <= 1024, "{duplicates} duplicates");
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_keys_are_restored_and_scoring_continues_from_them() {
+    use shoal::engine::state::KeyState;
+    use shoal::kafka::snapshot::{Snapshot, StateKey};
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1), ("state", 4), ("small", 1)]).await;
+    // The state a process would have left: key k's h is [k, 1, 2, 3] as of
+    // input offset 0 of partition k % 4 (written straight to the topic).
+    let keys = 100_000;
+    let h = |k: usize| [k as f32, 1.0, 2.0, 3.0];
+    let snapshots: Vec<(i32, Vec<u8>, Vec<u8>)> = (0..keys)
+        .map(|k| {
+            let key = StateKey {
+                model: "decay".into(),
+                version: "1".into(),
+                key: format!("key-{k}").into(),
+            };
+            let row: Vec<u8> = h(k).iter().flat_map(|v| v.to_le_bytes()).collect();
+            let snap = Snapshot {
+                offset: 0,
+                state: KeyState {
+                    sequence: vec![row.into()],
+                    window: Default::default(),
+                },
+            };
+            ((k % 4) as i32, key.encode(), snap.encode())
+        })
+        .collect();
+    {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", b)
+            .set("linger.ms", "20")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .unwrap();
+        for (part, key, value) in &snapshots {
+            let rec = BaseRecord::<[u8], [u8]>::to("state")
+                .partition(*part)
+                .key(&key[..])
+                .payload(&value[..]);
+            p.send(rec).map_err(|(e, _)| e).unwrap();
+            p.poll(Duration::ZERO);
+        }
+        p.flush(Duration::from_secs(60)).unwrap();
+    }
+    // Offset 0 of each partition is an event of key-p the snapshots cover:
+    // a replay, skipped.
+    let to_partition = |events: &[(usize, Vec<u8>)]| {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", b)
+            .create()
+            .unwrap();
+        for (k, body) in events {
+            p.send(
+                BaseRecord::<str, [u8]>::to("in")
+                    .partition((k % 4) as i32)
+                    .key(&format!("key-{k}"))
+                    .payload(&body[..]),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        }
+        p.flush(Duration::from_secs(10)).unwrap();
+    };
+    to_partition(
+        &(0..4)
+            .map(|k| (k, json_body("replay", [100.0; 4])))
+            .collect::<Vec<_>>(),
+    );
+
+    let repo = common::repo_of("decay", "decay", &DECAY.replace("100000", "200000"));
+    // A state topic with fewer partitions than the input cannot hold
+    // input partition p's keys in its partition p: refused at startup.
+    let mut args = vec!["--model-repository", repo.path().to_str().unwrap()];
+    args.extend(kafka_args(b, "in", "out"));
+    args.extend(["--kafka-state-topic", "small"]);
+    let err = common::failed_start(&args);
+    assert!(err.contains("has 1 partitions, fewer than the 4"), "{err}");
+
+    let s = Server::start_with_repo(repo.path(), &with_state_topic(kafka_args(b, "in", "out")));
+    let t = Instant::now();
+    let m = loop {
+        let m = metrics_of(&s).await;
+        if metric(&m, "shoal_kafka_state_restore_seconds_count") > 0.0 {
+            break m;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no restore");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seconds = metric(&m, "shoal_kafka_state_restore_seconds_sum");
+    let restored = metric(
+        &m,
+        "shoal_kafka_state_restored_keys_total{outcome=\"restored\"}",
+    );
+    eprintln!("{restored} keys restored in {seconds:.2} s");
+    assert_eq!(restored, keys as f64);
+
+    // Some keys' next events, on their snapshot's partition: each answer is
+    // 0.5 h + x from the restored h.
+    let sample: Vec<usize> = (0..keys).step_by(997).collect();
+    to_partition(
+        &sample
+            .iter()
+            .map(|&k| (k, json_body(&format!("{k}/1"), event(k, 1))))
+            .collect::<Vec<_>>(),
+    );
+    let out = consume(b, "out", sample.len(), Duration::from_secs(60));
+    assert_eq!(out.len(), sample.len(), "the replays were skipped");
+    for m in &out {
+        let (id, y) = answer_y(m);
+        let k: usize = id.split('/').next().unwrap().parse().unwrap();
+        let x = event(k, 1);
+        let want: Vec<f32> = h(k).iter().zip(x).map(|(h, x)| 0.5 * h + x).collect();
+        assert_eq!(y, want, "key {k}");
+    }
+    let m = metrics_of(&s).await;
+    assert_eq!(metric(&m, "shoal_kafka_state_replays_skipped_total"), 4.0);
+    assert_eq!(s.stop(), Some(0));
 }

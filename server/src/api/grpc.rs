@@ -318,6 +318,7 @@ pub fn decode_request(
         correlation_key,
         sequence_start,
         sequence_end,
+        return_state: false,
         span: None,
     };
     Ok((request, shm_outputs))

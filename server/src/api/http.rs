@@ -535,6 +535,7 @@ pub(crate) fn decode_infer(
         correlation_key,
         sequence_start: flag(&req.parameters, "sequence_start")?.unwrap_or(false),
         sequence_end: flag(&req.parameters, "sequence_end")?.unwrap_or(false),
+        return_state: false,
         span: None,
     };
     Ok((request, binary_outputs, shm_outputs))

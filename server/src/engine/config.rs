@@ -535,6 +535,13 @@ impl ModelConfig {
     pub fn is_stateful(&self) -> bool {
         !self.states.is_empty() || self.window.is_some() || self.sequence
     }
+
+    /// True when shoal holds each key's state itself (sequence state pairs
+    /// or a window), so it can snapshot and restore it. A sequence model
+    /// whose backend keeps its own state is stateful without this.
+    pub fn holds_key_state(&self) -> bool {
+        !self.states.is_empty() || self.window.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

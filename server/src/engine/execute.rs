@@ -140,7 +140,8 @@ pub fn execute(
             }
             if w.warmup == Warmup::Skip && state.window.len() < w.length {
                 let fill = (state.window.len(), w.length);
-                pokes.extend(store_and_finish(core, replica, &mut slot));
+                let (poke, state) = store_and_finish(core, replica, &mut slot);
+                pokes.extend(poke);
                 slot.phase = None;
                 answered.push((
                     slot.p.reply.share(),
@@ -148,6 +149,7 @@ pub fn execute(
                         outputs: Vec::new(),
                         window_fill: Some(fill),
                         timing: slot.timing,
+                        state,
                     }),
                 ));
                 continue;
@@ -388,6 +390,7 @@ pub fn execute(
                         outputs,
                         window_fill: None,
                         timing,
+                        state: None,
                     }),
                 ));
             }
@@ -404,7 +407,7 @@ pub fn execute(
     );
     let done = Instant::now();
     let objective = cfg.adaptive.map(|a| a.objective);
-    for (mut slot, answer) in answers {
+    for (mut slot, mut answer) in answers {
         if answer.is_ok() {
             let latency = done.saturating_duration_since(slot.p.enqueued);
             policy.observe_latency(latency);
@@ -412,7 +415,11 @@ pub fn execute(
                 core.metrics.objective_missed.increment(1);
             }
         }
-        pokes.extend(store_and_finish(core, replica, &mut slot));
+        let (poke, state) = store_and_finish(core, replica, &mut slot);
+        pokes.extend(poke);
+        if let Ok(a) = answer.as_mut() {
+            a.state = state;
+        }
         answered.push((slot.p.reply.share(), answer));
     }
     poke_all(core, pokes);
@@ -438,23 +445,40 @@ pub enum Executed {
 
 /// Puts a key's state back on this replica (or frees it at the end of its
 /// sequence) and lets the key's next request go. Returns the replica to
-/// wake when that request waits elsewhere.
-fn store_and_finish(core: &ModelCore, replica: usize, slot: &mut Slot) -> Option<usize> {
-    let key = slot.p.key.clone()?;
+/// wake when that request waits elsewhere, and, when the request asked for
+/// it, a copy of the key's state as this request left it (empty after
+/// `sequence_end`): taken here, before the key's next request can change
+/// it, so a snapshot always matches the request it follows.
+fn store_and_finish(
+    core: &ModelCore,
+    replica: usize,
+    slot: &mut Slot,
+) -> (Option<usize>, Option<KeyState>) {
+    let Some(key) = slot.p.key.clone() else {
+        return (None, None);
+    };
+    let mut copy = None;
     let holds = match slot.state.take() {
         None => None,
         Some(state) if slot.p.sequence_end => {
             drop(state);
             core.keys.account(slot.bytes_before, 0);
+            if slot.p.return_state {
+                copy = Some(KeyState::default());
+            }
             Some(false)
         }
         Some(state) => {
             core.keys.account(slot.bytes_before, state.bytes());
+            if slot.p.return_state {
+                // Rows are `Bytes`: the copy shares them.
+                copy = Some(state.clone());
+            }
             core.keys.store(replica).put(key, state);
             Some(true)
         }
     };
-    slot.p.hold.finish_key(holds)
+    (slot.p.hold.finish_key(holds), copy)
 }
 
 fn poke_all(core: &ModelCore, pokes: Vec<usize>) {

@@ -153,6 +153,7 @@ impl Submitted {
                 outputs: answer.outputs,
                 parameters,
                 timing: answer.timing,
+                state: answer.state,
             })
         }
         .await;

@@ -10,7 +10,7 @@ use super::keys::{key_hash, rendezvous, KeyExtractor};
 use super::metrics::{ControllerMetrics, ModelMetrics, ReplicaMetrics, StateMetrics};
 use super::pressure::CpuPressure;
 use super::replica::{Pending, Replica, Reply, ReplyTo, RequestTrace, Shared, StartingReplica};
-use super::state::KeyTable;
+use super::state::{KeyState, KeyTable};
 use super::stats::ModelStats;
 use super::InferRequest;
 use crate::backend::BackendFactory;
@@ -340,6 +340,7 @@ impl ModelVersion {
             hold,
             sequence_start: req.sequence_start,
             sequence_end: req.sequence_end,
+            return_state: req.return_state,
             inputs,
             rows,
             signature,
@@ -367,6 +368,71 @@ impl ModelVersion {
             )));
         }
         Ok(rx)
+    }
+
+    /// Makes `state` the state of the key a request with correlation key
+    /// `key` has (after the model's regex), on the replica that key routes
+    /// to: a restore from a snapshot, while the key has nothing in flight.
+    /// A state that does not fit this model's state and window is refused.
+    pub fn restore_state(&self, key: &str, state: KeyState) -> Result<(), EngineError> {
+        let cfg = &self.core.config;
+        let invalid = |why: String| {
+            Err(EngineError::invalid(format!(
+                "model {} version {}: a restored state of key {key:?} {why}",
+                cfg.name, self.core.version
+            )))
+        };
+        if !cfg.holds_key_state() {
+            return invalid("for a model whose keyed state shoal does not hold".into());
+        }
+        let Some(k) = self.core.extractor.extract(Some(key), "") else {
+            return invalid("for a key the model's correlation_key_regex does not match".into());
+        };
+        if !state.sequence.is_empty() {
+            if state.sequence.len() != cfg.states.len() {
+                return invalid(format!(
+                    "has {} sequence states, the model {}",
+                    state.sequence.len(),
+                    cfg.states.len()
+                ));
+            }
+            for (j, row) in state.sequence.iter().enumerate() {
+                let want = self.core.initial_state[j].len();
+                if row.len() != want {
+                    return invalid(format!(
+                        "has {} bytes of state {}, the model {want}",
+                        row.len(),
+                        cfg.states[j].input
+                    ));
+                }
+            }
+        }
+        match &cfg.window {
+            None if !state.window.is_empty() => {
+                return invalid("has a window, the model none".into());
+            }
+            None => {}
+            Some(w) => {
+                let event =
+                    w.event_dims.iter().product::<i64>() as usize * w.datatype.size().unwrap_or(0);
+                if state.window.len() > w.length || state.window.iter().any(|e| e.len() != event) {
+                    return invalid(format!(
+                        "has a window that is not up to {} events of {event} bytes",
+                        w.length
+                    ));
+                }
+            }
+        }
+        let hash = key_hash(&k);
+        self.core
+            .keys
+            .restore(&k, state, Instant::now(), || self.route(Some(hash)))
+            .map_err(|why| {
+                EngineError::Overloaded(format!(
+                    "{}: the state of key {key:?} cannot be restored ({why:?})",
+                    cfg.name
+                ))
+            })
     }
 
     /// The replica a request with this key hash (or none) goes to. A key

@@ -31,6 +31,9 @@ pub struct Answer {
     /// window was not full and the model did not run.
     pub window_fill: Option<(usize, usize)>,
     pub timing: super::request::Timing,
+    /// The key's state after this request, when it asked for it
+    /// ([`super::InferRequest::return_state`]).
+    pub state: Option<super::state::KeyState>,
 }
 
 /// A traced request's spans while it is on a replica.
@@ -95,6 +98,7 @@ pub struct Pending {
     pub queue_deadline: Option<Instant>,
     pub sequence_start: bool,
     pub sequence_end: bool,
+    pub return_state: bool,
     /// Inputs in the model's input order.
     pub inputs: Vec<Tensor>,
     /// Rows along the batch dimension (1 for a model without batching).

@@ -1,5 +1,6 @@
 //! Requests and responses as the engine sees them, free of any protocol.
 
+use super::state::KeyState;
 use crate::tensor::Tensor;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,9 @@ pub struct InferRequest {
     pub sequence_start: bool,
     /// Free the key's state after this request (Triton's `sequence_end`).
     pub sequence_end: bool,
+    /// Return the key's state as this request leaves it, in
+    /// [`InferResponse::state`] (Kafka-native serving snapshots it).
+    pub return_state: bool,
     /// The call's trace span (`crate::telemetry::request_span`): the engine
     /// hangs its queue, assembly and compute spans under it. `None`: untraced.
     pub span: Option<tracing::Span>,
@@ -56,6 +60,9 @@ pub struct InferResponse {
     pub parameters: Vec<(String, Param)>,
     /// Where the request's time went, for logs and response headers.
     pub timing: Timing,
+    /// The key's state after this request, when it asked for it (a stateful
+    /// model's keyed request with `return_state`).
+    pub state: Option<KeyState>,
 }
 
 /// Where one request's time went on its replica.

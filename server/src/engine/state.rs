@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A key's state on the replica that holds it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct KeyState {
     /// One row per sequence state pair, in config order; empty until the
     /// key's first request has run.
@@ -125,6 +125,13 @@ const SWEEP_PER_ADMIT: usize = 8;
 /// Why a key could not be admitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableFull;
+
+/// Why a key's state could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreRefused {
+    InFlight,
+    TableFull,
+}
 
 impl KeyTable {
     pub fn new(limits: KeyedLimits, replicas: usize) -> Self {
@@ -308,6 +315,34 @@ impl KeyTable {
         next_replica
     }
 
+    /// Makes `state` the state of `key`, held by the replica `choose` picks,
+    /// in place of whatever the table held for it: a restore from a
+    /// snapshot. The key must have no request in flight (its state could
+    /// not be replaced under it).
+    pub fn restore(
+        &self,
+        key: &Key,
+        state: KeyState,
+        now: Instant,
+        choose: impl FnOnce() -> usize,
+    ) -> Result<(), RestoreRefused> {
+        {
+            let mut g = self.inner.lock();
+            match g.entries.get(key) {
+                Some(e) if !e.idle() => return Err(RestoreRefused::InFlight),
+                Some(_) => self.remove(&mut g, key),
+                None => {}
+            }
+        }
+        let t = self
+            .admit(key, now, choose)
+            .map_err(|TableFull| RestoreRefused::TableFull)?;
+        self.account(0, state.bytes());
+        self.stores[t.replica].put(key.clone(), state);
+        self.finish(key, t.number, t.replica, Some(true));
+        Ok(())
+    }
+
     /// Adjusts the held-bytes gauge after a replica changed a key's state.
     pub fn account(&self, before: usize, after: usize) {
         if after >= before {
@@ -401,6 +436,37 @@ mod tests {
         // Every key in flight: a new key is refused, not admitted unbounded.
         assert_eq!(t.admit(&"d".into(), now, || 0), Err(TableFull));
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_restore_replaces_the_keys_state_wherever_it_was() {
+        let t = KeyTable::new(limits(10, 60_000), 2);
+        let k: Key = "a".into();
+        let now = Instant::now();
+        let row = |b: &'static [u8]| KeyState {
+            sequence: vec![Bytes::from_static(b)],
+            ..Default::default()
+        };
+        // The key's stale state lives on replica 0.
+        t.admit(&k, now, || 0).unwrap();
+        t.finish(&k, 0, 0, Some(true));
+        t.store(0).put(k.clone(), row(b"old!"));
+        t.account(0, 4);
+        t.restore(&k, row(b"snapshot"), now, || 1).unwrap();
+        assert!(t.store(0).take(&k).is_none(), "the stale copy is gone");
+        assert_eq!(t.counters.bytes.load(Relaxed), 8);
+        // The key's next request runs at once and finds the state on 1.
+        let next = t.admit(&k, now, || 1).unwrap();
+        let mut items = [(Some(&k), next.number, None, false)];
+        t.check(&mut items);
+        assert!(items[0].3);
+        assert_eq!(items[0].2, Some(1));
+        assert_eq!(&t.store(1).take(&k).unwrap().sequence[0][..], b"snapshot");
+        // A key with a request in flight keeps its state.
+        assert_eq!(
+            t.restore(&k, row(b"late"), now, || 1),
+            Err(RestoreRefused::InFlight)
+        );
     }
 
     #[test]

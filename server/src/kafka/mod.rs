@@ -9,6 +9,7 @@ pub mod codec;
 pub mod offsets;
 mod order;
 mod serve;
+pub mod snapshot;
 
 pub use codec::InputFormat;
 pub use serve::KafkaServing;
@@ -33,6 +34,13 @@ pub struct KafkaArgs {
     /// headers; without it they are logged and counted.
     #[arg(long, env = "SHOAL_KAFKA_ERROR_TOPIC")]
     pub kafka_error_topic: Option<String>,
+
+    /// A compacted topic of keyed state, with at least as many partitions
+    /// as the input topic: each key's state after each message goes there,
+    /// and a process that gains a partition restores its keys from it, so
+    /// a crash or a rebalance resets no key.
+    #[arg(long, env = "SHOAL_KAFKA_STATE_TOPIC")]
+    pub kafka_state_topic: Option<String>,
 
     /// Consumer group (default: shoal-<model>, or shoal without a model).
     #[arg(long, env = "SHOAL_KAFKA_GROUP_ID")]
@@ -72,6 +80,7 @@ pub struct KafkaConfig {
     pub input_topic: String,
     pub output_topic: String,
     pub error_topic: Option<String>,
+    pub state_topic: Option<String>,
     pub group_id: String,
     pub model: Option<(String, Option<String>)>,
     pub input_format: InputFormat,
@@ -101,6 +110,7 @@ impl KafkaArgs {
                 ("--kafka-input-topic", self.kafka_input_topic.is_some()),
                 ("--kafka-output-topic", self.kafka_output_topic.is_some()),
                 ("--kafka-error-topic", self.kafka_error_topic.is_some()),
+                ("--kafka-state-topic", self.kafka_state_topic.is_some()),
                 ("--kafka-model", self.kafka_model.is_some()),
                 ("--kafka-group-id", self.kafka_group_id.is_some()),
             ];
@@ -122,6 +132,19 @@ impl KafkaArgs {
             return Err(KafkaError::Config(format!(
                 "--kafka-output-topic must differ from --kafka-input-topic ({input_topic}): answers would be read back as requests"
             )));
+        }
+        let state_topic = self.kafka_state_topic.clone().filter(|t| !t.is_empty());
+        if let Some(t) = &state_topic {
+            let others = [
+                Some(&input_topic),
+                Some(&output_topic),
+                self.kafka_error_topic.as_ref(),
+            ];
+            if others.iter().flatten().any(|o| *o == t) {
+                return Err(KafkaError::Config(format!(
+                    "--kafka-state-topic {t} must be a topic of its own"
+                )));
+            }
         }
         let model = self
             .kafka_model
@@ -150,6 +173,7 @@ impl KafkaArgs {
             input_topic,
             output_topic,
             error_topic: self.kafka_error_topic.clone().filter(|t| !t.is_empty()),
+            state_topic,
             group_id,
             model,
             input_format: self.kafka_input_format,
@@ -169,6 +193,10 @@ pub mod metric {
     pub const PAUSES: &str = "shoal_kafka_pauses_total";
     pub const REBALANCES: &str = "shoal_kafka_rebalances_total";
     pub const IN_FLIGHT: &str = "shoal_kafka_in_flight";
+    pub const SNAPSHOTS: &str = "shoal_kafka_state_snapshots_total";
+    pub const RESTORED_KEYS: &str = "shoal_kafka_state_restored_keys_total";
+    pub const RESTORE_DURATION: &str = "shoal_kafka_state_restore_seconds";
+    pub const REPLAYS_SKIPPED: &str = "shoal_kafka_state_replays_skipped_total";
 
     pub fn describe() {
         use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -194,6 +222,23 @@ pub mod metric {
         describe_gauge!(
             IN_FLIGHT,
             "Input messages taken whose result is not yet acknowledged"
+        );
+        describe_counter!(
+            SNAPSHOTS,
+            "Key states written to --kafka-state-topic (one per scored message of a stateful model)"
+        );
+        describe_counter!(
+            RESTORED_KEYS,
+            "Key states restored from --kafka-state-topic when partitions were assigned, by outcome"
+        );
+        describe_histogram!(
+            RESTORE_DURATION,
+            Unit::Seconds,
+            "Time to read and install the keyed state of newly assigned partitions"
+        );
+        describe_counter!(
+            REPLAYS_SKIPPED,
+            "Messages read again after a crash or move whose effect a restored state already holds (answered before, not scored again)"
         );
     }
 }
@@ -232,6 +277,18 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("must differ"), "{e}");
+        let e = parse(&[
+            "--kafka-brokers",
+            "b:1",
+            "--kafka-input-topic",
+            "in",
+            "--kafka-output-topic",
+            "out",
+            "--kafka-state-topic",
+            "out",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("a topic of its own"), "{e}");
         let c = parse(&[
             "--kafka-brokers",
             "b:1",

@@ -12,7 +12,9 @@ use super::codec::{self, Refusal};
 use super::metric;
 use super::offsets::{Offsets, Taken};
 use super::order::{KeyOrder, Turn};
+use super::snapshot::{self, Snapshot, StateKey};
 use super::{KafkaConfig, KafkaError};
+use crate::engine::state::KeyState;
 use crate::engine::{Engine, EngineError, InferResponse};
 use crate::shm::SharedMemory;
 use bytes::Bytes;
@@ -24,6 +26,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -43,6 +46,9 @@ const REVOKE_WAIT: Duration = Duration::from_secs(30);
 const OVERLOAD_WAIT: Duration = Duration::from_secs(30);
 /// How long startup waits for the brokers to answer.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How long a restore may take to read the state of newly assigned
+/// partitions; past it serving stops rather than score without the state.
+const RESTORE_WAIT: Duration = Duration::from_secs(120);
 
 /// What the consumer thread, its callbacks and the tasks share.
 struct Shared {
@@ -51,6 +57,15 @@ struct Shared {
     offsets: Offsets,
     /// Each key's answers reach the output topic in offset order.
     order: KeyOrder,
+    /// Each key's results are acknowledged, and its snapshots enqueued, in
+    /// offset order (`--kafka-state-topic`): a snapshot never covers a
+    /// message whose answer or error record could still be lost.
+    state_order: KeyOrder,
+    /// Per assigned partition, the input offset each restored key's state
+    /// reflects, until the key's first message past it: messages up to it
+    /// are replays, answered before, and skipped.
+    restored: parking_lot::Mutex<HashMap<i32, HashMap<StateKey, i64>>>,
+    rt: tokio::runtime::Handle,
     producer: FutureProducer,
     /// Stops intake; set by `stop` or by a fatal error.
     stop: AtomicBool,
@@ -67,6 +82,8 @@ struct Shared {
     failed: Counter,
     error_records: Counter,
     pauses: Counter,
+    snapshots: Counter,
+    replays_skipped: Counter,
 }
 
 impl Shared {
@@ -111,10 +128,13 @@ impl ConsumerContext for GroupContext {
         if !s.fatal.is_cancelled() {
             commit(consumer, s, Some(&parts));
         }
+        let mut restored = s.restored.lock();
         for p in &parts {
             s.offsets.revoke(*p);
+            restored.remove(p);
             metrics::gauge!(metric::LAG, "partition" => p.to_string()).set(0.0);
         }
+        drop(restored);
         tracing::info!(partitions = ?parts, "kafka partitions revoked");
     }
 
@@ -129,6 +149,11 @@ impl ConsumerContext for GroupContext {
         }
         metrics::counter!(metric::REBALANCES, "kind" => "assign").increment(parts.len() as u64);
         tracing::info!(partitions = ?parts, "kafka partitions assigned");
+        if let (Some(topic), false) = (&s.cfg.state_topic, parts.is_empty()) {
+            // Before any message of these partitions is taken: the poll
+            // that runs this callback returns their first one after it.
+            restore(s, topic, &parts);
+        }
     }
 }
 
@@ -154,6 +179,53 @@ fn commit(consumer: &BaseConsumer<GroupContext>, s: &Shared, only: Option<&[i32]
         // Retried at the next tick (a rebalance in progress refuses it).
         Err(e) => tracing::debug!("offset commit failed, retried: {e}"),
     }
+}
+
+/// Installs the keyed state of newly assigned partitions from the state
+/// topic and books, per key, the input offset it reflects. A state topic
+/// that cannot be read stops serving: scoring on without the state would
+/// answer wrongly, silently.
+fn restore(s: &Shared, topic: &str, parts: &[i32]) {
+    let t = Instant::now();
+    let (found, unreadable) =
+        match snapshot::read(&s.cfg, topic, &s.producer, &s.rt, parts, RESTORE_WAIT) {
+            Ok(f) => f,
+            Err(e) => return s.fail(e.to_string()),
+        };
+    let (mut installed, mut refused) = (0u64, 0u64);
+    let mut books = s.restored.lock();
+    for ((p, k), snap) in found {
+        let Snapshot { offset, state } = snap;
+        let done = s
+            .engine
+            .model(&k.model, Some(&k.version))
+            .and_then(|mv| mv.restore_state(&key_string(&k.key), state));
+        match done {
+            Ok(()) => {
+                installed += 1;
+                books.entry(p).or_default().insert(k, offset);
+            }
+            Err(e) => {
+                refused += 1;
+                tracing::warn!(
+                    partition = p,
+                    "a key's state is not restored, the key starts afresh: {e}"
+                );
+            }
+        }
+    }
+    drop(books);
+    let took = t.elapsed();
+    metrics::histogram!(metric::RESTORE_DURATION).record(took.as_secs_f64());
+    metrics::counter!(metric::RESTORED_KEYS, "outcome" => "restored").increment(installed);
+    metrics::counter!(metric::RESTORED_KEYS, "outcome" => "refused").increment(refused);
+    tracing::info!(
+        partitions = ?parts,
+        keys = installed,
+        refused,
+        unreadable,
+        "keyed state restored from {topic} in {took:?}"
+    );
 }
 
 /// Kafka-native serving, running.
@@ -204,6 +276,9 @@ impl KafkaServing {
             engine,
             offsets: Offsets::default(),
             order: KeyOrder::default(),
+            state_order: KeyOrder::default(),
+            restored: Default::default(),
+            rt: rt.clone(),
             producer,
             stop: AtomicBool::new(false),
             drain_ms: AtomicU64::new(30_000),
@@ -214,6 +289,8 @@ impl KafkaServing {
             failed: metrics::counter!(metric::MESSAGES, "outcome" => "failed"),
             error_records: metrics::counter!(metric::ERROR_RECORDS),
             pauses: metrics::counter!(metric::PAUSES),
+            snapshots: metrics::counter!(metric::SNAPSHOTS),
+            replays_skipped: metrics::counter!(metric::REPLAYS_SKIPPED),
             cfg: cfg.clone(),
         });
         let consumer: BaseConsumer<GroupContext> = consumer_cfg
@@ -223,6 +300,8 @@ impl KafkaServing {
             .map_err(|e| broker_err(e.to_string()))?;
         let mut topics = vec![cfg.input_topic.as_str(), cfg.output_topic.as_str()];
         topics.extend(cfg.error_topic.as_deref());
+        topics.extend(cfg.state_topic.as_deref());
+        let mut partitions = HashMap::new();
         for topic in topics {
             let md = consumer
                 .fetch_metadata(Some(topic), CONNECT_WAIT)
@@ -231,12 +310,26 @@ impl KafkaServing {
                 })?;
             let t = md.topics().iter().find(|t| t.name() == topic);
             match t.map(|t| (t.error(), t.partitions().len())) {
-                Some((None, n)) if n > 0 => {}
+                Some((None, n)) if n > 0 => {
+                    partitions.insert(topic, n);
+                }
                 Some((Some(code), _)) => {
                     let code: RDKafkaErrorCode = code.into();
                     return Err(broker_err(format!("topic {topic}: {code}")));
                 }
                 _ => return Err(broker_err(format!("topic {topic} does not exist"))),
+            }
+        }
+        if let Some(state) = &cfg.state_topic {
+            let (have, need) = (
+                partitions[state.as_str()],
+                partitions[cfg.input_topic.as_str()],
+            );
+            if have < need {
+                return Err(KafkaError::Config(format!(
+                    "--kafka-state-topic {state} has {have} partitions, fewer than the {need} of {}: input partition p keeps its keys' state in state partition p",
+                    cfg.input_topic
+                )));
             }
         }
         consumer
@@ -317,12 +410,15 @@ fn consume(consumer: BaseConsumer<GroupContext>, s: Arc<Shared>, rt: tokio::runt
         }
         match consumer.poll(Duration::from_millis(20)) {
             None => {}
-            Some(Ok(m)) => take(&s, &m, &rt),
+            // A restore that failed inside this poll stopped serving.
+            Some(Ok(m)) if !s.stop.load(Relaxed) => take(&s, &m, &rt),
+            Some(Ok(_)) => {}
             Some(Err(e)) => tracing::warn!("kafka consumer: {e}"),
         }
         if last_commit.elapsed() >= COMMIT_EVERY && !s.fatal.is_cancelled() {
             commit(&consumer, &s, None);
             s.order.prune();
+            s.state_order.prune();
             last_commit = Instant::now();
         }
         if last_lag.elapsed() >= LAG_EVERY {
@@ -381,6 +477,9 @@ struct Origin {
     key: Option<Bytes>,
     value: Bytes,
     headers: Vec<(String, Bytes)>,
+    /// With `--kafka-state-topic`, for a keyed message of a model whose
+    /// keyed state shoal holds: where its key's state goes, and its turn.
+    state: Option<(StateKey, Turn)>,
 }
 
 /// Takes one message: decode, submit (in offset order), and hand the
@@ -409,6 +508,7 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
         key: key.map(Bytes::copy_from_slice),
         value: Bytes::copy_from_slice(m.payload().unwrap_or(&[])),
         headers,
+        state: None,
     };
     let header = |name: &str| {
         origin
@@ -444,6 +544,40 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
             return;
         }
     };
+    let mut origin = origin;
+    let mut restored = false;
+    if let (Some(_), Some(k)) = (&s.cfg.state_topic, &origin.key) {
+        let holder = s
+            .engine
+            .model(&model, version.as_deref())
+            .ok()
+            .filter(|mv| mv.config().holds_key_state());
+        if let Some(mv) = holder {
+            let state_key = StateKey {
+                model: model.clone(),
+                version: mv.core.version.to_string(),
+                key: k.clone(),
+            };
+            let mut books = s.restored.lock();
+            if let Some(keys) = books.get_mut(&origin.taken.partition) {
+                if let Some(&covered) = keys.get(&state_key) {
+                    if origin.taken.offset <= covered {
+                        // Scored and answered before the crash or move;
+                        // the restored state already holds its effect.
+                        drop(books);
+                        s.replays_skipped.increment(1);
+                        s.offsets.done(origin.taken);
+                        return;
+                    }
+                    keys.remove(&state_key);
+                    restored = true;
+                }
+            }
+            drop(books);
+            let turn = s.state_order.turn(Some(&state_key.key));
+            origin.state = Some((state_key, turn));
+        }
+    }
     let decoded = codec::decode(
         &s.engine,
         s.cfg.input_format,
@@ -464,13 +598,16 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
     if let Some(k) = &origin.key {
         request.correlation_key = Some(key_string(k));
     }
+    request.return_state = origin.state.is_some();
     if first_of_key
+        && !restored
         && s.engine
             .model(&request.model, request.version.as_deref())
             .is_ok_and(|mv| mv.config().is_stateful())
     {
-        // The key's first message since this process got its partition:
-        // whatever state an earlier assignment left here is stale.
+        // The key's first message since this process got its partition,
+        // with no state restored: whatever state an earlier assignment
+        // left here is stale.
         request.sequence_start = true;
     }
     // A full model holds the message (and so its partition) here, until
@@ -493,9 +630,10 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
         let result = submitted.wait().await;
         turn.wait().await;
         match result {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let (value, header_length) = answer.encode(&resp);
-                deliver(&s, origin, value, header_length, &resp, turn).await;
+                let state = resp.state.take();
+                deliver(&s, origin, value, header_length, &resp, state, turn).await;
             }
             Err(e) => {
                 turn.release();
@@ -537,12 +675,15 @@ const SET_ON_ANSWERS: &[&str] = &[
     "shoal-compute-us",
 ];
 
+/// Writes an answer; then, with a state topic, the key's state after it.
+/// The offset is done once both are acknowledged.
 async fn deliver(
     s: &Shared,
-    origin: Origin,
+    mut origin: Origin,
     value: Bytes,
     header_length: Option<usize>,
     resp: &InferResponse,
+    state: Option<KeyState>,
     mut turn: Turn,
 ) {
     let mut headers = carried(&origin, SET_ON_ANSWERS);
@@ -574,22 +715,48 @@ async fn deliver(
     // In the producer's queue, the answer keeps its place: the key's next
     // answer may follow.
     turn.release();
-    match acknowledged(queued).await {
-        Ok(()) => {
-            s.scored.increment(1);
-            s.offsets.done(origin.taken);
-        }
-        Err(e) => s.fail(format!(
+    if let Err(e) = acknowledged(queued).await {
+        return s.fail(format!(
             "the answer to partition {} offset {} was not taken by the broker: {e}",
             origin.taken.partition, origin.taken.offset
-        )),
+        ));
     }
+    s.scored.increment(1);
+    if let (Some((key, mut turn)), Some(topic)) = (origin.state.take(), &s.cfg.state_topic) {
+        // After the answer is acknowledged, and after the key's earlier
+        // results and snapshots: a restore skips what this one covers.
+        turn.wait().await;
+        if let Some(state) = state {
+            let record_key = key.encode();
+            let value = Snapshot {
+                offset: origin.taken.offset,
+                state,
+            }
+            .encode();
+            let record = FutureRecord::<[u8], [u8]>::to(topic)
+                .partition(origin.taken.partition)
+                .key(&record_key[..])
+                .payload(&value[..]);
+            let queued = enqueue(s, record).await;
+            turn.release();
+            if let Err(e) = acknowledged(queued).await {
+                return s.fail(format!(
+                    "the state after partition {} offset {} was not taken by the broker: {e}",
+                    origin.taken.partition, origin.taken.offset
+                ));
+            }
+            s.snapshots.increment(1);
+        }
+    }
+    s.offsets.done(origin.taken);
 }
 
 /// A message that cannot be scored: to the error topic (the input's value
 /// and headers, with `shoal-error` and `shoal-error-reason`), or logged.
-async fn refuse(s: Arc<Shared>, origin: Origin, r: Refusal) {
+/// Its key's later snapshots wait for it (see [`Shared::state_order`]).
+async fn refuse(s: Arc<Shared>, mut origin: Origin, r: Refusal) {
     s.failed.increment(1);
+    let state_turn = origin.state.take().map(|(_, turn)| turn);
     let Some(topic) = &s.cfg.error_topic else {
         tracing::warn!(
             partition = origin.taken.partition,
@@ -598,6 +765,7 @@ async fn refuse(s: Arc<Shared>, origin: Origin, r: Refusal) {
             "kafka message not scored (no --kafka-error-topic): {}",
             r.text
         );
+        after_predecessors(state_turn).await;
         s.offsets.done(origin.taken);
         return;
     };
@@ -619,12 +787,22 @@ async fn refuse(s: Arc<Shared>, origin: Origin, r: Refusal) {
     match send(&s, record).await {
         Ok(()) => {
             s.error_records.increment(1);
+            after_predecessors(state_turn).await;
             s.offsets.done(origin.taken);
         }
         Err(e) => s.fail(format!(
             "the error record of partition {} offset {} was not taken by the broker: {e}",
             origin.taken.partition, origin.taken.offset
         )),
+    }
+}
+
+/// Passes a message's state turn on once its key's earlier messages have
+/// passed theirs.
+async fn after_predecessors(turn: Option<Turn>) {
+    if let Some(mut t) = turn {
+        t.wait().await;
+        t.release();
     }
 }
 
