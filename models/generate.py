@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 BATCH = "batch"
-MODELS = ("ffnn", "resnet50", "types", "accumulator", "decay", "trajectory", "identity_600k", "sequence")
+MODELS = ("ffnn", "resnet50", "types", "accumulator", "decay", "trajectory", "identity_600k", "sequence", "slow")
 
 
 # --------------------------------------------------------------------------
@@ -402,6 +402,41 @@ def _report(label: str, vdir: Path, status: str, gen_s: float | None, verify_msg
     print(f"{label:<18} {size / 1e6:8.2f} MB  {gen:<20} {verify_msg}", flush=True)
 
 
+def build_slow(seed: int) -> onnx.ModelProto:
+    """A model whose compute dominates, for backpressure tests: x [N, 16384]
+    (64 KB a row) is summed to [N, 1024], run through 220 layers of
+    tanh(h W) with one orthogonal 1024x1024 W (~460 MFLOP a row: a few
+    hundred rows a second on one core, batched), and averaged to y [N, 8]."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((1024, 1024)))
+    nodes = [
+        helper.make_node("Reshape", ["x", "to_groups"], ["groups"], name="group"),
+        helper.make_node("ReduceSum", ["groups", "last_axis"], ["h0"], name="sum", keepdims=0),
+    ]
+    h = "h0"
+    for i in range(220):
+        nodes.append(helper.make_node("MatMul", [h, "w"], [f"m{i}"], name=f"matmul{i}"))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"], name=f"tanh{i}"))
+        h = f"h{i + 1}"
+    nodes += [
+        helper.make_node("Reshape", [h, "to_eight"], ["eight"], name="split"),
+        helper.make_node("ReduceMean", ["eight"], ["y"], name="mean", axes=[2], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, 16384])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, 8])],
+        initializer=[
+            init("w", q.astype(np.float32)),
+            init("to_groups", np.array([-1, 1024, 16], np.int64)),
+            init("last_axis", np.array([2], np.int64)),
+            init("to_eight", np.array([-1, 8, 128], np.int64)),
+        ],
+    )
+    return make_model(graph, f"Slow on purpose: 220 x tanh(h W), W 1024x1024 orthogonal, seed={seed}")
+
+
 def main(argv=None) -> int:
     repo_root = Path(__file__).resolve().parent.parent
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -447,6 +482,8 @@ def main(argv=None) -> int:
         jobs.append(("decay/1", out / "decay" / "1", args.seed, build_decay))
     if "sequence" in only:
         jobs.append(("sequence/1", out / "sequence" / "1", args.seed, build_sequence))
+    if "slow" in only:
+        jobs.append(("slow/1", out / "slow" / "1", args.seed, build_slow))
     if "trajectory" in only:
         jobs += [
             ("trajectory/1", out / "trajectory" / "1", args.seed, build_trajectory),

@@ -1040,3 +1040,162 @@ async fn a_hundred_thousand_keys_are_restored_and_scoring_continues_from_them() 
     assert_eq!(metric(&m, "shoal_kafka_state_replays_skipped_total"), 4.0);
     assert_eq!(s.stop(), Some(0));
 }
+
+/// The resident set of a process, in bytes (Linux).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_slow_model_fed_three_times_faster_keeps_its_objective_bounded_memory_and_every_message()
+{
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1)]).await;
+    // `slow`: ~460 MFLOP a row on one core (about 190 rows a second
+    // batched, on an idle 2-core VM), latency_objective_ms = 200, no
+    // shedding; 64 KB raw tensors.
+    let config =
+        std::fs::read_to_string(common::model_repository().join("slow/config.toml")).unwrap();
+    let repo = common::repo_of("slow", "slow", &config);
+    let s = Server::start_with_repo(
+        repo.path(),
+        &[
+            "--kafka-brokers",
+            b,
+            "--kafka-input-topic",
+            "in",
+            "--kafka-output-topic",
+            "out",
+            "--kafka-model",
+            "slow",
+            "--kafka-input-format",
+            "raw",
+            // librdkafka's prefetch queue: 16 MB, against the 192 MB the
+            // producer writes.
+            "--kafka-property",
+            "queued.max.messages.kbytes=16384",
+        ],
+    );
+    wait_assigned(&s, 4.0).await;
+    let baseline = rss_bytes(s.pid());
+
+    // 3,000 events at 600 a second, keyed over 100 keys.
+    let (n, rate) = (3000usize, 600.0);
+    let producing = {
+        let b = b.to_string();
+        std::thread::spawn(move || {
+            let p: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .set("linger.ms", "5")
+                .create()
+                .unwrap();
+            let start = Instant::now();
+            for i in 0..n {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let x: Vec<u8> = (0..16384)
+                    .flat_map(|j| (((i * 31 + j) % 97) as f32 / 97.0).to_le_bytes())
+                    .collect();
+                let key = format!("key-{}", i % 100);
+                let mut rec = Some(BaseRecord::<str, [u8]>::to("in").key(&key).payload(&x));
+                while let Some(r) = rec.take() {
+                    if let Err((_, back)) = p.send(r) {
+                        p.poll(Duration::from_millis(5));
+                        rec = Some(back);
+                    }
+                }
+                p.poll(Duration::ZERO);
+            }
+            p.flush(Duration::from_secs(60)).unwrap();
+            start.elapsed()
+        })
+    };
+    // While it runs and drains: the server's memory, lag and limit.
+    let (mut peak, mut max_lag, mut limits) = (baseline, 0f64, Vec::new());
+    let t = Instant::now();
+    loop {
+        peak = peak.max(rss_bytes(s.pid()));
+        let m = metrics_of(&s).await;
+        let lag: f64 = (0..4)
+            .map(|p| {
+                metric(
+                    &m,
+                    &format!("shoal_kafka_consumer_lag{{partition=\"{p}\"}}"),
+                )
+            })
+            .sum();
+        max_lag = max_lag.max(lag);
+        limits.push(metric(&m, "shoal_kafka_in_flight_limit"));
+        let scored = metric(&m, "shoal_kafka_messages_total{outcome=\"scored\"}");
+        if scored >= n as f64 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "{scored} of {n} scored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained = t.elapsed();
+    let produced_in = producing.join().unwrap();
+    let out = consume(b, "out", n, Duration::from_secs(60));
+
+    // Nothing lost, nothing twice.
+    let offsets: HashSet<(String, String)> = out
+        .iter()
+        .map(|m| {
+            (
+                header(m, "shoal-input-partition").unwrap().to_string(),
+                header(m, "shoal-input-offset").unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!((offsets.len(), out.len()), (n, n));
+    // What is scored meets the objective: the time in the engine (queue +
+    // compute) of each answer. The limit learns the model's speed from the
+    // first answers, so a few of those may be late.
+    let mut engine_ms: Vec<f64> = out
+        .iter()
+        .map(|m| {
+            let us = |h: &str| header(m, h).unwrap().parse::<f64>().unwrap();
+            (us("shoal-queue-us") + us("shoal-compute-us")) / 1000.0
+        })
+        .collect();
+    engine_ms.sort_by(f64::total_cmp);
+    let q = |p: f64| engine_ms[((engine_ms.len() - 1) as f64 * p) as usize];
+    let grown = peak.saturating_sub(baseline) as f64 / 1e6;
+    let speedup = (n as f64 / produced_in.as_secs_f64()) / (n as f64 / drained.as_secs_f64());
+    limits.sort_by(f64::total_cmp);
+    eprintln!(
+        "produced {n} in {produced_in:?}, scored in {drained:?} ({speedup:.1}x); engine time p50 {:.0} p90 {:.0} p99 {:.0} max {:.0} ms; in-flight limit median {}; peak lag {max_lag}; RSS {:.0} MB, +{grown:.1} MB",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(1.0),
+        limits[limits.len() / 2],
+        baseline as f64 / 1e6,
+    );
+    assert!(
+        speedup >= 2.0,
+        "the producer outran the model {speedup:.1}x"
+    );
+    assert!(
+        q(0.9) <= 200.0,
+        "p90 {} ms over the 200 ms objective",
+        q(0.9)
+    );
+    assert!(max_lag >= 500.0, "lag grew to {max_lag}");
+    // 192 MB went through; the server holds at most the prefetch queue
+    // and what is in flight.
+    assert!(grown < 64.0, "RSS grew {grown:.1} MB");
+    assert_eq!(s.stop(), Some(0));
+}

@@ -6,6 +6,7 @@
 //! spreads partitions, and so keys, over as many shoal processes as run.
 
 pub mod codec;
+mod limit;
 pub mod offsets;
 mod order;
 mod serve;
@@ -56,8 +57,9 @@ pub struct KafkaArgs {
     #[arg(long, env = "SHOAL_KAFKA_INPUT_FORMAT", value_enum, default_value_t)]
     pub kafka_input_format: InputFormat,
 
-    /// Messages being scored at once; past it the consumer stops taking
-    /// more until half have finished.
+    /// Messages being scored at once at most; past the limit (this, or
+    /// fewer while a model's latency_objective_ms needs it) the consumer
+    /// stops taking more until half have finished.
     #[arg(long, env = "SHOAL_KAFKA_MAX_IN_FLIGHT", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub kafka_max_in_flight: u64,
@@ -193,6 +195,7 @@ pub mod metric {
     pub const PAUSES: &str = "shoal_kafka_pauses_total";
     pub const REBALANCES: &str = "shoal_kafka_rebalances_total";
     pub const IN_FLIGHT: &str = "shoal_kafka_in_flight";
+    pub const IN_FLIGHT_LIMIT: &str = "shoal_kafka_in_flight_limit";
     pub const SNAPSHOTS: &str = "shoal_kafka_state_snapshots_total";
     pub const RESTORED_KEYS: &str = "shoal_kafka_state_restored_keys_total";
     pub const RESTORE_DURATION: &str = "shoal_kafka_state_restore_seconds";
@@ -222,6 +225,10 @@ pub mod metric {
         describe_gauge!(
             IN_FLIGHT,
             "Input messages taken whose result is not yet acknowledged"
+        );
+        describe_gauge!(
+            IN_FLIGHT_LIMIT,
+            "Messages that may be in flight now: --kafka-max-in-flight, or fewer while a model's latency objective needs it"
         );
         describe_counter!(
             SNAPSHOTS,

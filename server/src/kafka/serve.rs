@@ -9,6 +9,7 @@
 //! partition is drained and committed before the group moves it.
 
 use super::codec::{self, Refusal};
+use super::limit::InFlightLimit;
 use super::metric;
 use super::offsets::{Offsets, Taken};
 use super::order::{KeyOrder, Turn};
@@ -66,6 +67,9 @@ struct Shared {
     /// are replays, answered before, and skipped.
     restored: parking_lot::Mutex<HashMap<i32, HashMap<StateKey, i64>>>,
     rt: tokio::runtime::Handle,
+    /// How many messages may be in flight (`--kafka-max-in-flight` at
+    /// most, fewer where a model's latency objective needs it).
+    limit: InFlightLimit,
     producer: FutureProducer,
     /// Stops intake; set by `stop` or by a fatal error.
     stop: AtomicBool,
@@ -279,6 +283,7 @@ impl KafkaServing {
             state_order: KeyOrder::default(),
             restored: Default::default(),
             rt: rt.clone(),
+            limit: InFlightLimit::new(cfg.max_in_flight),
             producer,
             stop: AtomicBool::new(false),
             drain_ms: AtomicU64::new(30_000),
@@ -384,22 +389,26 @@ impl KafkaServing {
 /// The consumer thread: poll, submit, commit, until stopped.
 fn consume(consumer: BaseConsumer<GroupContext>, s: Arc<Shared>, rt: tokio::runtime::Handle) {
     let in_flight_gauge = metrics::gauge!(metric::IN_FLIGHT);
+    let limit_gauge = metrics::gauge!(metric::IN_FLIGHT_LIMIT);
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
-    let max = s.cfg.max_in_flight;
     while !s.stop.load(Relaxed) {
-        // Backpressure: past the bound, the thread stops polling until
+        // Backpressure: past the limit, the thread stops polling until
         // half the messages taken have finished. Fetched messages wait in
         // librdkafka's queue (queued.max.messages.kbytes bounds it) and
         // fetching stops when it is full. Pausing the partitions instead
         // would drop that queue and fetch again from the middle of a
         // record batch, which tansu (the broker here) never answers.
         let n = s.offsets.in_flight();
+        let limit = s.limit.current();
         in_flight_gauge.set(n as f64);
-        if n >= max {
+        limit_gauge.set(limit as f64);
+        if n >= limit {
             s.pauses.increment(1);
             while !s.stop.load(Relaxed)
-                && !s.offsets.wait_below(max / 2, Duration::from_millis(100))
+                && !s
+                    .offsets
+                    .wait_below((s.limit.current() / 2).max(1), Duration::from_millis(100))
             {
                 if last_commit.elapsed() >= COMMIT_EVERY && !s.fatal.is_cancelled() {
                     commit(&consumer, &s, None);
@@ -599,12 +608,14 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
         request.correlation_key = Some(key_string(k));
     }
     request.return_state = origin.state.is_some();
-    if first_of_key
-        && !restored
-        && s.engine
-            .model(&request.model, request.version.as_deref())
-            .is_ok_and(|mv| mv.config().is_stateful())
-    {
+    let model = s
+        .engine
+        .model(&request.model, request.version.as_deref())
+        .ok();
+    let objective = model
+        .as_ref()
+        .and_then(|mv| mv.config().adaptive.map(|a| a.objective));
+    if first_of_key && !restored && model.is_some_and(|mv| mv.config().is_stateful()) {
         // The key's first message since this process got its partition,
         // with no state restored: whatever state an earlier assignment
         // left here is stale.
@@ -631,6 +642,9 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
         turn.wait().await;
         match result {
             Ok(mut resp) => {
+                let t = resp.timing;
+                s.limit
+                    .observe(t.queue + t.compute, objective, Instant::now());
                 let (value, header_length) = answer.encode(&resp);
                 let state = resp.state.take();
                 deliver(&s, origin, value, header_length, &resp, state, turn).await;
