@@ -267,6 +267,20 @@ mod tests {
             .config(64 << 20)
     }
 
+    /// [`parse`] with a broker and the topics `in` and `out`.
+    fn parse_in_out(more: &[&str]) -> Result<Option<KafkaConfig>, KafkaError> {
+        let mut args = vec![
+            "--kafka-brokers",
+            "b:1",
+            "--kafka-input-topic",
+            "in",
+            "--kafka-output-topic",
+            "out",
+        ];
+        args.extend(more);
+        parse(&args)
+    }
+
     #[test]
     fn kafka_flags_are_checked_together() {
         assert!(parse(&[]).unwrap().is_none());
@@ -284,25 +298,9 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("must differ"), "{e}");
-        let e = parse(&[
-            "--kafka-brokers",
-            "b:1",
-            "--kafka-input-topic",
-            "in",
-            "--kafka-output-topic",
-            "out",
-            "--kafka-state-topic",
-            "out",
-        ])
-        .unwrap_err();
+        let e = parse_in_out(&["--kafka-state-topic", "out"]).unwrap_err();
         assert!(e.to_string().contains("a topic of its own"), "{e}");
-        let c = parse(&[
-            "--kafka-brokers",
-            "b:1",
-            "--kafka-input-topic",
-            "in",
-            "--kafka-output-topic",
-            "out",
+        let c = parse_in_out(&[
             "--kafka-model",
             "ffnn:2",
             "--kafka-property",
@@ -313,17 +311,7 @@ mod tests {
         assert_eq!(c.group_id, "shoal-ffnn");
         assert_eq!(c.model, Some(("ffnn".into(), Some("2".into()))));
         assert_eq!(c.properties.len(), 2);
-        let e = parse(&[
-            "--kafka-brokers",
-            "b:1",
-            "--kafka-input-topic",
-            "in",
-            "--kafka-output-topic",
-            "out",
-            "--kafka-property",
-            "nonsense",
-        ])
-        .unwrap_err();
+        let e = parse_in_out(&["--kafka-property", "nonsense"]).unwrap_err();
         assert!(e.to_string().contains("KEY=VALUE"), "{e}");
     }
 }

@@ -91,6 +91,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// A result the broker would not take: nothing past it may be
+    /// committed, so serving stops.
+    fn not_taken(&self, what: &str, t: Taken, e: RdError) {
+        self.fail(format!(
+            "{what} partition {} offset {} was not taken by the broker: {e}",
+            t.partition, t.offset
+        ))
+    }
+
     fn fail(&self, reason: String) {
         tracing::error!("kafka-native serving stops: {reason}");
         self.fatal_reason.lock().get_or_insert(reason);
@@ -730,10 +739,7 @@ async fn deliver(
     // answer may follow.
     turn.release();
     if let Err(e) = acknowledged(queued).await {
-        return s.fail(format!(
-            "the answer to partition {} offset {} was not taken by the broker: {e}",
-            origin.taken.partition, origin.taken.offset
-        ));
+        return s.not_taken("the answer to", origin.taken, e);
     }
     s.scored.increment(1);
     if let (Some((key, mut turn)), Some(topic)) = (origin.state.take(), &s.cfg.state_topic) {
@@ -754,10 +760,7 @@ async fn deliver(
             let queued = enqueue(s, record).await;
             turn.release();
             if let Err(e) = acknowledged(queued).await {
-                return s.fail(format!(
-                    "the state after partition {} offset {} was not taken by the broker: {e}",
-                    origin.taken.partition, origin.taken.offset
-                ));
+                return s.not_taken("the state after", origin.taken, e);
             }
             s.snapshots.increment(1);
         }
@@ -804,10 +807,7 @@ async fn refuse(s: Arc<Shared>, mut origin: Origin, r: Refusal) {
             after_predecessors(state_turn).await;
             s.offsets.done(origin.taken);
         }
-        Err(e) => s.fail(format!(
-            "the error record of partition {} offset {} was not taken by the broker: {e}",
-            origin.taken.partition, origin.taken.offset
-        )),
+        Err(e) => s.not_taken("the error record of", origin.taken, e),
     }
 }
 
