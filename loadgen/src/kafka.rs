@@ -39,7 +39,19 @@ pub struct Topics {
     /// Where a server that consumes the input itself writes what it could
     /// not score (kafka-native mode).
     pub errors: Option<String>,
+    /// Where it keeps each key's state (kafka-native mode with
+    /// `--kafka-state`): as many partitions as the input.
+    pub state: Option<String>,
     pub partitions: usize,
+}
+
+/// The topics beside input and output that a run needs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Beside {
+    /// A one-partition error topic.
+    pub errors: bool,
+    /// A state topic with the input's partitions.
+    pub state: bool,
 }
 
 /// The headers that carry a [`Stamp`] (decimal text, so they read well in
@@ -73,16 +85,15 @@ impl Topics {
         partitions: usize,
         tag: &str,
     ) -> Result<Self, KafkaSetupError> {
-        Self::create_with(brokers, partitions, tag, false).await
+        Self::create_with(brokers, partitions, tag, Beside::default()).await
     }
 
-    /// [`Topics::create`], with a one-partition error topic too when
-    /// `errors`.
+    /// [`Topics::create`], with the topics `beside` asks for.
     pub async fn create_with(
         brokers: &str,
         partitions: usize,
         tag: &str,
-        errors: bool,
+        beside: Beside,
     ) -> Result<Self, KafkaSetupError> {
         let admin: AdminClient<DefaultClientContext> =
             client(brokers)
@@ -95,7 +106,8 @@ impl Topics {
             brokers: brokers.into(),
             input: format!("shoal-in-{tag}"),
             output: format!("shoal-out-{tag}"),
-            errors: errors.then(|| format!("shoal-err-{tag}")),
+            errors: beside.errors.then(|| format!("shoal-err-{tag}")),
+            state: beside.state.then(|| format!("shoal-state-{tag}")),
             partitions: partitions.max(1),
         };
         let mut topics = vec![
@@ -104,6 +116,12 @@ impl Topics {
         ];
         if let Some(e) = &t.errors {
             topics.push(NewTopic::new(e, 1, TopicReplication::Fixed(1)));
+        }
+        if let Some(st) = &t.state {
+            topics.push(
+                NewTopic::new(st, t.partitions as i32, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+            );
         }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
@@ -130,6 +148,7 @@ impl Topics {
         if let Ok(admin) = client(&self.brokers).create::<AdminClient<DefaultClientContext>>() {
             let mut names = vec![self.input.as_str(), self.output.as_str()];
             names.extend(self.errors.as_deref());
+            names.extend(self.state.as_deref());
             let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
         }
     }

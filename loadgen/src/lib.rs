@@ -237,6 +237,10 @@ pub struct ModelOpts {
     /// The `shoal` binary to start (default: next to this one).
     #[arg(long, env = "LOADGEN_SHOAL_BIN")]
     pub shoal_bin: Option<PathBuf>,
+    /// kafka-native: give shoal a state topic (`--kafka-state-topic`), so
+    /// a stateful model snapshots each key's state per event.
+    #[arg(long, env = "LOADGEN_KAFKA_STATE")]
+    pub kafka_state: bool,
     /// Key space of a keyed workload; keyless when absent. Keys become the
     /// Kafka message key and the request's correlation key.
     #[arg(long, env = "LOADGEN_KEYS")]
@@ -420,6 +424,7 @@ pub async fn scorer_for(mode: Mode, m: &ModelOpts) -> Result<ScorerSetup, SetupE
             bin: m.shoal_bin.clone().unwrap_or_else(server::default_binary),
             repository: m.model_repository.clone(),
             model: m.model.clone(),
+            state_topic: m.kafka_state,
         }),
         Mode::Embedded => {
             let repo = m.model_repository.clone();

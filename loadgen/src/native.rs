@@ -5,7 +5,7 @@
 //! in headers, which shoal carries over to its answer.
 
 use crate::event::Outcome;
-use crate::kafka::{Stamped, Topics};
+use crate::kafka::{Beside, Stamped, Topics};
 use crate::pipeline::{
     produce, Clock, Encoding, Experiment, InputSide, Load, RunError, RunResult, Tally,
 };
@@ -22,6 +22,9 @@ pub struct Target {
     pub bin: PathBuf,
     pub repository: PathBuf,
     pub model: String,
+    /// Give shoal a state topic (`--kafka-state-topic`): a snapshot of
+    /// each key's state per scored event of a stateful model.
+    pub state_topic: bool,
 }
 
 /// The sequence number of warm-up events (real events never reach it).
@@ -66,7 +69,11 @@ pub async fn run(
         exp.seed,
         RUN.fetch_add(1, Relaxed)
     );
-    let topics = Topics::create_with(brokers, mp, &tag, true).await?;
+    let beside = Beside {
+        errors: true,
+        state: target.state_topic,
+    };
+    let topics = Topics::create_with(brokers, mp, &tag, beside).await?;
     let result = run_on(exp, target, &topics, &tag, live).await;
     topics.delete().await;
     result
@@ -81,7 +88,7 @@ async fn run_on(
 ) -> Result<RunResult, RunError> {
     let mp = t.partitions;
     let errors = t.errors.clone().expect("created with an error topic");
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--kafka-brokers".into(),
         t.brokers.clone(),
         "--kafka-input-topic".into(),
@@ -97,6 +104,9 @@ async fn run_on(
         "--kafka-group-id".into(),
         format!("loadgen-{tag}"),
     ];
+    if let Some(st) = &t.state {
+        args.extend(["--kafka-state-topic".into(), st.clone()]);
+    }
     let (bin, repo) = (target.bin.clone(), target.repository.clone());
     let server = tokio::task::spawn_blocking(move || {
         let log = std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into());
@@ -113,11 +123,12 @@ async fn run_on(
     let input = InputSide::Kafka(t.input_sender()?);
 
     // shoal joins its group and takes its partitions in the background:
-    // one real event per partition, answered, before the clock starts.
+    // one real event per partition, answered, before the clock starts
+    // (keyed: a stateful model takes no keyless event).
     let pool = crate::pipeline::synthetic_payloads(exp.seed, 1, exp.rows as usize * exp.point_len);
     for p in 0..mp {
         let m = Message {
-            key: None,
+            key: Some(format!("loadgen-warm-up-{p}")),
             payload: pool[0].clone(),
             stamp: Some(Stamp {
                 seq: WARM_UP_SEQ,

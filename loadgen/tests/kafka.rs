@@ -106,6 +106,28 @@ async fn kafka_native_mode_has_shoal_consume_the_topic_and_every_event_comes_bac
         "{err}"
     );
 
+    // A stateful model with a state topic: shoal snapshots each key's
+    // state per event, and every event still comes back scored.
+    let mut keyed = common::model_opts("decay", "model.onnx");
+    keyed.brokers = m.brokers.clone();
+    (keyed.input, keyed.isz, keyed.bsz, keyed.kafka_state) = ("x".into(), vec![4], 1, true);
+    let setup = scorer_for(Mode::KafkaNative, &keyed).await.unwrap();
+    let exp = experiment(
+        &keyed,
+        2,
+        1.0,
+        Load::Open(Schedule::Constant { rate: 400.0 }),
+    );
+    let r = run_on(&exp, setup.scorer.clone(), &keyed.transport())
+        .await
+        .unwrap();
+    let s = summarize(&r, 0.25);
+    assert!(
+        s.reconciled && s.scored == r.produced && r.produced > 300,
+        "{}",
+        s.reconciliation_line()
+    );
+
     // Without a broker there is no topic for shoal to consume.
     m.brokers = None;
     let err = run_on(&exp, setup.scorer.clone(), &m.transport())

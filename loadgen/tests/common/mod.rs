@@ -29,5 +29,6 @@ pub fn model_opts(model: &str, file: &str) -> ModelOpts {
         out: None,
         brokers: None,
         npy: None,
+        kafka_state: false,
     }
 }
