@@ -815,15 +815,7 @@ async fn crash_and_restart(
     let t = Instant::now();
     let out = loop {
         let out = consume(b, "out", total, Duration::from_secs(180));
-        let distinct: HashSet<(String, String)> = out
-            .iter()
-            .map(|m| {
-                (
-                    header(m, "shoal-input-partition").unwrap().to_string(),
-                    header(m, "shoal-input-offset").unwrap().to_string(),
-                )
-            })
-            .collect();
+        let distinct = inputs_answered(&out);
         if distinct.len() == total {
             break out;
         }
@@ -836,6 +828,18 @@ async fn crash_and_restart(
     let m = metrics_of(&restarted_process).await;
     assert_eq!(restarted_process.stop(), Some(0));
     (out, m)
+}
+
+/// The distinct inputs (partition, offset) the answers are to.
+fn inputs_answered(out: &[OwnedMessage]) -> HashSet<(String, String)> {
+    out.iter()
+        .map(|m| {
+            (
+                header(m, "shoal-input-partition").unwrap().to_string(),
+                header(m, "shoal-input-offset").unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// Each key's answers, in output order: (event, y).
@@ -1150,15 +1154,7 @@ async fn a_slow_model_fed_three_times_faster_keeps_its_objective_bounded_memory_
     let out = consume(b, "out", n, Duration::from_secs(60));
 
     // Nothing lost, nothing twice.
-    let offsets: HashSet<(String, String)> = out
-        .iter()
-        .map(|m| {
-            (
-                header(m, "shoal-input-partition").unwrap().to_string(),
-                header(m, "shoal-input-offset").unwrap().to_string(),
-            )
-        })
-        .collect();
+    let offsets = inputs_answered(&out);
     assert_eq!((offsets.len(), out.len()), (n, n));
     // What is scored meets the objective: the time in the engine (queue +
     // compute) of each answer. The limit learns the model's speed from the
