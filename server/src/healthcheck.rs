@@ -180,6 +180,12 @@ mod tests {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf);
                 let _ = s.write_all(answer);
+                // Read what is left of the request before closing: closing
+                // with unread bytes sends a reset, which can reach the
+                // client before it has read the answer (seen under load).
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
             }
         });
         format!("http://{addr}/v2/health/ready")
