@@ -283,6 +283,13 @@ pub struct WindowSpec {
     pub event_dims: Vec<i64>,
 }
 
+impl WindowSpec {
+    /// Bytes of one event.
+    pub fn event_bytes(&self) -> usize {
+        self.event_dims.iter().product::<i64>() as usize * self.datatype.size().unwrap_or(0)
+    }
+}
+
 /// Where each graph input's data comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputSource {

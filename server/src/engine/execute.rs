@@ -170,8 +170,7 @@ pub fn execute(
     let window_rows: Vec<Vec<u8>> = match &cfg.window {
         None => Vec::new(),
         Some(w) => {
-            let event =
-                w.event_dims.iter().product::<i64>() as usize * w.datatype.size().unwrap_or(0);
+            let event = w.event_bytes();
             slots
                 .iter()
                 .map(|s| {

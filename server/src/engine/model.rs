@@ -413,8 +413,7 @@ impl ModelVersion {
             }
             None => {}
             Some(w) => {
-                let event =
-                    w.event_dims.iter().product::<i64>() as usize * w.datatype.size().unwrap_or(0);
+                let event = w.event_bytes();
                 if state.window.len() > w.length || state.window.iter().any(|e| e.len() != event) {
                     return invalid(format!(
                         "has a window that is not up to {} events of {event} bytes",

@@ -521,7 +521,7 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
                 .collect()
         })
         .unwrap_or_default();
-    let origin = Origin {
+    let mut origin = Origin {
         taken,
         key: key.map(Bytes::copy_from_slice),
         value: Bytes::copy_from_slice(m.payload().unwrap_or(&[])),
@@ -562,15 +562,12 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
             return;
         }
     };
-    let mut origin = origin;
+    // One lookup for what the consumer needs of the model (decoding looks
+    // it up again, and refuses an unknown one).
+    let mv = s.engine.model(&model, version.as_deref()).ok();
     let mut restored = false;
     if let (Some(_), Some(k)) = (&s.cfg.state_topic, &origin.key) {
-        let holder = s
-            .engine
-            .model(&model, version.as_deref())
-            .ok()
-            .filter(|mv| mv.config().holds_key_state());
-        if let Some(mv) = holder {
+        if let Some(mv) = mv.as_ref().filter(|mv| mv.config().holds_key_state()) {
             let state_key = StateKey {
                 model: model.clone(),
                 version: mv.core.version.to_string(),
@@ -617,14 +614,10 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
         request.correlation_key = Some(key_string(k));
     }
     request.return_state = origin.state.is_some();
-    let model = s
-        .engine
-        .model(&request.model, request.version.as_deref())
-        .ok();
-    let objective = model
+    let objective = mv
         .as_ref()
         .and_then(|mv| mv.config().adaptive.map(|a| a.objective));
-    if first_of_key && !restored && model.is_some_and(|mv| mv.config().is_stateful()) {
+    if first_of_key && !restored && mv.is_some_and(|mv| mv.config().is_stateful()) {
         // The key's first message since this process got its partition,
         // with no state restored: whatever state an earlier assignment
         // left here is stale.

@@ -21,6 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -213,27 +214,25 @@ pub fn read(
         if key == END_MARKER {
             continue;
         }
-        match (
-            StateKey::decode(key),
-            Snapshot::decode(m.payload().unwrap_or_default()),
-        ) {
-            (Some(k), Ok(s)) => {
-                let slot = found.entry((p, k)).or_insert_with(|| s.clone());
-                if s.offset >= slot.offset {
-                    *slot = s;
+        let record = StateKey::decode(key)
+            .ok_or_else(|| "its key is not model\\0version\\0key".to_string())
+            .and_then(|k| Ok((k, Snapshot::decode(m.payload().unwrap_or_default())?)));
+        match record {
+            Ok((k, s)) => match found.entry((p, k)) {
+                Entry::Occupied(mut e) if s.offset >= e.get().offset => {
+                    e.insert(s);
                 }
-            }
-            (k, s) => {
+                Entry::Occupied(_) => {}
+                Entry::Vacant(e) => {
+                    e.insert(s);
+                }
+            },
+            Err(why) => {
                 bad += 1;
                 tracing::warn!(
                     partition = p,
                     offset = m.offset(),
-                    "state topic record skipped: {}",
-                    match (k, s) {
-                        (None, _) => "its key is not model\\0version\\0key".to_string(),
-                        (_, Err(e)) => e,
-                        _ => unreachable!("both decoded"),
-                    }
+                    "state topic record skipped: {why}"
                 );
             }
         }
