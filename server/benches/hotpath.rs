@@ -1,18 +1,27 @@
-//! The request path without the network: the engine alone (`Engine::infer`:
-//! lookup in the model table, validation, admission, routing, the replica
-//! or the inline run, the reply), and the gRPC handler's work around it
-//! (protobuf bytes decoded, `decode_request`, the engine, `encode_response`,
-//! protobuf bytes encoded), with the mock backend (no compute, 784 FP32
-//! inputs as the FFNN's). Per request: wall and CPU µs, and heap
-//! allocations, counted by a wrapper around the binaries' allocator
-//! (mimalloc). A fixed number of requests per cell, so `perf stat` around
-//! it compares runs too.
+//! The request path without the network, with the mock backend (no
+//! compute, 784 FP32 inputs as the FFNN's):
+//! - the engine alone (`Engine::infer`: lookup in the model table,
+//!   validation, admission, routing, the replica or the inline run, the
+//!   reply);
+//! - the gRPC handler's work around it (protobuf bytes decoded,
+//!   `decode_request`, the engine, `encode_response`, protobuf bytes
+//!   encoded);
+//! - the REST app as served (`rest_app::serve`: the router and every layer
+//!   around it), fed the binary-extension request perf_analyzer sends, its
+//!   answer's body collected; and the REST decoder alone on that request.
 //!
-//! `cargo bench --bench hotpath` (`-- --requests N`, `-- --reps R`).
+//! Per request: wall and CPU µs, and heap allocations, counted by a wrapper
+//! around the binaries' allocator (mimalloc). A fixed number of requests
+//! per cell, so `perf stat` around it compares runs too.
+//!
+//! `cargo bench --bench hotpath` (`-- --requests N`, `-- --reps R`,
+//! `-- --path engine|grpc|rest|decode`).
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use prost::Message;
 use shoal::api::grpc::{decode_request, encode_response, CallMeta};
+use shoal::api::http as rest;
 use shoal::backend::mock::{MockBackend, MockLog};
 use shoal::backend::Backend;
 use shoal::engine::{Engine, ModelConfigFile};
@@ -124,14 +133,44 @@ fn grpc_bytes() -> Bytes {
     .into()
 }
 
+/// The JSON header perf_analyzer's HTTP client sends (captured with
+/// strace), followed by the input's raw bytes.
+const REST_HEADER: &str = r#"{"id":"","inputs":[{"name":"x","datatype":"FP32","shape":[1,784],"parameters":{"binary_data_size":3136}}],"outputs":[{"name":"y","parameters":{"binary_data":true}}]}"#;
+
+fn rest_body() -> Bytes {
+    let mut b = REST_HEADER.as_bytes().to_vec();
+    b.resize(REST_HEADER.len() + 4 * WIDTH, 0);
+    b.into()
+}
+
+fn rest_request(body: &Bytes) -> axum::http::Request<axum::body::Body> {
+    axum::http::Request::post("/v2/models/m/infer")
+        .header("host", "127.0.0.1:8000")
+        .header("user-agent", "libcurl-agent/1.0")
+        .header("accept", "*/*")
+        .header(rest::HEADER_LENGTH, REST_HEADER.len())
+        .header("content-type", "application/octet-stream")
+        .header("content-length", body.len())
+        .body(axum::body::Body::from(body.clone()))
+        .expect("a valid request")
+}
+
 #[derive(Clone, Copy)]
 enum Path {
     Engine,
     Grpc,
+    Rest,
+    RestDecode,
 }
 
 /// One request through `path`; the answer's encoded length for gRPC.
-async fn one(engine: &Engine, shm: &SharedMemory, wire: &Bytes, path: Path) -> usize {
+async fn one(
+    engine: &Engine,
+    shm: &SharedMemory,
+    wire: &Bytes,
+    app: &shoal::api::rest_app::RestApp,
+    path: Path,
+) -> usize {
     match path {
         Path::Engine => {
             engine.infer(request()).await.expect("mock answers");
@@ -143,23 +182,50 @@ async fn one(engine: &Engine, shm: &SharedMemory, wire: &Bytes, path: Path) -> u
             let resp = engine.infer(req).await.expect("mock answers");
             encode_response(resp, &[]).encode_to_vec().len()
         }
+        Path::RestDecode => {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(rest::HEADER_LENGTH, REST_HEADER.len().into());
+            let r = rest::decode_rest_request("m", &h, wire.clone(), shm).unwrap();
+            r.inputs.len()
+        }
+        Path::Rest => {
+            use tower::ServiceExt;
+            let resp = app
+                .clone()
+                .oneshot(rest_request(wire))
+                .await
+                .expect("the router is infallible");
+            assert_eq!(resp.status(), 200, "the REST app answers");
+            let body = resp.into_body().collect().await.expect("a body");
+            body.to_bytes().len()
+        }
     }
 }
 
 /// Wall µs, CPU µs and allocations per request for `n` requests at `concurrency`.
 async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64, f64, f64) {
     let shm = Arc::new(SharedMemory::new());
-    let wire = grpc_bytes();
+    let wire = match path {
+        Path::Rest | Path::RestDecode => rest_body(),
+        _ => grpc_bytes(),
+    };
+    let state = rest::HttpState {
+        engine: engine.clone(),
+        max_body_bytes: 64 << 20,
+        shm: shm.clone(),
+        shm_token: shoal::api::auth::Bearer::new(None),
+    };
+    let app = shoal::api::rest_app::serve(state.clone(), rest::router(state));
     let allocs = ALLOCATIONS.load(Relaxed);
     let cpu = cpu_seconds();
     let t = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (e, shm, wire) = (engine.clone(), shm.clone(), wire.clone());
+            let (e, shm, wire, app) = (engine.clone(), shm.clone(), wire.clone(), app.clone());
             let each = n / concurrency;
             tokio::spawn(async move {
                 for _ in 0..each {
-                    std::hint::black_box(one(&e, &shm, &wire, path).await);
+                    std::hint::black_box(one(&e, &shm, &wire, &app, path).await);
                 }
             })
         })
@@ -188,6 +254,11 @@ fn main() {
     };
     let n = arg("--requests", 100_000);
     let reps = arg("--reps", 5).max(1);
+    // `--path engine|grpc|rest`: one path only.
+    let only = args
+        .windows(2)
+        .find(|w| w[0] == "--path")
+        .map(|w| w[1].clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,7 +269,21 @@ fn main() {
         cell(&engine, Path::Grpc, n / 10, 8).await;
         println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req |");
         println!("|---|---:|---:|---:|---:|---:|");
-        for (path, label) in [(Path::Engine, "engine"), (Path::Grpc, "gRPC handler")] {
+        for (path, label) in [
+            (Path::Engine, "engine"),
+            (Path::Grpc, "gRPC handler"),
+            (Path::Rest, "REST app"),
+            (Path::RestDecode, "REST decoder alone"),
+        ] {
+            let key = match path {
+                Path::Engine => "engine",
+                Path::Grpc => "grpc",
+                Path::Rest => "rest",
+                Path::RestDecode => "decode",
+            };
+            if only.as_deref().is_some_and(|o| o != key) {
+                continue;
+            }
             for c in [1, 64] {
                 let (mut walls, mut cpus, mut allocs) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..reps {

@@ -8,7 +8,6 @@ use crate::api::grpc::GrpcService;
 pub use crate::connections::HttpLimits;
 use crate::connections::{self, ConnBody, ConnService, ConnectionSlots, Protocol, ServerTask};
 use axum::serve::ListenerExt;
-use axum::Router;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use shoal_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -271,7 +270,7 @@ pub fn serve_http(
     tcp: Option<tokio::net::TcpListener>,
     uds: Option<UnixListener>,
     tls: Option<TlsAcceptor>,
-    app: Router,
+    app: crate::api::rest_app::RestApp,
     stop: &CancellationToken,
     limits: HttpLimits,
     slots: &ConnectionSlots,

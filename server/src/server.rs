@@ -231,14 +231,15 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         args.repository_api,
         args.repository_token.clone(),
     );
-    let app = http::serve(
-        http::router(http::HttpState {
-            engine: engine.clone(),
-            max_body_bytes: args.max_body_bytes,
-            shm: shm.clone(),
-            shm_token: Bearer::new(args.shm_token.clone()),
-        })
-        .merge(repository::router(repository_api.clone())),
+    let http_state = http::HttpState {
+        engine: engine.clone(),
+        max_body_bytes: args.max_body_bytes,
+        shm: shm.clone(),
+        shm_token: Bearer::new(args.shm_token.clone()),
+    };
+    let app = crate::api::rest_app::serve(
+        http_state.clone(),
+        http::router(http_state).merge(repository::router(repository_api.clone())),
     );
     let limits = listen::HttpLimits {
         header_read_timeout: std::time::Duration::from_millis(args.http_header_timeout_ms.max(1)),

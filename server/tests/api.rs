@@ -62,7 +62,7 @@ async fn rest_json_and_binary_match_in_process_ort() {
     let r = c
         .post(format!("{}/v2/models/ffnn/versions/1/infer", s.http))
         .header("Inference-Header-Content-Length", n)
-        .body(body)
+        .body(body.clone())
         .send()
         .await
         .unwrap();
@@ -81,6 +81,50 @@ async fn rest_json_and_binary_match_in_process_ort() {
     );
     let got: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[hl..]);
     assert_close(&got, &want1, 1e-6);
+
+    // The infer route's direct path and the router answer alike: a
+    // percent-escaped path goes through the router (its `Path` extractor
+    // decodes it), a plain one does not. Answers and errors, headers too.
+    for (plain, escaped) in [
+        (
+            "/v2/models/ffnn/versions/1/infer",
+            "/v2/models/ff%6En/versions/%31/infer",
+        ),
+        ("/v2/models/nope/infer", "/v2/models/n%6Fpe/infer"),
+        (
+            "/v2/models/ffnn/versions/9/infer",
+            "/v2/models/ffnn/versions/%39/infer",
+        ),
+    ] {
+        let mut answers = Vec::new();
+        for path in [plain, escaped] {
+            let r = c
+                .post(format!("{}{path}", s.http))
+                .header("Inference-Header-Content-Length", n)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let mut headers: Vec<(String, String)> = r
+                .headers()
+                .iter()
+                .filter(|(k, _)| *k != "date")
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                .collect();
+            headers.sort();
+            answers.push((r.status(), headers, r.bytes().await.unwrap()));
+        }
+        assert_eq!(answers[0], answers[1], "{plain} against {escaped}");
+    }
+    assert_eq!(
+        c.get(format!("{}/v2/models/ffnn/infer", s.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405,
+        "GET on the infer route"
+    );
 
     // Request-wide binary_data_output with JSON input.
     let r = c

@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::{json as j, Map, Value};
 use std::sync::Arc;
@@ -60,24 +60,11 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// `router` with what every served request goes through: gzip and zstd
-/// request bodies (`Content-Encoding`) and response bodies
-/// (`Accept-Encoding`), and the access log, outermost so it counts the
-/// bytes as they travel.
-pub fn serve(router: Router) -> Router {
-    use tower_http::compression::CompressionLayer;
-    use tower_http::decompression::RequestDecompressionLayer;
-    router
-        .layer(RequestDecompressionLayer::new().gzip(true).zstd(true))
-        .layer(CompressionLayer::new().gzip(true).zstd(true))
-        .layer(super::access::AccessLayer::new("http"))
-}
-
 /// `/{m}` or `/{m}/versions/{v}` path parameters.
 #[derive(Deserialize)]
-struct ModelPath {
-    m: String,
-    v: Option<String>,
+pub(crate) struct ModelPath {
+    pub(crate) m: String,
+    pub(crate) v: Option<String>,
 }
 
 async fn live() -> StatusCode {
@@ -229,10 +216,25 @@ async fn infer(
     Path(p): Path<ModelPath>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
+    infer_call(&st, p, &headers, body).await
+}
+
+/// The infer route's handler, for the router and for
+/// [`super::rest_app`]'s direct path alike.
+pub(crate) async fn infer_call<B>(
+    st: &HttpState,
+    p: ModelPath,
+    headers: &HeaderMap,
+    body: B,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     // The route template, not the path: span names stay few.
-    let span = telemetry::request_span("POST /v2/models/{model}/infer", "http", &p.m, &headers);
-    let mut r = match infer_traced(&st, &p, &headers, body, &span).await {
+    let span = telemetry::request_span("POST /v2/models/{model}/infer", "http", &p.m, headers);
+    let mut r = match infer_traced(st, &p, headers, body, &span).await {
         Ok(r) => r,
         Err(e) => {
             telemetry::record_error(&span, &e.message);
@@ -243,16 +245,20 @@ async fn infer(
         r.extensions_mut()
             .insert(AccessInfo::failed(&p.m, p.v.as_deref()));
     }
-    Ok(r)
+    r
 }
 
-async fn infer_traced(
+async fn infer_traced<B>(
     st: &HttpState,
     p: &ModelPath,
     headers: &HeaderMap,
-    body: Body,
+    body: B,
     span: &Option<tracing::Span>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     let body = read_body(body, st.max_body_bytes).await?;
     let (mut request, binary_outputs, shm_outputs) =
         decode_infer(&p.m, p.v.clone(), headers, body, &st.shm, false)?;
@@ -277,19 +283,26 @@ async fn infer_traced(
 /// so a client still writing it reads the answer instead of a reset.
 const DISCARD_LIMIT: usize = 64 << 20;
 
-/// Reads the body up to `limit` bytes, never holding more than that.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the body up to `limit` bytes, never holding more than that. A
+/// body that comes in one frame (hyper's usual for a request that fits its
+/// read buffer) is that frame, not a copy of it.
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     use http_body_util::BodyExt;
     // A declared length past what would ever be read is refused before
     // reading anything (smaller overshoots are read and discarded below,
     // so the client reads the answer rather than a reset).
-    let declared = http_body::Body::size_hint(&body).lower();
+    let declared = body.size_hint().lower();
     if declared > DISCARD_LIMIT as u64 && declared > limit as u64 {
         return Err(ApiError::too_large(format!(
             "request body of {declared} bytes exceeds the limit of {limit} bytes (--max-body-bytes)"
         )));
     }
-    let mut body = body;
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
@@ -300,8 +313,18 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         };
         seen = seen.saturating_add(data.len());
         if seen <= limit {
-            buf.extend_from_slice(&data);
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                f => {
+                    if let Some(f) = f {
+                        buf.reserve(f.len() + data.len());
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
         } else {
+            first = None;
             buf = BytesMut::new();
             if seen > DISCARD_LIMIT {
                 break;
@@ -313,7 +336,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             "request body exceeds the limit of {limit} bytes (--max-body-bytes)"
         )));
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// Which outputs go back as binary: the request-wide
@@ -561,9 +584,18 @@ struct AnswerTensor<'a> {
     datatype: &'static str,
     shape: &'a [i64],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<Value>,
+    parameters: Option<TensorParameters>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<Value>,
+}
+
+/// An output's parameters: the common one typed, so an answer of binary
+/// tensors builds no JSON map.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum TensorParameters {
+    Binary { binary_data_size: usize },
+    Other(Value),
 }
 
 fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, written: &[Written]) -> Response {
@@ -607,9 +639,11 @@ pub(crate) fn encode_answer(
             data: None,
         };
         if let Some(w) = written.iter().find(|w| w.name == t.name) {
-            o.parameters = Some(w.json_parameters());
+            o.parameters = Some(TensorParameters::Other(w.json_parameters()));
         } else if binary.binary(&t.name) {
-            o.parameters = Some(j!({"binary_data_size": t.data.len()}));
+            o.parameters = Some(TensorParameters::Binary {
+                binary_data_size: t.data.len(),
+            });
             blobs.push(&t.data);
         } else {
             o.data = Some(json::from_bytes(t.datatype, &t.data));
@@ -636,15 +670,19 @@ pub(crate) fn encode_answer(
         parameters,
         outputs,
     };
-    let head = serde_json::to_vec(&head).expect("answer heads serialize");
+    // The head is written straight into the body, sized for a typical
+    // head and the tensors after it: one buffer, no copy of the head.
+    let tensors = blobs.iter().map(|b| b.len()).sum::<usize>();
+    let mut body = BytesMut::with_capacity(256 + tensors).writer();
+    serde_json::to_writer(&mut body, &head).expect("answer heads serialize");
+    let mut body = body.into_inner();
     if blobs.is_empty() {
-        return (Bytes::from(head), None);
+        return (body.freeze(), None);
     }
-    let mut body =
-        BytesMut::with_capacity(head.len() + blobs.iter().map(|b| b.len()).sum::<usize>());
-    body.extend_from_slice(&head);
+    let head_len = body.len();
+    body.reserve(tensors);
     for b in &blobs {
         body.extend_from_slice(b);
     }
-    (body.freeze(), Some(head.len()))
+    (body.freeze(), Some(head_len))
 }

@@ -10,6 +10,7 @@ pub mod http;
 pub mod json;
 pub mod metadata;
 pub mod repository;
+pub mod rest_app;
 pub mod shm;
 pub mod triton_metrics;
 
