@@ -8,14 +8,16 @@
 //!   encoded);
 //! - the REST app as served (`rest_app::serve`: the router and every layer
 //!   around it), fed the binary-extension request perf_analyzer sends, its
-//!   answer's body collected; and the REST decoder alone on that request.
+//!   answer's body collected; the same router with the layers applied per
+//!   route (`Router::layer`, as shoal served it before); and the REST
+//!   decoder alone on that request.
 //!
 //! Per request: wall and CPU µs, and heap allocations, counted by a wrapper
 //! around the binaries' allocator (mimalloc). A fixed number of requests
 //! per cell, so `perf stat` around it compares runs too.
 //!
 //! `cargo bench --bench hotpath` (`-- --requests N`, `-- --reps R`,
-//! `-- --path engine|grpc|rest|decode`).
+//! `-- --path engine|grpc|rest|rest-per-route|decode`).
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -155,11 +157,21 @@ fn rest_request(body: &Bytes) -> axum::http::Request<axum::body::Body> {
         .expect("a valid request")
 }
 
+#[derive(Clone)]
+enum App {
+    Served(shoal::api::rest_app::RestApp),
+    PerRoute(axum::Router),
+}
+
 #[derive(Clone, Copy)]
 enum Path {
     Engine,
     Grpc,
     Rest,
+    /// The same router with the same layers applied the usual axum way,
+    /// `Router::layer` (each route wrapped), and no direct infer route:
+    /// how shoal served REST before `rest_app`.
+    RestPerRoute,
     RestDecode,
 }
 
@@ -168,7 +180,7 @@ async fn one(
     engine: &Engine,
     shm: &SharedMemory,
     wire: &Bytes,
-    app: &shoal::api::rest_app::RestApp,
+    app: &App,
     path: Path,
 ) -> usize {
     match path {
@@ -188,13 +200,14 @@ async fn one(
             let r = rest::decode_rest_request("m", &h, wire.clone(), shm).unwrap();
             r.inputs.len()
         }
-        Path::Rest => {
+        Path::Rest | Path::RestPerRoute => {
             use tower::ServiceExt;
-            let resp = app
-                .clone()
-                .oneshot(rest_request(wire))
-                .await
-                .expect("the router is infallible");
+            let req = rest_request(wire);
+            let resp = match app {
+                App::Served(a) => a.clone().oneshot(req).await,
+                App::PerRoute(r) => r.clone().oneshot(req).await,
+            }
+            .expect("the router is infallible");
             assert_eq!(resp.status(), 200, "the REST app answers");
             let body = resp.into_body().collect().await.expect("a body");
             body.to_bytes().len()
@@ -206,7 +219,7 @@ async fn one(
 async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64, f64, f64) {
     let shm = Arc::new(SharedMemory::new());
     let wire = match path {
-        Path::Rest | Path::RestDecode => rest_body(),
+        Path::Rest | Path::RestPerRoute | Path::RestDecode => rest_body(),
         _ => grpc_bytes(),
     };
     let state = rest::HttpState {
@@ -215,7 +228,21 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
         shm: shm.clone(),
         shm_token: shoal::api::auth::Bearer::new(None),
     };
-    let app = shoal::api::rest_app::serve(state.clone(), rest::router(state));
+    let app = match path {
+        Path::RestPerRoute => {
+            use tower_http::compression::CompressionLayer;
+            use tower_http::decompression::RequestDecompressionLayer;
+            let per_route = rest::router(state)
+                .layer(RequestDecompressionLayer::new().gzip(true).zstd(true))
+                .layer(CompressionLayer::new().gzip(true).zstd(true))
+                .layer(shoal::api::access::AccessLayer::new("http"));
+            App::PerRoute(per_route)
+        }
+        _ => App::Served(shoal::api::rest_app::serve(
+            state.clone(),
+            rest::router(state),
+        )),
+    };
     let allocs = ALLOCATIONS.load(Relaxed);
     let cpu = cpu_seconds();
     let t = Instant::now();
@@ -273,12 +300,14 @@ fn main() {
             (Path::Engine, "engine"),
             (Path::Grpc, "gRPC handler"),
             (Path::Rest, "REST app"),
+            (Path::RestPerRoute, "REST app, layers per route"),
             (Path::RestDecode, "REST decoder alone"),
         ] {
             let key = match path {
                 Path::Engine => "engine",
                 Path::Grpc => "grpc",
                 Path::Rest => "rest",
+                Path::RestPerRoute => "rest-per-route",
                 Path::RestDecode => "decode",
             };
             if only.as_deref().is_some_and(|o| o != key) {
