@@ -17,7 +17,8 @@
 //! per cell, so `perf stat` around it compares runs too.
 //!
 //! `cargo bench --bench hotpath` (`-- --requests N`, `-- --reps R`,
-//! `-- --path engine|grpc|rest|rest-per-route|decode`).
+//! `-- --path engine|grpc|rest|rest-per-route|decode|ort`; `ort`, the
+//! engine with the FFNN on ONNX Runtime, runs only when asked for).
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -173,16 +174,13 @@ enum Path {
     /// how shoal served REST before `rest_app`.
     RestPerRoute,
     RestDecode,
+    /// The engine with the FFNN on ONNX Runtime (shoal's defaults: no
+    /// batching, one replica), `--path ort` only: it needs the model files.
+    Ort,
 }
 
 /// One request through `path`; the answer's encoded length for gRPC.
-async fn one(
-    engine: &Engine,
-    shm: &SharedMemory,
-    wire: &Bytes,
-    app: &App,
-    path: Path,
-) -> usize {
+async fn one(engine: &Engine, shm: &SharedMemory, wire: &Bytes, app: &App, path: Path) -> usize {
     match path {
         Path::Engine => {
             engine.infer(request()).await.expect("mock answers");
@@ -194,6 +192,21 @@ async fn one(
             let resp = engine.infer(req).await.expect("mock answers");
             encode_response(resp, &[]).encode_to_vec().len()
         }
+        Path::Ort => engine
+            .infer(InferRequest {
+                model: "ffnn".into(),
+                inputs: vec![Tensor {
+                    name: "input".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![1, WIDTH as i64],
+                    data: wire.clone(),
+                }],
+                ..Default::default()
+            })
+            .await
+            .expect("the FFNN answers")
+            .outputs
+            .len(),
         Path::RestDecode => {
             let mut h = axum::http::HeaderMap::new();
             h.insert(rest::HEADER_LENGTH, REST_HEADER.len().into());
@@ -220,6 +233,7 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
     let shm = Arc::new(SharedMemory::new());
     let wire = match path {
         Path::Rest | Path::RestPerRoute | Path::RestDecode => rest_body(),
+        Path::Ort => Bytes::from(vec![0u8; 4 * WIDTH]),
         _ => grpc_bytes(),
     };
     let state = rest::HttpState {
@@ -266,6 +280,50 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
     (wall, cpu, allocs)
 }
 
+/// The FFNN of `model_repository` (run scripts/setup.sh first) with an
+/// empty config.toml, on ONNX Runtime.
+async fn ort_cells(n: usize, reps: usize) {
+    let dir = std::env::temp_dir().join(format!("hotpath-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("ffnn")).unwrap();
+    let model =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model_repository/ffnn/1");
+    assert!(
+        model.join("model.onnx").exists(),
+        "run scripts/setup.sh first"
+    );
+    let _ = std::os::unix::fs::symlink(&model, dir.join("ffnn/1"));
+    std::fs::write(dir.join("ffnn/config.toml"), "").unwrap();
+    let engine = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            Engine::load(&dir, &shoal::engine::EngineOptions::default())
+        })
+        .await
+        .unwrap()
+        .expect("the FFNN loads")
+    };
+    cell(&engine, Path::Ort, n / 10, 8).await;
+    println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for c in [1, 64] {
+        let (mut walls, mut cpus, mut allocs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let (w, cpu, a) = cell(&engine, Path::Ort, n, c).await;
+            walls.push(w);
+            cpus.push(cpu);
+            allocs.push(a);
+        }
+        println!(
+            "| engine, FFNN on ONNX Runtime | {c} | {n} | {:.2} | {:.2} | {:.1} |",
+            median(walls),
+            median(cpus),
+            median(allocs)
+        );
+    }
+    engine.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -290,6 +348,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if only.as_deref() == Some("ort") {
+        rt.block_on(ort_cells(n, reps));
+        return;
+    }
     rt.block_on(async {
         let engine = engine();
         // Warm: threads started, allocator settled, replicas measured.
@@ -309,6 +371,7 @@ fn main() {
                 Path::Rest => "rest",
                 Path::RestPerRoute => "rest-per-route",
                 Path::RestDecode => "decode",
+                Path::Ort => "ort",
             };
             if only.as_deref().is_some_and(|o| o != key) {
                 continue;
