@@ -160,7 +160,7 @@ fn rest_request(body: &Bytes) -> axum::http::Request<axum::body::Body> {
 
 #[derive(Clone)]
 enum App {
-    Served(shoal::api::rest_app::RestApp),
+    Served(Box<shoal::api::rest_app::RestApp>),
     PerRoute(axum::Router),
 }
 
@@ -217,7 +217,7 @@ async fn one(engine: &Engine, shm: &SharedMemory, wire: &Bytes, app: &App, path:
             use tower::ServiceExt;
             let req = rest_request(wire);
             let resp = match app {
-                App::Served(a) => a.clone().oneshot(req).await,
+                App::Served(a) => (**a).clone().oneshot(req).await,
                 App::PerRoute(r) => r.clone().oneshot(req).await,
             }
             .expect("the router is infallible");
@@ -252,10 +252,10 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
                 .layer(shoal::api::access::AccessLayer::new("http"));
             App::PerRoute(per_route)
         }
-        _ => App::Served(shoal::api::rest_app::serve(
+        _ => App::Served(Box::new(shoal::api::rest_app::serve(
             state.clone(),
             rest::router(state),
-        )),
+        ))),
     };
     let allocs = ALLOCATIONS.load(Relaxed);
     let cpu = cpu_seconds();
