@@ -303,25 +303,34 @@ async fn ort_cells(n: usize, reps: usize) {
         .expect("the FFNN loads")
     };
     cell(&engine, Path::Ort, n / 10, 8).await;
+    print_header(reps);
+    print_rows(&engine, Path::Ort, "engine, FFNN on ONNX Runtime", n, reps).await;
+    engine.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn print_header(reps: usize) {
     println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req |");
     println!("|---|---:|---:|---:|---:|---:|");
+}
+
+/// One row per concurrency: the medians of `reps` cells of `n` requests.
+async fn print_rows(engine: &Engine, path: Path, label: &str, n: usize, reps: usize) {
     for c in [1, 64] {
         let (mut walls, mut cpus, mut allocs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
-            let (w, cpu, a) = cell(&engine, Path::Ort, n, c).await;
+            let (w, cpu, a) = cell(engine, path, n, c).await;
             walls.push(w);
             cpus.push(cpu);
             allocs.push(a);
         }
         println!(
-            "| engine, FFNN on ONNX Runtime | {c} | {n} | {:.2} | {:.2} | {:.1} |",
+            "| {label} | {c} | {n} | {:.2} | {:.2} | {:.1} |",
             median(walls),
             median(cpus),
             median(allocs)
         );
     }
-    engine.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -339,7 +348,7 @@ fn main() {
     };
     let n = arg("--requests", 100_000);
     let reps = arg("--reps", 5).max(1);
-    // `--path engine|grpc|rest`: one path only.
+    // `--path engine|grpc|rest|rest-per-route|decode|ort`: one path only.
     let only = args
         .windows(2)
         .find(|w| w[0] == "--path")
@@ -356,8 +365,7 @@ fn main() {
         let engine = engine();
         // Warm: threads started, allocator settled, replicas measured.
         cell(&engine, Path::Grpc, n / 10, 8).await;
-        println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req |");
-        println!("|---|---:|---:|---:|---:|---:|");
+        print_header(reps);
         for (path, label) in [
             (Path::Engine, "engine"),
             (Path::Grpc, "gRPC handler"),
@@ -373,23 +381,8 @@ fn main() {
                 Path::RestDecode => "decode",
                 Path::Ort => "ort",
             };
-            if only.as_deref().is_some_and(|o| o != key) {
-                continue;
-            }
-            for c in [1, 64] {
-                let (mut walls, mut cpus, mut allocs) = (Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..reps {
-                    let (w, cpu, a) = cell(&engine, path, n, c).await;
-                    walls.push(w);
-                    cpus.push(cpu);
-                    allocs.push(a);
-                }
-                println!(
-                    "| {label} | {c} | {n} | {:.2} | {:.2} | {:.1} |",
-                    median(walls),
-                    median(cpus),
-                    median(allocs)
-                );
+            if only.as_deref().is_none_or(|o| o == key) {
+                print_rows(&engine, path, label, n, reps).await;
             }
         }
         engine.shutdown();

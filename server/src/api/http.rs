@@ -313,15 +313,13 @@ where
         };
         seen = seen.saturating_add(data.len());
         if seen <= limit {
-            match first.take() {
-                None if buf.is_empty() => first = Some(data),
-                f => {
-                    if let Some(f) = f {
-                        buf.reserve(f.len() + data.len());
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&data);
+            if first.is_none() && buf.is_empty() {
+                first = Some(data);
+            } else {
+                if let Some(f) = first.take() {
+                    buf.extend_from_slice(&f);
                 }
+                buf.extend_from_slice(&data);
             }
         } else {
             first = None;
