@@ -228,8 +228,19 @@ async fn one(engine: &Engine, shm: &SharedMemory, wire: &Bytes, app: &App, path:
     }
 }
 
-/// Wall µs, CPU µs and allocations per request for `n` requests at `concurrency`.
-async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64, f64, f64) {
+/// Requests the served model ran on the threads that submitted them.
+fn inline_runs(engine: &Engine, path: Path) -> u64 {
+    let model = if matches!(path, Path::Ort) {
+        "ffnn"
+    } else {
+        "m"
+    };
+    engine.model(model, None).map_or(0, |m| m.inline_runs())
+}
+
+/// Wall µs, CPU µs, allocations per request and the share of requests run
+/// inline, for `n` requests at `concurrency`.
+async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64, f64, f64, f64) {
     let shm = Arc::new(SharedMemory::new());
     let wire = match path {
         Path::Rest | Path::RestPerRoute | Path::RestDecode => rest_body(),
@@ -258,6 +269,7 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
         ))),
     };
     let allocs = ALLOCATIONS.load(Relaxed);
+    let inline = inline_runs(engine, path);
     let cpu = cpu_seconds();
     let t = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
@@ -277,7 +289,8 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
     let wall = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     let cpu = (cpu_seconds() - cpu) * 1e6 / n as f64;
     let allocs = (ALLOCATIONS.load(Relaxed) - allocs) as f64 / n as f64;
-    (wall, cpu, allocs)
+    let inline = (inline_runs(engine, path) - inline) as f64 / n as f64;
+    (wall, cpu, allocs, inline)
 }
 
 /// The FFNN of `model_repository` (run scripts/setup.sh first) with an
@@ -310,25 +323,28 @@ async fn ort_cells(n: usize, reps: usize) {
 }
 
 fn print_header(reps: usize) {
-    println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| path | concurrency | requests | wall µs/req (median of {reps}) | CPU µs/req | allocations/req | run inline |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
 }
 
 /// One row per concurrency: the medians of `reps` cells of `n` requests.
 async fn print_rows(engine: &Engine, path: Path, label: &str, n: usize, reps: usize) {
-    for c in [1, 64] {
-        let (mut walls, mut cpus, mut allocs) = (Vec::new(), Vec::new(), Vec::new());
+    for c in [1, 8, 64] {
+        let (mut walls, mut cpus, mut allocs, mut inline) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
-            let (w, cpu, a) = cell(engine, path, n, c).await;
+            let (w, cpu, a, i) = cell(engine, path, n, c).await;
             walls.push(w);
             cpus.push(cpu);
             allocs.push(a);
+            inline.push(i);
         }
         println!(
-            "| {label} | {c} | {n} | {:.2} | {:.2} | {:.1} |",
+            "| {label} | {c} | {n} | {:.2} | {:.2} | {:.1} | {:.0}% |",
             median(walls),
             median(cpus),
-            median(allocs)
+            median(allocs),
+            median(inline) * 100.0
         );
     }
 }

@@ -285,6 +285,43 @@ async fn expired_deadline_fails_without_running() {
     ));
 }
 
+/// A request past its deadline behind a head that waits for company (a
+/// different shape, so not a candidate of its batch) leaves the queue when
+/// the replica wakes for its deadline: kept, it would cut every later wait
+/// short and the replica would spin until the head's batch runs.
+#[tokio::test]
+async fn an_expired_request_leaves_a_waiting_queue_at_its_deadline() {
+    let (engine, log) = engine_with(
+        "max_batch_size = 8\n[dynamic_batching]\nmax_queue_delay_us = 400000\npriority_levels = 2\ndefault_priority_level = 2\n",
+        -1,
+        Duration::ZERO,
+    );
+    // The late one queues first, so the replica's wait ends at its
+    // deadline; the head comes next, ahead of it by priority.
+    let mut late = with_priority(request(1, 5, 0.0), 2);
+    late.deadline = Some(Instant::now() + Duration::from_millis(30));
+    let late = engine.submit(late);
+    let head = tokio::spawn(engine.submit(with_priority(request(1, 3, 0.0), 1)).wait());
+    let r = late.wait().await;
+    assert!(matches!(r, Err(EngineError::DeadlineExceeded)), "{r:?}");
+    let model = engine.model("m", None).unwrap();
+    let t = Instant::now();
+    // Its place in the replica's load is given back when it leaves the
+    // queue.
+    while model.core.holds().loads[0] != 1 {
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "the expired request is still queued: {:?}",
+            model.core.holds()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(!head.is_finished(), "the head still waits for company");
+    head.await.unwrap().unwrap();
+    assert_eq!(*log.batches.lock(), vec![1], "the expired request never ran");
+    assert!(model.core.holds().is_empty());
+}
+
 #[tokio::test]
 async fn cancelled_request_is_dropped_before_compute() {
     let (engine, log) = engine_with("max_batch_size = 1\n", 1, Duration::from_millis(200));

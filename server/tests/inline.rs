@@ -187,3 +187,115 @@ async fn concurrent_requests_run_inline_or_queue_and_each_gets_its_answer() {
     assert!(inline_runs(&engine) > 0);
     engine.shutdown();
 }
+
+/// One trial of the drain tests: a request on value 500 runs inline and
+/// blocks on a gate; six more are sent meanwhile and queue behind it (the
+/// backend is taken); the gate opens once they are queued and the blocked
+/// run has lasted `hold_at_least`. Returns the batches after the blocked
+/// one, each with whether the replica thread ran it, and how long the gate
+/// was held.
+async fn queued_behind_an_inline_run(
+    config: &str,
+    hold_at_least: Duration,
+) -> (Vec<(usize, bool)>, Duration) {
+    let gate = Arc::new(shoal::backend::mock::Gate::default());
+    let g = gate.clone();
+    let (engine, log) = engine_of(config, move |log| {
+        MockBackend::gated_on(1, 500.0, g.clone(), log)
+    });
+    sequential(&engine, MEASURED_FIRST).await;
+    let replica = log.threads.lock()[0];
+    let e = engine.clone();
+    let blocked =
+        tokio::spawn(async move { values(&e.infer(request(1, 500.0)).await.unwrap().outputs[0]) });
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let t = std::time::Instant::now();
+        while !done() {
+            assert!(t.elapsed() < Duration::from_secs(5), "never {what}");
+            std::thread::yield_now();
+        }
+    };
+    wait_for("started", &|| {
+        log.batches.lock().len() == MEASURED_FIRST + 1
+    });
+    let started = std::time::Instant::now();
+    let queued: Vec<_> = (0..6)
+        .map(|i| {
+            let e = engine.clone();
+            tokio::spawn(async move {
+                let r = e.infer(request(1, i as f32)).await.unwrap();
+                assert_eq!(values(&r.outputs[0]), vec![2.0 * i as f32 + 1.0]);
+            })
+        })
+        .collect();
+    let model = engine.model("m", None).unwrap();
+    wait_for("queued", &|| model.core.holds().loads[0] == 7);
+    while started.elapsed() < hold_at_least {
+        std::thread::yield_now();
+    }
+    let held = started.elapsed();
+    gate.open();
+    assert_eq!(blocked.await.unwrap(), vec![1001.0]);
+    for q in queued {
+        q.await.unwrap();
+    }
+    let after: Vec<(usize, bool)> = {
+        let batches = log.batches.lock();
+        let threads = log.threads.lock();
+        assert_ne!(
+            threads[MEASURED_FIRST], replica,
+            "the blocked request ran inline"
+        );
+        (MEASURED_FIRST + 1..batches.len())
+            .map(|i| (batches[i], threads[i] == replica))
+            .collect()
+    };
+    assert!(model.core.holds().is_empty());
+    engine.shutdown();
+    (after, held)
+}
+
+/// Flat combining: the thread that holds the backend for an inline run
+/// runs what queued meanwhile, batched as the replica thread would batch
+/// it, and the replica thread is not woken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_behind_an_inline_run_are_drained_by_its_thread() {
+    for config in [
+        // No batching: one request per batch.
+        ("inline_execution_max_us = 10000\n", vec![(1, false); 6]),
+        // Dynamic batching without a delay: what queued is one batch.
+        (
+            "max_batch_size = 8\ninline_execution_max_us = 10000\n",
+            vec![(6, false)],
+        ),
+    ] {
+        // Past the bound (10 ms) the replica thread takes the queue: a
+        // trial whose setup took half of it would say nothing.
+        let mut trials = 0;
+        loop {
+            let (after, held) = queued_behind_an_inline_run(config.0, Duration::ZERO).await;
+            trials += 1;
+            if held > Duration::from_millis(5) {
+                assert!(
+                    trials < 5,
+                    "the machine is too slow for this test: {held:?}"
+                );
+                continue;
+            }
+            assert_eq!(after, config.1, "{:?}", config.0);
+            break;
+        }
+    }
+}
+
+/// Once an inline run has held its thread for the bound, what queued
+/// behind it goes to the replica thread, batched as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_thread_takes_the_queue_once_the_bound_is_spent() {
+    // The default bound is 100 µs; the blocked run holds its thread 2 ms.
+    let hold = Duration::from_millis(2);
+    let (after, _) = queued_behind_an_inline_run("max_batch_size = 8\n", hold).await;
+    assert_eq!(after, vec![(6, true)]);
+    let (after, _) = queued_behind_an_inline_run("", hold).await;
+    assert_eq!(after, vec![(1, true); 6]);
+}

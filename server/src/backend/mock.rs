@@ -27,6 +27,30 @@ pub struct MockBackend {
     panic_on: Option<f32>,
     /// A run whose input holds this value blocks for this long.
     hang_on: Option<(f32, Duration)>,
+    /// A run whose input holds this value blocks until the gate opens.
+    gate: Option<(f32, Arc<Gate>)>,
+}
+
+/// A gate a test opens once it has set up what must happen while a run
+/// blocks ([`MockBackend::gated_on`]).
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    opened: parking_lot::Condvar,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        *self.open.lock() = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock();
+        while !*open {
+            self.opened.wait(&mut open);
+        }
+    }
 }
 
 impl MockBackend {
@@ -47,6 +71,16 @@ impl MockBackend {
             fail: false,
             panic_on: None,
             hang_on: None,
+            gate: None,
+        }
+    }
+
+    /// Like `new` but a run whose input holds `value` blocks until `gate`
+    /// opens.
+    pub fn gated_on(width: i64, value: f32, gate: Arc<Gate>, log: Arc<MockLog>) -> Self {
+        Self {
+            gate: Some((value, gate)),
+            ..Self::new(width, Duration::ZERO, log)
         }
     }
 
@@ -135,6 +169,12 @@ impl Backend for MockBackend {
             let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
             if values.contains(&v) {
                 std::thread::sleep(d);
+            }
+        }
+        if let Some((v, gate)) = &self.gate {
+            let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+            if values.contains(v) {
+                gate.wait();
             }
         }
         let out: Vec<u8> = bytes

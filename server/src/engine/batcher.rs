@@ -59,12 +59,13 @@ pub trait BatchPolicy: Send + 'static {
     fn deadline_order(&self) -> Option<Duration> {
         None
     }
-    /// True when a lone request on an idle replica is dispatched at once
-    /// and the policy learns nothing from executions: such a request may
-    /// run on the thread that submitted it, with the same batch and the
-    /// same answer as on the replica thread.
-    fn runs_lone_request_at_once(&self) -> bool {
-        false
+    /// A copy of this policy for batches run on the threads that submit
+    /// requests, or `None`. Only for a policy that dispatches a lone
+    /// request on an idle replica at once and learns nothing from
+    /// executions: its copy then takes the same batches, with the same
+    /// answers, as the replica thread would.
+    fn inline_copy(&self) -> Option<Box<dyn BatchPolicy>> {
+        None
     }
 }
 
@@ -73,8 +74,8 @@ pub trait BatchPolicy: Send + 'static {
 pub struct NoBatching;
 
 impl BatchPolicy for NoBatching {
-    fn runs_lone_request_at_once(&self) -> bool {
-        true
+    fn inline_copy(&self) -> Option<Box<dyn BatchPolicy>> {
+        Some(Box::new(NoBatching))
     }
 
     fn decide(&mut self, view: QueueView<'_>) -> Decision {
@@ -94,10 +95,14 @@ pub struct StaticBatching {
 }
 
 impl BatchPolicy for StaticBatching {
-    fn runs_lone_request_at_once(&self) -> bool {
+    fn inline_copy(&self) -> Option<Box<dyn BatchPolicy>> {
         // With a delay the lone request waits for company; a largest
         // preferred size of 1 would cut it at once, but waiting is the rule.
-        self.config.max_queue_delay.is_zero()
+        // Without one the policy is a pure function of the queue.
+        self.config
+            .max_queue_delay
+            .is_zero()
+            .then(|| Box::new(self.clone()) as Box<dyn BatchPolicy>)
     }
 
     fn wake_rows(&self) -> Option<usize> {

@@ -73,12 +73,12 @@ pub fn describe() {
     describe_counter!(REPLICA_REQUESTS, "Requests executed by a replica");
     describe_counter!(
         REPLICA_INLINE,
-        "Requests a replica's backend ran on the network thread that received them (alone, on an idle replica, for a cheap model)"
+        "Requests a replica's backend ran on a network thread instead of the replica thread (a lone request on an idle replica, then what queued behind it, for a cheap model)"
     );
     describe_histogram!(
         INLINE_DURATION,
         Unit::Seconds,
-        "How long each inline execution held a network thread (bounded by the model's inline_execution_max_us, smoothed)"
+        "How long each inline run held a network thread: a request and the batches it drained after it (bounded by the model's inline_execution_max_us)"
     );
     describe_counter!(
         REPLICA_PANICS,

@@ -1,12 +1,13 @@
 //! A worker replica: one OS thread that owns a backend session, a FIFO
 //! queue, and the batching loop. A lone request that finds its replica idle
-//! may run on the thread that received it ([`Replica::run_or_enqueue`]):
-//! only when the batch and the answer are the same as on the replica
-//! thread, and only for a backend whose measured executions are cheap, so
-//! a network thread is never held longer than the model's
+//! may run on the thread that received it ([`Replica::run_or_enqueue`]),
+//! which then also runs what queued meanwhile, as the replica thread would
+//! have: only when the batches and the answers are the same as on the
+//! replica thread, and only for a backend whose measured executions are
+//! cheap, so a network thread is never held longer than the model's
 //! `inline_execution_max_us`.
 
-use super::batcher::{BatchPolicy, Decision, NoBatching, QueueView};
+use super::batcher::{BatchPolicy, Decision, QueueView};
 use super::config::TimeoutAction;
 use super::error::EngineError;
 use super::execute::Executed;
@@ -114,6 +115,12 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Its deadline passed or its client has gone away: running it would
+    /// waste compute.
+    fn unanswerable(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now) || self.reply.is_closed()
+    }
+
     /// Dispatch rank: lower runs first.
     fn rank(&self) -> u32 {
         if self.delayed {
@@ -181,8 +188,11 @@ struct BackendSlot {
     /// The last batch panicked: the replica thread loads a fresh backend
     /// before the next one, and nothing runs inline until it has.
     reload: bool,
-    /// Longest smoothed execution that may run inline; zero: never.
+    /// How long a network thread may be held by inline runs: its own
+    /// request's and the batches it drains after it.
     inline_max: Duration,
+    /// Set when the replica's requests may run inline at all.
+    inline: Option<Inline>,
     /// Smoothed execution time of this replica's batches: the median of
     /// the first [`INLINE_AFTER`], then 1/8 per batch, a batch counting at
     /// most four times the estimate (a run preempted by the scheduler must
@@ -196,6 +206,14 @@ struct BackendSlot {
 
 /// Batches measured on a replica before a request may run inline.
 const INLINE_AFTER: u32 = 8;
+
+/// What a thread other than the replica's needs to run its batches.
+struct Inline {
+    /// A copy of the replica's policy ([`BatchPolicy::inline_copy`]): the
+    /// batches drained inline are the ones the replica thread would take.
+    policy: Box<dyn BatchPolicy>,
+    scratch: Scratch,
+}
 
 impl BackendSlot {
     fn observe(&mut self, took: Duration) {
@@ -216,6 +234,11 @@ impl BackendSlot {
     }
 
     fn inline_allowed(&self) -> bool {
+        self.inline.is_some() && self.cheap()
+    }
+
+    /// Healthy, measured, and its smoothed execution under the bound.
+    fn cheap(&self) -> bool {
         !self.reload
             && self.backend.is_some()
             && self.measured >= INLINE_AFTER
@@ -298,6 +321,7 @@ impl StartingReplica {
                 backend: None,
                 reload: false,
                 inline_max: Duration::ZERO,
+                inline: None,
                 cost: Duration::ZERO,
                 measured: 0,
                 first: [Duration::ZERO; INLINE_AFTER as usize],
@@ -363,8 +387,15 @@ impl StartingReplica {
 
     /// Lets the replica serve.
     pub fn start(self, core: Arc<ModelCore>, policy: Box<dyn BatchPolicy>) -> Replica {
-        if self.any_thread && policy.runs_lone_request_at_once() {
-            self.shared.backend.lock().inline_max = core.config.inline_max;
+        if self.any_thread && !core.config.inline_max.is_zero() {
+            if let Some(policy) = policy.inline_copy() {
+                let mut slot = self.shared.backend.lock();
+                slot.inline_max = core.config.inline_max;
+                slot.inline = Some(Inline {
+                    policy,
+                    scratch: Scratch::default(),
+                });
+            }
         }
         let _ = self.go.send(Some((core, policy)));
         Replica {
@@ -423,54 +454,26 @@ impl Replica {
     }
 
     /// Runs `p` here, on the calling thread, when it is alone: the replica's
-    /// queue empty and its backend free, the policy one that would dispatch it at once
-    /// and learns nothing, its key's turn (if it has a key), and the
-    /// replica's executions cheap (under the model's
-    /// `inline_execution_max_us`, smoothed, after a few measured). The
-    /// batch, its answer, statistics and metrics are those of the replica
-    /// thread; what is saved is the hop there and back (two wake-ups,
-    /// which at one request at a time cost more than a small model's
-    /// compute). Otherwise queues it as [`Replica::enqueue`] does.
+    /// queue empty and its backend free, the policy one that would dispatch
+    /// it at once and learns nothing, its key's turn (if it has a key), and
+    /// the replica's executions cheap (under the model's
+    /// `inline_execution_max_us`, smoothed, after a few measured). Then
+    /// runs what queued meanwhile (flat combining, see [`combine`]). The
+    /// batches, their answers, statistics and metrics are those of the
+    /// replica thread; what is saved is the hop there and back (two
+    /// wake-ups, which cost more than a small model's compute). Otherwise
+    /// queues it as [`Replica::enqueue`] does.
     pub fn run_or_enqueue(&self, core: &Arc<ModelCore>, p: Pending) -> Result<(), Box<Pending>> {
-        let Some((mut slot, owner)) = self.claim(core, &p) else {
+        let Some((slot, owner)) = self.claim(core, &p) else {
             return self.enqueue(p);
         };
         let mut p = p;
         p.hold.count_load();
-        let t0 = Instant::now();
-        let mut answered = Vec::with_capacity(1);
-        run_batch(
-            self.id,
-            core,
-            &self.shared,
-            &mut slot,
-            &mut NoBatching,
-            Taken {
-                requests: vec![p],
-                owners: vec![owner],
-            },
-            &mut answered,
-        );
-        let reload = slot.reload;
-        drop(slot);
-        send_all(&mut answered);
-        core.metrics
-            .inline_duration
-            .record(t0.elapsed().as_secs_f64());
-        self.shared.inline_runs.fetch_add(1, Ordering::Relaxed);
-        let m = &core.replica_metrics[self.id];
-        m.inline.increment(1);
-        m.queue_depth.set(self.shared.load() as f64);
-        core.state_metrics.sync(&core.keys.counters);
-        let mut q = self.shared.queue.lock();
-        q.inline_running = false;
-        q.reload |= reload;
-        // Arrivals meanwhile did not wake the worker.
-        let wake = reload || !q.items.is_empty();
-        drop(q);
-        if wake {
-            self.shared.wake.notify_one();
-        }
+        let first = Taken {
+            requests: vec![p],
+            owners: vec![owner],
+        };
+        combine(self.id, &self.shared, core, slot, first);
         Ok(())
     }
 
@@ -647,6 +650,98 @@ fn send_all(answered: &mut Vec<(ReplyTo, Reply)>) {
     }
 }
 
+/// Runs a replica's batches on the calling thread in its worker's place
+/// (flat combining): `first`, then what queued meanwhile, each batch the
+/// one the worker would take, for as long as the thread has been held less
+/// than the model's `inline_execution_max_us`. The caller holds the backend
+/// and the queue's inline flag, so arrivals queue without waking the
+/// worker, and the requests drained here never cross threads. Then the
+/// worker gets the queue back, woken if anything is left in it.
+fn combine(
+    id: usize,
+    shared: &Shared,
+    core: &Arc<ModelCore>,
+    mut slot: parking_lot::MutexGuard<'_, BackendSlot>,
+    first: Taken,
+) {
+    let mut inline = slot
+        .inline
+        .take()
+        .expect("combining only where inline is set");
+    let t0 = Instant::now();
+    let mut answered = Vec::new();
+    let mut ran = 0;
+    let mut next = Some(first);
+    while let Some(batch) = next {
+        ran += batch.requests.len() as u64;
+        run_batch(
+            id,
+            core,
+            shared,
+            &mut slot,
+            inline.policy.as_mut(),
+            batch,
+            &mut answered,
+        );
+        // At once, so a client's next request queues while this thread
+        // still holds the backend, and is drained here.
+        send_all(&mut answered);
+        next = drain_next(shared, core, &slot, &mut inline, t0);
+    }
+    slot.inline = Some(inline);
+    let reload = slot.reload;
+    drop(slot);
+    core.metrics
+        .inline_duration
+        .record(t0.elapsed().as_secs_f64());
+    shared.inline_runs.fetch_add(ran, Ordering::Relaxed);
+    let m = &core.replica_metrics[id];
+    m.inline.increment(ran);
+    m.queue_depth.set(shared.load() as f64);
+    core.state_metrics.sync(&core.keys.counters);
+    let mut q = shared.queue.lock();
+    q.inline_running = false;
+    q.reload |= reload;
+    // Arrivals since the last look did not wake the worker.
+    let wake = reload || !q.items.is_empty();
+    drop(q);
+    if wake {
+        shared.wake.notify_one();
+    }
+}
+
+/// The next batch an inline run may take: the one the worker would take
+/// now, while the backend stays healthy and cheap and the thread has been
+/// held for less than the bound since `since`.
+fn drain_next(
+    shared: &Shared,
+    core: &ModelCore,
+    slot: &BackendSlot,
+    inline: &mut Inline,
+    since: Instant,
+) -> Option<Taken> {
+    if !slot.cheap() || since.elapsed() + slot.cost > slot.inline_max {
+        return None;
+    }
+    let mut q = shared.queue.lock();
+    loop {
+        if q.stopping || q.reload || q.items.is_empty() {
+            return None;
+        }
+        match q.scan(core, inline.policy.as_mut(), &mut inline.scratch) {
+            Scan::Take(batch) => return Some(batch),
+            Scan::Poke(pokes) => {
+                if !pokes.is_empty() {
+                    parking_lot::MutexGuard::unlocked(&mut q, || {
+                        pokes.iter().for_each(|&r| core.poke(r))
+                    });
+                }
+            }
+            Scan::Empty | Scan::Blocked | Scan::Wait(_) => return None,
+        }
+    }
+}
+
 /// Executes one batch on the slot's backend, on whichever thread holds the
 /// slot: watched by the watchdog while it runs, a panic failing only its
 /// requests (the replica thread reloads the backend before the next).
@@ -778,165 +873,239 @@ impl Worker {
             if std::mem::take(&mut q.reload) {
                 return Some(Next::Reload);
             }
-            let now = Instant::now();
-            let pokes = self.purge(&mut q, now);
-            if !pokes.is_empty() {
-                // Never hold our queue while taking another replica's.
-                parking_lot::MutexGuard::unlocked(&mut q, || {
-                    pokes.iter().for_each(|&r| self.core.poke(r))
-                });
-                continue;
-            }
-            if q.items.is_empty() {
-                if q.stopping {
-                    return None;
+            match q.scan(&self.core, self.policy.as_mut(), sc) {
+                Scan::Take(batch) => return Some(Next::Batch(batch)),
+                Scan::Poke(pokes) => {
+                    if !pokes.is_empty() {
+                        // Never hold our queue while taking another replica's.
+                        parking_lot::MutexGuard::unlocked(&mut q, || {
+                            pokes.iter().for_each(|&r| self.core.poke(r))
+                        });
+                    }
                 }
-                q.sleep = Sleep::Idle;
-                self.shared.wake.wait(&mut q);
-                q.sleep = Sleep::Busy;
-                continue;
-            }
-            sc.clear();
-            // A keyed request may run only when it is its key's next ticket
-            // (the previous one finished, on whichever replica), and its
-            // state's location decides a migration. One table lock per scan.
-            // Only the front of the queue is scanned: a batch never needs
-            // more, and a deep backlog must not make every dispatch slower.
-            let window = q.items.len().min(self.scan_limit());
-            let mut checks: Vec<(Option<&Key>, u64, Option<usize>, bool)> = Vec::new();
-            if q.keyed > 0 {
-                checks.extend(
-                    q.items
-                        .iter()
-                        .take(window)
-                        .map(|p| (p.key.as_ref(), p.hold.ticket(), None, false)),
-                );
-                self.core.keys.check(&mut checks);
-            }
-            let eligible = |i: usize| checks.get(i).is_none_or(|c| c.3);
-            // Earliest deadline first when the policy asks for it: a request
-            // without its own deadline is due one objective after it came.
-            // Per-key order still holds: only a key's next ticket is eligible.
-            let order = self.policy.deadline_order();
-            let due = |p: &Pending| {
-                order.map(|o| {
-                    let by_objective = p.enqueued + o;
-                    p.deadline.map_or(by_objective, |d| d.min(by_objective))
-                })
-            };
-            let head = match order {
-                None => (0..window).find(|&i| eligible(i)),
-                Some(_) => (0..window)
-                    .filter(|&i| eligible(i))
-                    .min_by_key(|&i| (q.items[i].rank(), due(&q.items[i]), i)),
-            };
-            let Some(head) = head else {
-                // Every request waits on a key busy elsewhere; the replica
-                // that finishes it pokes us.
-                if q.stopping && q.items.iter().all(|p| p.key.is_none()) {
-                    return None;
+                Scan::Empty => {
+                    if q.stopping {
+                        return None;
+                    }
+                    q.sleep = Sleep::Idle;
+                    self.shared.wake.wait(&mut q);
+                    q.sleep = Sleep::Busy;
                 }
-                q.sleep = Sleep::Idle;
-                self.shared.wake.wait_for(&mut q, Duration::from_millis(50));
-                q.sleep = Sleep::Busy;
-                continue;
-            };
-            let head_sig = &q.items[head].signature;
-            let first = if order.is_some() { 0 } else { head };
-            for (i, p) in q.items.iter().enumerate().take(window).skip(first) {
-                if p.signature == *head_sig && eligible(i) {
-                    sc.picked.push((i, checks.get(i).and_then(|c| c.2)));
+                Scan::Blocked => {
+                    // Every request waits on a key busy elsewhere; the
+                    // replica that finishes it pokes us.
+                    if q.stopping && q.items.iter().all(|p| p.key.is_none()) {
+                        return None;
+                    }
+                    q.sleep = Sleep::Idle;
+                    self.shared.wake.wait_for(&mut q, Duration::from_millis(50));
+                    q.sleep = Sleep::Busy;
                 }
-            }
-            let compatible = sc.picked.len();
-            // Without own deadlines, arrival order already is due order.
-            if order.is_some()
-                && sc
-                    .picked
-                    .iter()
-                    .any(|&(i, _)| q.items[i].deadline.is_some())
-            {
-                sc.picked
-                    .sort_by_key(|&(i, _)| (q.items[i].rank(), due(&q.items[i]), i));
-            }
-            // A batch holds at most max_batch_size requests (each has a row
-            // or more); one more tells a policy that the batch cannot grow.
-            // Looking further would only make every decision slower.
-            sc.picked
-                .truncate(self.core.config.max_batch_size.max(1) + 1);
-            drop(checks);
-            for &(i, _) in sc.picked.iter() {
-                let p = &q.items[i];
-                sc.rows.push(p.rows);
-                sc.waits.push(now.saturating_duration_since(p.enqueued));
-                sc.slack
-                    .push(p.deadline.map(|d| d.saturating_duration_since(now)));
-            }
-            let view = QueueView {
-                now,
-                rows: &sc.rows,
-                waits: &sc.waits,
-                slack: &sc.slack,
-                oldest_wait: sc.waits[0],
-                more_incompatible: compatible < q.items.len(),
-                arrived_rows: q.arrived_rows,
-            };
-            let n = match self.policy.decide(view) {
-                Decision::Dispatch(n) => n.clamp(1, sc.picked.len()),
-                // Shutting down: nothing more will arrive, do not wait.
-                Decision::Wait(_) if q.stopping => sc.picked.len(),
-                Decision::Wait(d) => {
-                    let wake_at = self.earliest_deadline(&q).map_or(d, |dl| {
-                        d.min(dl.saturating_duration_since(now) + Duration::from_micros(1))
-                    });
+                Scan::Wait(wake_at) => {
                     q.sleep = Sleep::Until {
                         wake_rows: self.policy.wake_rows().unwrap_or(0),
                     };
                     self.shared.wake.wait_for(&mut q, wake_at);
                     q.sleep = Sleep::Busy;
-                    continue;
                 }
-                Decision::Shed(which) => {
-                    let mut idx: Vec<usize> = which
-                        .into_iter()
-                        .filter_map(|j| sc.picked.get(j).map(|&(i, _)| i))
-                        .collect();
-                    if idx.is_empty() {
-                        // A policy naming nothing valid must not spin.
-                        idx.push(sc.picked[0].0);
-                    }
-                    let pokes = self.shed(&mut q, &mut idx, order);
-                    if !pokes.is_empty() {
-                        parking_lot::MutexGuard::unlocked(&mut q, || {
-                            pokes.iter().for_each(|&r| self.core.poke(r))
-                        });
-                    }
-                    continue;
-                }
-            };
-            let mut chosen: Vec<(usize, Option<usize>)> = sc.picked[..n].to_vec();
-            // Remove back to front so earlier indexes stay valid; the batch
-            // itself runs in arrival order.
-            chosen.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
-            let mut requests = Vec::with_capacity(n);
-            let mut owners = Vec::with_capacity(n);
-            for &(i, owner) in &chosen {
-                let p = q.take(i).expect("index from this scan");
-                requests.push(p);
-                owners.push(owner);
             }
-            requests.reverse();
-            owners.reverse();
-            return Some(Next::Batch(Taken { requests, owners }));
         }
+    }
+}
+
+/// What one look at a replica's queue found.
+enum Scan {
+    /// A batch to run now.
+    Take(Taken),
+    /// Requests were dropped or shed: wake these replicas (keys freed for
+    /// them), then look again.
+    Poke(Vec<usize>),
+    /// Nothing queued.
+    Empty,
+    /// Every queued request waits on its key, busy elsewhere.
+    Blocked,
+    /// The policy waits for more requests, at most this long.
+    Wait(Duration),
+}
+
+/// How many queued requests one dispatch looks at.
+fn scan_limit(core: &ModelCore) -> usize {
+    (4 * core.config.max_batch_size).max(64)
+}
+
+impl Queue {
+    /// The replica's dispatch decision, made by whichever thread runs its
+    /// next batch: drops what can no longer be answered usefully, then asks
+    /// `policy` about the batch headed by the most urgent eligible request.
+    fn scan(&mut self, core: &ModelCore, policy: &mut dyn BatchPolicy, sc: &mut Scratch) -> Scan {
+        let q = self;
+        let now = Instant::now();
+        if q.timed == 0 {
+            q.next_timeout = None;
+        } else if q.next_timeout.is_some_and(|t| t <= now) {
+            let mut pokes = Vec::new();
+            q.queue_timeouts(core, now, &mut pokes);
+            if !pokes.is_empty() {
+                return Scan::Poke(pokes);
+            }
+        }
+        if q.items.is_empty() {
+            return Scan::Empty;
+        }
+        sc.clear();
+        // A keyed request may run only when it is its key's next ticket
+        // (the previous one finished, on whichever replica), and its
+        // state's location decides a migration. One table lock per scan.
+        // Only the front of the queue is scanned: a batch never needs
+        // more, and a deep backlog must not make every dispatch slower.
+        let window = q.items.len().min(scan_limit(core));
+        let mut checks: Vec<(Option<&Key>, u64, Option<usize>, bool)> = Vec::new();
+        if q.keyed > 0 {
+            checks.extend(
+                q.items
+                    .iter()
+                    .take(window)
+                    .map(|p| (p.key.as_ref(), p.hold.ticket(), None, false)),
+            );
+            core.keys.check(&mut checks);
+        }
+        let eligible = |i: usize| checks.get(i).is_none_or(|c| c.3);
+        // Earliest deadline first when the policy asks for it: a request
+        // without its own deadline is due one objective after it came.
+        // Per-key order still holds: only a key's next ticket is eligible.
+        let order = policy.deadline_order();
+        let due = |p: &Pending| {
+            order.map(|o| {
+                let by_objective = p.enqueued + o;
+                p.deadline.map_or(by_objective, |d| d.min(by_objective))
+            })
+        };
+        let head = match order {
+            None => (0..window).find(|&i| eligible(i)),
+            Some(_) => (0..window)
+                .filter(|&i| eligible(i))
+                .min_by_key(|&i| (q.items[i].rank(), due(&q.items[i]), i)),
+        };
+        let Some(head) = head else {
+            return Scan::Blocked;
+        };
+        let head_sig = &q.items[head].signature;
+        let first = if order.is_some() { 0 } else { head };
+        // A batch holds at most max_batch_size requests (each has a row
+        // or more); one more tells a policy that the batch cannot grow.
+        // Looking further would only make every decision slower.
+        let enough = core.config.max_batch_size.max(1) + 1;
+        for (i, p) in q.items.iter().enumerate().take(window).skip(first) {
+            if p.signature == *head_sig && eligible(i) {
+                sc.picked.push((i, checks.get(i).and_then(|c| c.2)));
+                // In arrival order the first ones are the batch; due order
+                // needs every candidate to sort.
+                if order.is_none() && sc.picked.len() == enough {
+                    break;
+                }
+            }
+        }
+        // Past `enough` the batch overflows whatever else waits, so a
+        // scan cut short reports incompatible requests as waiting.
+        let more_incompatible =
+            sc.picked.len() == enough && order.is_none() || sc.picked.len() < q.items.len();
+        // Without own deadlines, arrival order already is due order.
+        if order.is_some()
+            && sc
+                .picked
+                .iter()
+                .any(|&(i, _)| q.items[i].deadline.is_some())
+        {
+            sc.picked
+                .sort_by_key(|&(i, _)| (q.items[i].rank(), due(&q.items[i]), i));
+        }
+        sc.picked.truncate(enough);
+        drop(checks);
+        // Requests that can no longer be answered usefully are dropped
+        // before they cost compute. Only candidates are looked at (a look
+        // takes the reply's lock); one deeper in the queue is dropped when
+        // it gets here, its client answered by its deadline timer or gone.
+        if sc.picked.iter().any(|&(i, _)| q.items[i].unanswerable(now)) {
+            let mut dead: Vec<usize> = sc
+                .picked
+                .iter()
+                .map(|&(i, _)| i)
+                .filter(|&i| q.items[i].unanswerable(now))
+                .collect();
+            return Scan::Poke(q.drop_unanswerable(core, &mut dead, now));
+        }
+        for &(i, _) in sc.picked.iter() {
+            let p = &q.items[i];
+            sc.rows.push(p.rows);
+            sc.waits.push(now.saturating_duration_since(p.enqueued));
+            sc.slack
+                .push(p.deadline.map(|d| d.saturating_duration_since(now)));
+        }
+        let view = QueueView {
+            now,
+            rows: &sc.rows,
+            waits: &sc.waits,
+            slack: &sc.slack,
+            oldest_wait: sc.waits[0],
+            more_incompatible,
+            arrived_rows: q.arrived_rows,
+        };
+        let n = match policy.decide(view) {
+            Decision::Dispatch(n) => n.clamp(1, sc.picked.len()),
+            // Shutting down: nothing more will arrive, do not wait.
+            Decision::Wait(_) if q.stopping => sc.picked.len(),
+            Decision::Wait(d) => {
+                // A request past its deadline anywhere in the queue would
+                // end every wait at once: drop those before waiting.
+                let mut dead: Vec<usize> = (0..q.items.len())
+                    .filter(|&i| q.items[i].deadline.is_some_and(|dl| dl <= now))
+                    .collect();
+                if !dead.is_empty() {
+                    return Scan::Poke(q.drop_unanswerable(core, &mut dead, now));
+                }
+                return Scan::Wait(q.earliest_deadline().map_or(d, |dl| {
+                    d.min(dl.saturating_duration_since(now) + Duration::from_micros(1))
+                }));
+            }
+            Decision::Shed(which) => {
+                let mut idx: Vec<usize> = which
+                    .into_iter()
+                    .filter_map(|j| sc.picked.get(j).map(|&(i, _)| i))
+                    .collect();
+                if idx.is_empty() {
+                    // A policy naming nothing valid must not spin.
+                    idx.push(sc.picked[0].0);
+                }
+                return Scan::Poke(q.shed(core, &mut idx, order));
+            }
+        };
+        let mut chosen: Vec<(usize, Option<usize>)> = sc.picked[..n].to_vec();
+        // Remove back to front so earlier indexes stay valid; the batch
+        // itself runs in arrival order.
+        chosen.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
+        let mut requests = Vec::with_capacity(n);
+        let mut owners = Vec::with_capacity(n);
+        for &(i, owner) in &chosen {
+            let p = q.take(i).expect("index from this scan");
+            requests.push(p);
+            owners.push(owner);
+        }
+        requests.reverse();
+        owners.reverse();
+        Scan::Take(Taken { requests, owners })
     }
 
     /// Rejects the queued requests at `idx` that the policy found can no
     /// longer be answered in time. A request whose own deadline comes
     /// before the objective's gets DEADLINE_EXCEEDED, the others a shed
     /// (RESOURCE_EXHAUSTED). Returns the replicas to wake.
-    fn shed(&self, q: &mut Queue, idx: &mut Vec<usize>, objective: Option<Duration>) -> Vec<usize> {
-        let core = &self.core;
+    fn shed(
+        &mut self,
+        core: &ModelCore,
+        idx: &mut Vec<usize>,
+        objective: Option<Duration>,
+    ) -> Vec<usize> {
+        let q = self;
         idx.sort_unstable_by(|a, b| b.cmp(a));
         idx.dedup();
         let mut pokes = Vec::new();
@@ -969,8 +1138,8 @@ impl Worker {
     /// not timed out. Called once the earliest timeout has passed; scans the
     /// whole queue, not the front window (a timed-out request's client is
     /// waiting for this answer).
-    fn queue_timeouts(&self, q: &mut Queue, now: Instant, pokes: &mut Vec<usize>) {
-        let core = &self.core;
+    fn queue_timeouts(&mut self, core: &ModelCore, now: Instant, pokes: &mut Vec<usize>) {
+        let q = self;
         let mut i = 0;
         let mut unseen = q.items.len();
         let mut next: Option<Instant> = None;
@@ -1012,13 +1181,9 @@ impl Worker {
         q.next_timeout = next;
     }
 
-    /// How many queued requests one dispatch looks at.
-    fn scan_limit(&self) -> usize {
-        (4 * self.core.config.max_batch_size).max(64)
-    }
-
     /// The earliest request deadline or queue timeout in the queue.
-    fn earliest_deadline(&self, q: &Queue) -> Option<Instant> {
+    fn earliest_deadline(&self) -> Option<Instant> {
+        let q = self;
         let deadline = q.items.iter().filter_map(|p| p.deadline).min();
         match (deadline, q.next_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1026,33 +1191,24 @@ impl Worker {
         }
     }
 
-    /// Drops requests that can no longer be answered usefully, before they
-    /// cost compute: expired deadlines and clients that have gone away.
-    /// Returns the replicas to wake because a key they wait on is free.
-    fn purge(&self, q: &mut Queue, now: Instant) -> Vec<usize> {
-        let core = &self.core;
+    /// Drops the requests at `idx` (each [`Pending::unanswerable`]):
+    /// expired deadlines and clients that have gone away. Returns the
+    /// replicas to wake because a key they wait on is free.
+    fn drop_unanswerable(
+        &mut self,
+        core: &ModelCore,
+        idx: &mut [usize],
+        now: Instant,
+    ) -> Vec<usize> {
+        let q = self;
         let mut pokes = Vec::new();
-        if q.timed == 0 {
-            q.next_timeout = None;
-        } else if q.next_timeout.is_some_and(|t| t <= now) {
-            self.queue_timeouts(q, now, &mut pokes);
-        }
-        let mut i = 0;
-        // The front window only, as for dispatch: a request deeper in the
-        // queue is dropped when it gets there (its client already has its
-        // answer from the deadline timer, or is gone).
-        let limit = self.scan_limit();
-        while i < q.items.len() && i < limit {
-            let p = &q.items[i];
-            let expired = p.deadline.is_some_and(|d| d <= now);
-            if !expired && !p.reply.is_closed() {
-                i += 1;
-                continue;
-            }
-            let mut p = q.take(i).expect("index checked above");
+        // Back to front, so earlier indexes stay valid.
+        idx.sort_unstable_by(|a, b| b.cmp(a));
+        for &i in idx.iter() {
+            let Some(mut p) = q.take(i) else { continue };
             // Its key's next request must not wait for it forever.
             pokes.extend(p.hold.finish_key(None));
-            if expired {
+            if p.deadline.is_some_and(|d| d <= now) {
                 // Counted by the caller, which receives this answer.
                 let _ = p.reply.send(Err(EngineError::DeadlineExceeded));
             } else {
@@ -1076,6 +1232,7 @@ mod tests {
             backend: None,
             reload: false,
             inline_max: Duration::from_micros(100),
+            inline: None,
             cost: Duration::ZERO,
             measured: 0,
             first: [Duration::ZERO; INLINE_AFTER as usize],
