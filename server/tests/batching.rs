@@ -318,7 +318,11 @@ async fn an_expired_request_leaves_a_waiting_queue_at_its_deadline() {
     }
     assert!(!head.is_finished(), "the head still waits for company");
     head.await.unwrap().unwrap();
-    assert_eq!(*log.batches.lock(), vec![1], "the expired request never ran");
+    assert_eq!(
+        *log.batches.lock(),
+        vec![1],
+        "the expired request never ran"
+    );
     assert!(model.core.holds().is_empty());
 }
 
