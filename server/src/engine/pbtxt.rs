@@ -315,6 +315,9 @@ fn platform(c: &pb::ModelConfig) -> Result<Option<String>, String> {
     }
 }
 
+/// Most replicas a model may have, as `instance_count` in config.toml.
+const MAX_INSTANCES: usize = 256;
+
 /// Instance groups onto a replica count and a device per replica.
 fn instances(
     groups: &[pb::ModelInstanceGroup],
@@ -331,6 +334,15 @@ fn instances(
             n if n < 0 => return Err(format!("instance_group {i}: count {n} is negative")),
             n => n as usize,
         };
+        // Checked before a device per replica is listed: a hostile count
+        // must not become a vector of that length.
+        let replicas = count.saturating_mul(g.gpus.len().max(1));
+        if devices.len().saturating_add(replicas) > MAX_INSTANCES {
+            return Err(format!(
+                "instance_group {i}: {} instances in all, past the limit of {MAX_INSTANCES} replicas per model",
+                devices.len().saturating_add(replicas)
+            ));
+        }
         let kind = Kind::try_from(g.kind)
             .map_err(|_| format!("instance_group {i}: unknown kind {}", g.kind))?;
         let per_device = |prefix: &str| -> Vec<String> {
@@ -1133,9 +1145,29 @@ dynamic_batching {
             "parameters { key: \"intra_op_thread_count\" value { string_value: \"99999999999999999999999\" } }",
             "max_batch_size: -1",
             "instance_group [ { count: -3 } ]",
+            "instance_group [ { count: 406666696 kind: KIND_CPU } ]",
+            "instance_group [ { count: 2000000000 kind: KIND_GPU gpus: [0, 1, 2] } ]",
         ] {
             let _ = parse("m", "m/config.pbtxt", text);
         }
+    }
+
+    #[test]
+    fn instance_counts_past_the_replica_limit_are_refused_before_allocating() {
+        for text in [
+            "instance_group [ { count: 406666696 kind: KIND_CPU } ]",
+            "instance_group [ { count: 2147483647 kind: KIND_GPU gpus: [0, 1] } ]",
+            "instance_group [ { count: 200 kind: KIND_CPU }, { count: 57 kind: KIND_CPU } ]",
+        ] {
+            let e = fails(text);
+            assert!(e.contains("past the limit of 256"), "{text}: {e}");
+        }
+        assert!(parse(
+            "m",
+            "m/config.pbtxt",
+            "instance_group [ { count: 128 kind: KIND_CPU }, { count: 64 kind: KIND_GPU gpus: [0, 1] } ]"
+        )
+        .is_ok());
     }
 
     #[test]
