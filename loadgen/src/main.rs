@@ -6,7 +6,7 @@ use shoal_loadgen::{analyze, experiment, report, scorer_for, sustain, Cli, Comma
 
 // The server's allocator, so the embedded engine runs as it does in shoal.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: shoal::alloc::Mimalloc = shoal::alloc::Mimalloc;
 
 /// Draws a progress bar on stderr (only when it is a terminal) with the
 /// run's rate, backlog and recent p99, until aborted.

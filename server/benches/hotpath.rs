@@ -41,23 +41,23 @@ static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 struct Counting;
 
-// SAFETY: forwards every call to mimalloc unchanged; the counter has no
+// SAFETY: forwards every call to the binaries' allocator unchanged; the counter has no
 // effect on the memory handed out.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { mimalloc::MiMalloc.alloc(layout) }
+        unsafe { shoal::alloc::Mimalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+        unsafe { shoal::alloc::Mimalloc.dealloc(ptr, layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+        unsafe { shoal::alloc::Mimalloc.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+        unsafe { shoal::alloc::Mimalloc.realloc(ptr, layout, new_size) }
     }
 }
 

@@ -2,6 +2,7 @@
 //! replicas. The [`engine`] is usable in-process without any network; the
 //! [`api`] serves it over gRPC and REST.
 
+pub mod alloc;
 pub mod api;
 pub mod backend;
 pub mod config;

@@ -9,7 +9,7 @@ use shoal::healthcheck::{self, HealthcheckArgs};
 // request path's short-lived buffers (issue 18); mimalloc's thread-local
 // free lists cut CPU per request by a sixth.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: shoal::alloc::Mimalloc = shoal::alloc::Mimalloc;
 
 fn main() -> anyhow::Result<()> {
     // A subcommand beside the server's flat flags: the server keeps its

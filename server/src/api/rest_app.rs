@@ -14,11 +14,19 @@
 //! the path-parameter deserializer, the state extractor or the per-route
 //! box. A path with a percent escape goes through the router, whose `Path`
 //! extractor decodes it; so does anything else.
+//!
+//! Why before the codecs too, when the request names no encoding (neither
+//! `Content-Encoding` nor `Accept-Encoding`, as perf_analyzer's and most
+//! inference clients' requests): the two layers then pass it through
+//! unchanged, but still cost a boxed response body each, a wrapper per
+//! body frame and a future per layer. The one thing they add to such an
+//! answer, `Vary: accept-encoding` on a compressible one, the direct path
+//! adds the same way.
 
 use super::access::AccessLayer;
 use super::http::{infer_call, HttpState, ModelPath};
 use axum::body::Body;
-use axum::http::{Method, Request, Response};
+use axum::http::{header, HeaderValue, Method, Request, Response};
 use axum::Router;
 use futures::future::{BoxFuture, Either};
 use std::convert::Infallible;
@@ -30,21 +38,87 @@ use tower_http::decompression::{
 };
 
 /// The REST service: [`serve`] builds it.
-pub type RestApp = super::access::AccessLog<Codecs>;
+pub type RestApp = super::access::AccessLog<Direct>;
 
 /// `router` with what every served request goes through: gzip and zstd
 /// request bodies (`Content-Encoding`) and response bodies
 /// (`Accept-Encoding`), and the access log, outermost so it counts the
 /// bytes as they travel; the infer route is taken before the router.
 pub fn serve(state: HttpState, router: Router) -> RestApp {
-    let inner = InferFirst { state, router };
+    let inner = InferFirst {
+        state: state.clone(),
+        router,
+    };
     let codecs = CompressionLayer::new().gzip(true).zstd(true).layer(
         RequestDecompressionLayer::new()
             .gzip(true)
             .zstd(true)
             .layer(inner),
     );
-    AccessLayer::new("http").layer(Codecs { inner: codecs })
+    AccessLayer::new("http").layer(Direct {
+        state,
+        codecs: Codecs { inner: codecs },
+    })
+}
+
+/// The infer route for a request that names no encoding, then the codecs
+/// around [`InferFirst`] for everything else.
+#[derive(Clone)]
+pub struct Direct {
+    state: HttpState,
+    codecs: Codecs,
+}
+
+impl Service<Request<Body>> for Direct {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<BoxFuture<'static, Result<Response<Body>, Infallible>>, CodecsFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.codecs.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let h = req.headers();
+        let plain =
+            !h.contains_key(header::CONTENT_ENCODING) && !h.contains_key(header::ACCEPT_ENCODING);
+        match infer_path(&req).filter(|_| plain) {
+            Some(p) => {
+                let st = self.state.clone();
+                let (parts, body) = req.into_parts();
+                Either::Left(Box::pin(async move {
+                    let mut r = infer_call(&st, p, &parts.headers, body).await;
+                    vary_as_the_codecs_would(&mut r);
+                    Ok(r)
+                }))
+            }
+            None => Either::Right(self.codecs.call(req)),
+        }
+    }
+}
+
+/// What the compression layer adds to an answer it does not compress
+/// (the client accepts no encoding): `Vary: accept-encoding` where the
+/// answer could have been compressed, so a cache keeps the variants apart.
+fn vary_as_the_codecs_would(r: &mut Response<Body>) {
+    use tower_http::compression::predicate::{DefaultPredicate, Predicate};
+    let h = r.headers();
+    if h.contains_key(header::CONTENT_ENCODING)
+        || h.contains_key(header::CONTENT_RANGE)
+        || !DefaultPredicate::new().should_compress(r)
+    {
+        return;
+    }
+    let listed = r.headers().get_all(header::VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("accept-encoding"))
+        })
+    });
+    if !listed {
+        r.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
 }
 
 type Compressed = Compression<RequestDecompression<InferFirst>>;

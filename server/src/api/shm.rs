@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use shoal_proto as pb;
 use std::collections::HashMap;
 
@@ -100,13 +100,13 @@ pub fn grpc_ref(
     })
 }
 
-/// [`shm_ref`] over REST tensor parameters.
-pub fn http_ref(
+/// [`shm_ref`] over REST tensor parameters, looked up by `get`.
+pub fn http_ref<'v>(
     what: &dyn std::fmt::Display,
-    params: &Map<String, Value>,
+    get: impl Fn(&str) -> Option<&'v Value>,
 ) -> Result<Option<ShmRef>, ApiError> {
     shm_ref(what, |k| {
-        Some(match params.get(k)? {
+        Some(match get(k)? {
             Value::String(s) => ParamView::Str(s),
             Value::Number(n) => n
                 .as_i64()
@@ -329,19 +329,16 @@ async fn unregister_one(
 mod tests {
     use super::*;
 
-    fn params(v: Value) -> Map<String, Value> {
+    fn params(v: Value) -> serde_json::Map<String, Value> {
         v.as_object().unwrap().clone()
     }
 
     #[test]
     fn tensor_parameters() {
-        assert_eq!(http_ref(&"input x", &params(json!({}))).unwrap(), None);
-        let r = http_ref(
-            &"input x",
-            &params(json!({REGION: "r", BYTE_SIZE: 16, OFFSET: 8})),
-        )
-        .unwrap()
-        .unwrap();
+        let empty = params(json!({}));
+        assert_eq!(http_ref(&"input x", |k| empty.get(k)).unwrap(), None);
+        let given = params(json!({REGION: "r", BYTE_SIZE: 16, OFFSET: 8}));
+        let r = http_ref(&"input x", |k| given.get(k)).unwrap().unwrap();
         assert_eq!((r.region.as_str(), r.offset, r.byte_size), ("r", 8, 16));
         for bad in [
             json!({BYTE_SIZE: 16}),
@@ -350,7 +347,8 @@ mod tests {
             json!({REGION: "r", BYTE_SIZE: -1}),
             json!({REGION: "r", BYTE_SIZE: 16, OFFSET: "8"}),
         ] {
-            let e = http_ref(&"input x", &params(bad.clone())).unwrap_err();
+            let m = params(bad.clone());
+            let e = http_ref(&"input x", |k| m.get(k)).unwrap_err();
             assert!(e.message.starts_with("input x"), "{bad}: {}", e.message);
         }
         let mut g = HashMap::new();

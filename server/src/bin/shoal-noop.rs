@@ -32,7 +32,7 @@ use tonic::{Request, Status};
 
 // shoal's allocator, so the ceiling is measured on the same terms.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: shoal::alloc::Mimalloc = shoal::alloc::Mimalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "A KServe v2 server that answers without inference (a transport baseline)")]

@@ -672,6 +672,9 @@ fn combine(
     let mut answered = Vec::new();
     let mut ran = 0;
     let mut next = Some(first);
+    // When the next batch is taken: the clock read that decides whether
+    // the drain goes on is that batch's start.
+    let mut start = t0;
     while let Some(batch) = next {
         ran += batch.requests.len() as u64;
         run_batch(
@@ -681,19 +684,21 @@ fn combine(
             &mut slot,
             inline.policy.as_mut(),
             batch,
+            start,
             &mut answered,
         );
         // At once, so a client's next request queues while this thread
         // still holds the backend, and is drained here.
         send_all(&mut answered);
-        next = drain_next(shared, core, &slot, &mut inline, t0);
+        start = Instant::now();
+        next = drain_next(shared, core, &slot, &mut inline, start - t0);
     }
     slot.inline = Some(inline);
     let reload = slot.reload;
     drop(slot);
     core.metrics
         .inline_duration
-        .record(t0.elapsed().as_secs_f64());
+        .record((start - t0).as_secs_f64());
     shared.inline_runs.fetch_add(ran, Ordering::Relaxed);
     let m = &core.replica_metrics[id];
     m.inline.increment(ran);
@@ -711,16 +716,16 @@ fn combine(
 }
 
 /// The next batch an inline run may take: the one the worker would take
-/// now, while the backend stays healthy and cheap and the thread has been
-/// held for less than the bound since `since`.
+/// now, while the backend stays healthy and cheap and the thread, `held`
+/// so far, stays within the bound.
 fn drain_next(
     shared: &Shared,
     core: &ModelCore,
     slot: &BackendSlot,
     inline: &mut Inline,
-    since: Instant,
+    held: Duration,
 ) -> Option<Taken> {
-    if !slot.cheap() || since.elapsed() + slot.cost > slot.inline_max {
+    if !slot.cheap() || held + slot.cost > slot.inline_max {
         return None;
     }
     let mut q = shared.queue.lock();
@@ -742,9 +747,11 @@ fn drain_next(
     }
 }
 
-/// Executes one batch on the slot's backend, on whichever thread holds the
-/// slot: watched by the watchdog while it runs, a panic failing only its
-/// requests (the replica thread reloads the backend before the next).
+/// Executes one batch, taken at `t0`, on the slot's backend, on whichever
+/// thread holds the slot: watched by the watchdog while it runs, a panic
+/// failing only its requests (the replica thread reloads the backend
+/// before the next).
+#[allow(clippy::too_many_arguments)]
 fn run_batch(
     id: usize,
     core: &Arc<ModelCore>,
@@ -752,9 +759,9 @@ fn run_batch(
     slot: &mut BackendSlot,
     policy: &mut dyn BatchPolicy,
     batch: Taken,
+    t0: Instant,
     answered: &mut Vec<(ReplyTo, Reply)>,
 ) {
-    let t0 = Instant::now();
     let Some(backend) = slot.backend.as_mut() else {
         // The replica thread has stopped; dropped requests answer INTERNAL.
         return;
@@ -765,11 +772,13 @@ fn run_batch(
         fired: false,
     });
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        super::execute::execute(id, core, backend.as_mut(), policy, batch, answered)
+        super::execute::execute(id, core, backend.as_mut(), policy, batch, t0, answered)
     }));
+    let mut done = None;
     match outcome {
-        Ok(Executed::Ran) => {}
-        Ok(Executed::BackendPanicked) => {
+        Ok((Executed::Ran, d)) => done = Some(d),
+        Ok((Executed::BackendPanicked, d)) => {
+            done = Some(d);
             core.replica_metrics[id].panics.increment(1);
             slot.reload = true;
         }
@@ -797,7 +806,8 @@ fn run_batch(
             "the hung batch returned; the replica serves again"
         );
     }
-    slot.observe(t0.elapsed());
+    let done = done.unwrap_or_else(Instant::now);
+    slot.observe(done.saturating_duration_since(t0));
 }
 
 impl Worker {
@@ -827,6 +837,7 @@ impl Worker {
                 &mut slot,
                 self.policy.as_mut(),
                 batch,
+                t0,
                 &mut answered,
             );
             let reload = slot.reload;
