@@ -18,7 +18,10 @@
 //!
 //! `cargo bench --bench hotpath` (`-- --requests N`, `-- --reps R`,
 //! `-- --path engine|grpc|rest|rest-per-route|decode|ort`; `ort`, the
-//! engine with the FFNN on ONNX Runtime, runs only when asked for).
+//! engine with the FFNN on ONNX Runtime, runs only when asked for;
+//! `-- --concurrency C`: that one only; `-- --warmup W`: requests before
+//! the cells, default N/10). `scripts/hotpath_instructions.sh` runs it
+//! under callgrind for instructions per request.
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -295,7 +298,7 @@ async fn cell(engine: &Engine, path: Path, n: usize, concurrency: usize) -> (f64
 
 /// The FFNN of `model_repository` (run scripts/setup.sh first) with an
 /// empty config.toml, on ONNX Runtime.
-async fn ort_cells(n: usize, reps: usize) {
+async fn ort_cells(n: usize, reps: usize, warmup: usize, concurrencies: &[usize]) {
     let dir = std::env::temp_dir().join(format!("hotpath-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("ffnn")).unwrap();
     let model =
@@ -315,9 +318,19 @@ async fn ort_cells(n: usize, reps: usize) {
         .unwrap()
         .expect("the FFNN loads")
     };
-    cell(&engine, Path::Ort, n / 10, 8).await;
+    if warmup > 0 {
+        cell(&engine, Path::Ort, warmup, 8).await;
+    }
     print_header(reps);
-    print_rows(&engine, Path::Ort, "engine, FFNN on ONNX Runtime", n, reps).await;
+    print_rows(
+        &engine,
+        Path::Ort,
+        "engine, FFNN on ONNX Runtime",
+        n,
+        reps,
+        concurrencies,
+    )
+    .await;
     engine.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -328,8 +341,15 @@ fn print_header(reps: usize) {
 }
 
 /// One row per concurrency: the medians of `reps` cells of `n` requests.
-async fn print_rows(engine: &Engine, path: Path, label: &str, n: usize, reps: usize) {
-    for c in [1, 8, 64] {
+async fn print_rows(
+    engine: &Engine,
+    path: Path,
+    label: &str,
+    n: usize,
+    reps: usize,
+    concurrencies: &[usize],
+) {
+    for &c in concurrencies {
         let (mut walls, mut cpus, mut allocs, mut inline) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
@@ -364,6 +384,11 @@ fn main() {
     };
     let n = arg("--requests", 100_000);
     let reps = arg("--reps", 5).max(1);
+    let warmup = arg("--warmup", n / 10);
+    let concurrencies = match arg("--concurrency", 0) {
+        0 => vec![1, 8, 64],
+        c => vec![c],
+    };
     // `--path engine|grpc|rest|rest-per-route|decode|ort`: one path only.
     let only = args
         .windows(2)
@@ -374,13 +399,15 @@ fn main() {
         .build()
         .unwrap();
     if only.as_deref() == Some("ort") {
-        rt.block_on(ort_cells(n, reps));
+        rt.block_on(ort_cells(n, reps, warmup, &concurrencies));
         return;
     }
     rt.block_on(async {
         let engine = engine();
         // Warm: threads started, allocator settled, replicas measured.
-        cell(&engine, Path::Grpc, n / 10, 8).await;
+        if warmup > 0 {
+            cell(&engine, Path::Grpc, warmup, 8).await;
+        }
         print_header(reps);
         for (path, label) in [
             (Path::Engine, "engine"),
@@ -398,7 +425,7 @@ fn main() {
                 Path::Ort => "ort",
             };
             if only.as_deref().is_none_or(|o| o == key) {
-                print_rows(&engine, path, label, n, reps).await;
+                print_rows(&engine, path, label, n, reps, &concurrencies).await;
             }
         }
         engine.shutdown();

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Instructions per request on shoal's request path (issue 18), counted by
+# valgrind's callgrind: a count that does not move with the machine's load,
+# where CPU time on this shared 2-core VM moves by ±20% between minutes.
+#
+# Runs the hotpath bench (mock model, no network) at concurrency 1, where
+# every request runs inline on one thread, without warm-up, with N and then
+# 2N requests, and prints (Ir(2N) - Ir(N)) / N per path: setup, model
+# loading and the first allocations cancel out.
+#
+#   scripts/hotpath_instructions.sh [N] [PATH...]   # default: 2000 engine grpc rest decode
+#   HOTPATH_BIN=/path/to/hotpath scripts/hotpath_instructions.sh ...   # another build (before/after)
+#
+# Counts instructions, not time: a change that trades instructions for
+# cache misses or contention (or the reverse) shows only in the CPU time
+# of `cargo bench --bench hotpath` and of scripts/transport_gap.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-2000}"
+shift || true
+PATHS=("$@")
+[ ${#PATHS[@]} -gt 0 ] || PATHS=(engine grpc rest decode)
+
+if ! command -v valgrind >/dev/null; then
+  echo "hotpath_instructions.sh: installing valgrind" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+fi
+
+BIN="${HOTPATH_BIN:-}"
+if [ -z "$BIN" ]; then
+  BIN=$(cargo bench --bench hotpath --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hotpath" and m.get("executable"):
+        print(m["executable"])' | tail -n1)
+fi
+[ -x "$BIN" ] || { echo "no hotpath bench binary (${BIN:-none})" >&2; exit 1; }
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+count() {  # path requests -> total instructions
+  valgrind --tool=callgrind --callgrind-out-file="$tmp/out" "$BIN" \
+    --path "$1" --requests "$2" --reps 1 --concurrency 1 --warmup 0 >/dev/null 2>"$tmp/log"
+  sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$tmp/log"
+}
+echo "| path | instructions per request (callgrind, concurrency 1, $N vs $((2 * N)) requests) |"
+echo "|---|---:|"
+for p in "${PATHS[@]}"; do
+  a=$(count "$p" "$N")
+  b=$(count "$p" $((2 * N)))
+  echo "| $p | $(( (b - a) / N )) |"
+done
