@@ -79,22 +79,37 @@ impl Service<Request<Body>> for Direct {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let h = req.headers();
-        let plain =
-            !h.contains_key(header::CONTENT_ENCODING) && !h.contains_key(header::ACCEPT_ENCODING);
-        match infer_path(&req).filter(|_| plain) {
-            Some(p) => {
-                let st = self.state.clone();
-                let (parts, body) = req.into_parts();
-                Either::Left(Box::pin(async move {
-                    let mut r = infer_call(&st, p, &parts.headers, body).await;
-                    vary_as_the_codecs_would(&mut r);
-                    Ok(r)
-                }))
-            }
+        let plain = |h: &axum::http::HeaderMap| {
+            !h.contains_key(header::CONTENT_ENCODING) && !h.contains_key(header::ACCEPT_ENCODING)
+        };
+        match infer_path(&req).filter(|_| plain(req.headers())) {
+            Some(p) => Either::Left(infer(&self.state, p, req, true)),
             None => Either::Right(self.codecs.call(req)),
         }
     }
+}
+
+/// The infer handler on `req`, boxed (its future is large); `vary`: with
+/// the header the codecs would have added.
+fn infer<B>(
+    state: &HttpState,
+    p: ModelPath,
+    req: Request<B>,
+    vary: bool,
+) -> BoxFuture<'static, Result<Response<Body>, Infallible>>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    let st = state.clone();
+    let (parts, body) = req.into_parts();
+    Box::pin(async move {
+        let mut r = infer_call(&st, p, &parts.headers, body).await;
+        if vary {
+            vary_as_the_codecs_would(&mut r);
+        }
+        Ok(r)
+    })
 }
 
 /// What the compression layer adds to an answer it does not compress
@@ -183,13 +198,8 @@ impl Service<Request<Decoded>> for InferFirst {
 
     fn call(&mut self, req: Request<Decoded>) -> Self::Future {
         match infer_path(&req) {
-            Some(p) => {
-                let st = self.state.clone();
-                let (parts, body) = req.into_parts();
-                Either::Left(Box::pin(async move {
-                    Ok(infer_call(&st, p, &parts.headers, body).await)
-                }))
-            }
+            // The codecs around this service add what they add.
+            Some(p) => Either::Left(infer(&self.state, p, req, false)),
             None => Either::Right(self.router.call(req)),
         }
     }

@@ -774,13 +774,12 @@ fn run_batch(
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         super::execute::execute(id, core, backend.as_mut(), policy, batch, t0, answered)
     }));
-    let mut done = None;
-    match outcome {
-        Ok((Executed::Ran, d)) => done = Some(d),
-        Ok((Executed::BackendPanicked, d)) => {
-            done = Some(d);
+    let done = match outcome {
+        Ok((Executed::Ran, done)) => done,
+        Ok((Executed::BackendPanicked, done)) => {
             core.replica_metrics[id].panics.increment(1);
             slot.reload = true;
+            done
         }
         Err(payload) => {
             // Its requests were dropped in the unwinding: their clients get
@@ -793,8 +792,9 @@ fn run_batch(
             );
             core.replica_metrics[id].panics.increment(1);
             slot.reload = true;
+            Instant::now()
         }
-    }
+    };
     let ran = shared.running.lock().take();
     if ran.is_some_and(|r| r.fired) {
         shared.hung.store(false, Ordering::Relaxed);
@@ -806,7 +806,6 @@ fn run_batch(
             "the hung batch returned; the replica serves again"
         );
     }
-    let done = done.unwrap_or_else(Instant::now);
     slot.observe(done.saturating_duration_since(t0));
 }
 
