@@ -390,6 +390,8 @@ pub async fn run_live(
         warm_up(&input, &mut partitions, &output, &mut sink_rx).await?;
     }
     let clock = Clock::start();
+    let mut scorer = scorer;
+    scorer.clock_starts(clock.t0);
 
     // Closed loop: the sink tells the producer when an event is done.
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();

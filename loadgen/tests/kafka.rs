@@ -34,7 +34,7 @@ async fn events_go_through_kafka_and_the_books_balance() {
     };
     let r = run_on(
         &exp,
-        Scorer::Synthetic(Duration::from_micros(200)),
+        Scorer::synthetic(Duration::from_micros(200)),
         &transport,
     )
     .await

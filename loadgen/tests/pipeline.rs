@@ -60,7 +60,7 @@ async fn closed_loop_keeps_one_event_in_flight() {
         partition_capacity: 16,
         data: None,
     };
-    let r = run(&exp, Scorer::Synthetic(Duration::from_millis(5))).await;
+    let r = run(&exp, Scorer::synthetic(Duration::from_millis(5))).await;
     let s = summarize(&r, 0.0);
     assert!(s.reconciled);
     // 5 ms per event, one at a time: about 200 in a second, not 2 x 200.
@@ -86,7 +86,7 @@ async fn the_search_finds_a_known_capacity_within_ten_percent() {
         start_rate: 50.0,
         ..Search::default()
     };
-    let found = search(&base, &Scorer::Synthetic(Duration::from_millis(5)), &s).await;
+    let found = search(&base, &Scorer::synthetic(Duration::from_millis(5)), &s).await;
     assert!(
         (360.0..=440.0).contains(&found.rate),
         "found {} after {:?}",
@@ -155,7 +155,7 @@ async fn a_full_input_topic_rejects_and_the_books_still_balance() {
         partition_capacity: 8,
         data: None,
     };
-    let r = run(&exp, Scorer::Synthetic(Duration::from_millis(10))).await;
+    let r = run(&exp, Scorer::synthetic(Duration::from_millis(10))).await;
     let s = summarize(&r, 0.0);
     assert!(r.input_rejected > 0);
     assert!(s.reconciled, "{}", s.reconciliation_line());

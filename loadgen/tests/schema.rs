@@ -86,7 +86,7 @@ async fn report_json_follows_its_schema() {
         partition_capacity: 1 << 16,
         data: None,
     };
-    let r = run(&exp, Scorer::Synthetic(Duration::from_millis(2))).await;
+    let r = run(&exp, Scorer::synthetic(Duration::from_millis(2))).await;
     let s = summarize(&r, 0.25);
     let bursts = burst_recovery(&r, &schedule);
     assert!(!bursts.is_empty());
