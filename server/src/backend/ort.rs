@@ -16,8 +16,12 @@ use ort::{
     environment::Environment,
     logging::LogLevel,
     memory::Allocator,
+    session::SessionInputValue,
     session::{builder::GraphOptimizationLevel, Session},
-    value::{DynTensor, DynTensorValueType, Outlet, TensorElementType, ValueType},
+    value::{
+        DynTensor, DynTensorValueType, Outlet, PrimitiveTensorElementType, TensorElementType,
+        TensorRef, ValueType,
+    },
     AsPointer,
 };
 use std::{
@@ -318,8 +322,11 @@ fn register_providers(
 pub struct OrtBackend {
     session: Session,
     signature: Signature,
-    /// ONNX Runtime's default CPU allocator, which input tensors are built in.
+    /// ONNX Runtime's default CPU allocator, which string and half-precision input tensors are built in.
     allocator: Allocator,
+    /// Where the other inputs are gathered when they cannot be lent to the run as they are (several parts, or bytes
+    /// not aligned for their type): one buffer per graph input, kept from run to run.
+    staging: Vec<Vec<u64>>,
     /// The providers that registered, most preferred first, and the device (e.g.
     /// `CUDAExecutionProvider:cuda:0`); nodes a GPU provider cannot take still run on the CPU provider.
     provider: String,
@@ -367,118 +374,196 @@ impl OrtBackend {
             session,
             signature,
             allocator: Allocator::default(),
+            staging: Vec::new(),
             provider,
         })
     }
+}
 
-    /// Builds the ONNX Runtime tensor of one batch input, copying the parts straight into its buffer.
-    fn input_tensor(&self, input: &BatchInput<'_>) -> Result<DynTensor, BackendError> {
-        let name = input.name;
-        let count = tensor::element_count(&input.shape).ok_or_else(|| {
-            BackendError::Run(format!("input `{name}`: invalid shape {:?}", input.shape))
-        })?;
-        let ort_err = |e: ort::Error| BackendError::Run(format!("input `{name}`: {e}"));
-        let Some(size) = input.datatype.size() else {
-            return self.string_tensor(input, count);
-        };
-        let total: usize = input.parts.iter().map(|p| p.len()).sum();
-        let expected = count.checked_mul(size);
-        if expected != Some(total) {
-            return Err(BackendError::Run(format!(
-                "input `{name}`: shape {:?} of {} needs {} bytes, got {total}",
-                input.shape,
-                input.datatype,
-                expected.map_or_else(|| "too many".to_string(), |n| n.to_string()),
-            )));
-        }
-        let mut value = DynTensor::new(
-            &self.allocator,
-            element_type(input.datatype),
-            input.shape.clone(),
-        )
-        .map_err(ort_err)?;
-        if total == 0 {
-            return Ok(value);
-        }
-        let ptr = value.data_ptr_mut().cast::<u8>();
-        if ptr.is_null() {
-            return Err(BackendError::Run(format!(
-                "input `{name}`: ONNX Runtime gave no buffer"
-            )));
-        }
-        // SAFETY: the tensor was just allocated on the CPU for `count` elements of `size` bytes, i.e. `total` bytes,
-        // and nothing else refers to it yet.
-        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, total) };
-        let mut offset = 0;
-        for part in &input.parts {
-            let chunk = &mut dst[offset..offset + part.len()];
-            if input.datatype == DataType::Bool {
-                // ONNX Runtime reads C++ `bool`, for which any byte but 0 or 1 is undefined; normalize while copying.
-                for (d, s) in chunk.iter_mut().zip(part.iter()) {
-                    *d = u8::from(*s != 0);
-                }
-            } else {
-                chunk.copy_from_slice(part);
-            }
-            offset += part.len();
-        }
-        Ok(value)
+/// Inputs gathered in a staging buffer larger than this are let go after the run, so that one large batch does not
+/// hold its memory for the replica's lifetime.
+const STAGING_KEEP_MAX_BYTES: usize = 16 << 20;
+
+/// The ONNX Runtime value of one batch input. A lone part whose bytes are aligned for their type is lent to the run
+/// as it is (no allocation, no copy); several parts, or misaligned ones, are copied once into `staging` and lent from
+/// there. Strings and half-precision types get a tensor of ONNX Runtime's own (`ort` is built without its `half`
+/// feature). ONNX Runtime only reads a run's inputs: it never plans an output or an intermediate into a buffer it was
+/// given.
+fn input_value<'v>(
+    input: &'v BatchInput<'v>,
+    allocator: &Allocator,
+    staging: &'v mut Vec<u64>,
+) -> Result<SessionInputValue<'v>, BackendError> {
+    let name = input.name;
+    let count = tensor::element_count(&input.shape).ok_or_else(|| {
+        BackendError::Run(format!("input `{name}`: invalid shape {:?}", input.shape))
+    })?;
+    let Some(size) = input.datatype.size() else {
+        return string_tensor(allocator, input, count).map(SessionInputValue::from);
+    };
+    let total: usize = input.parts.iter().map(|p| p.len()).sum();
+    let expected = count.checked_mul(size);
+    if expected != Some(total) {
+        return Err(BackendError::Run(format!(
+            "input `{name}`: shape {:?} of {} needs {} bytes, got {total}",
+            input.shape,
+            input.datatype,
+            expected.map_or_else(|| "too many".to_string(), |n| n.to_string()),
+        )));
     }
+    if total == 0 || matches!(input.datatype, DataType::Fp16 | DataType::Bf16) {
+        return owned_tensor(input, allocator, total).map(SessionInputValue::from);
+    }
+    let bytes: &'v [u8] = match input.parts.as_slice() {
+        [part]
+            if input.datatype != DataType::Bool
+                && (part.as_ptr() as usize).is_multiple_of(size) =>
+        {
+            part
+        }
+        parts => gather(parts, input.datatype == DataType::Bool, total, staging),
+    };
+    let shape = input.shape.as_slice();
+    let lent = match input.datatype {
+        DataType::Bool => lend::<bool>(bytes, shape),
+        DataType::Uint8 => lend::<u8>(bytes, shape),
+        DataType::Uint16 => lend::<u16>(bytes, shape),
+        DataType::Uint32 => lend::<u32>(bytes, shape),
+        DataType::Uint64 => lend::<u64>(bytes, shape),
+        DataType::Int8 => lend::<i8>(bytes, shape),
+        DataType::Int16 => lend::<i16>(bytes, shape),
+        DataType::Int32 => lend::<i32>(bytes, shape),
+        DataType::Int64 => lend::<i64>(bytes, shape),
+        DataType::Fp32 => lend::<f32>(bytes, shape),
+        DataType::Fp64 => lend::<f64>(bytes, shape),
+        DataType::Fp16 | DataType::Bf16 | DataType::Bytes => unreachable!("handled above"),
+    };
+    lent.map_err(|e| BackendError::Run(format!("input `{name}`: {e}")))
+}
 
-    /// Builds a string tensor from Triton-serialized BYTES parts. Each element is written with
-    /// `GetResizedStringTensorElementBuffer` instead of `ort`'s `from_string_array`, which goes through C strings
-    /// and so cannot carry NUL bytes; BYTES elements are arbitrary bytes.
-    fn string_tensor(
-        &self,
-        input: &BatchInput<'_>,
-        count: usize,
-    ) -> Result<DynTensor, BackendError> {
-        let name = input.name;
-        let mut found = 0usize;
-        for part in &input.parts {
-            found += tensor::count_bytes_elements(part).ok_or_else(|| {
-                BackendError::Run(format!(
-                    "input `{name}`: malformed BYTES data (length prefix past the end)"
-                ))
-            })?;
-        }
-        if found != count {
-            return Err(BackendError::Run(format!(
-                "input `{name}`: shape {:?} needs {count} BYTES elements, got {found}",
-                input.shape
-            )));
-        }
-        let mut value = DynTensor::new(
-            &self.allocator,
-            TensorElementType::String,
-            input.shape.clone(),
+/// Lends `bytes` to ONNX Runtime as a tensor of `T` and `shape`.
+///
+/// The caller guarantees that `bytes` is aligned for `T`, holds exactly the shape's elements, and, for `bool`, only
+/// the bytes 0 and 1.
+fn lend<'v, T: PrimitiveTensorElementType + fmt::Debug + Clone + 'static>(
+    bytes: &'v [u8],
+    shape: &'v [i64],
+) -> ort::Result<SessionInputValue<'v>> {
+    debug_assert!((bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()));
+    debug_assert!(bytes.len().is_multiple_of(std::mem::size_of::<T>()));
+    // SAFETY: aligned and sized for `T` (above, from the caller); every bit pattern is a valid `T` for the numeric
+    // types, and `bool` is only lent after `gather` wrote 0 or 1 into every byte.
+    let data = unsafe {
+        std::slice::from_raw_parts(
+            bytes.as_ptr().cast::<T>(),
+            bytes.len() / std::mem::size_of::<T>(),
         )
+    };
+    TensorRef::from_array_view((shape, data)).map(SessionInputValue::from)
+}
+
+/// Copies `parts` into `staging` (8-byte aligned, enough for every numeric type) and returns the `total` bytes; a
+/// `bool` byte that is not 0 becomes 1, since ONNX Runtime reads C++ `bool`, for which any other byte is undefined.
+fn gather<'s>(parts: &[&[u8]], bool: bool, total: usize, staging: &'s mut Vec<u64>) -> &'s [u8] {
+    let words = total.div_ceil(8);
+    if staging.len() < words {
+        staging.resize(words, 0);
+    }
+    // SAFETY: `staging` holds at least `words * 8 >= total` initialized bytes; u8 has no alignment or validity needs.
+    let dst = unsafe { std::slice::from_raw_parts_mut(staging.as_mut_ptr().cast::<u8>(), total) };
+    let mut offset = 0;
+    for part in parts {
+        let chunk = &mut dst[offset..offset + part.len()];
+        if bool {
+            for (d, s) in chunk.iter_mut().zip(part.iter()) {
+                *d = u8::from(*s != 0);
+            }
+        } else {
+            chunk.copy_from_slice(part);
+        }
+        offset += part.len();
+    }
+    dst
+}
+
+/// A tensor in ONNX Runtime's own memory with the parts copied in: for the types `ort` cannot lend, and for empty
+/// tensors (whose data pointer may dangle).
+fn owned_tensor(
+    input: &BatchInput<'_>,
+    allocator: &Allocator,
+    total: usize,
+) -> Result<DynTensor, BackendError> {
+    let name = input.name;
+    let mut value = DynTensor::new(allocator, element_type(input.datatype), input.shape.clone())
         .map_err(|e| BackendError::Run(format!("input `{name}`: {e}")))?;
-        let raw = value.ptr_mut();
-        let resize = ort::api().GetResizedStringTensorElementBuffer;
-        let mut index = 0usize;
-        for part in &input.parts {
-            let mut rest: &[u8] = part;
-            while let Some((header, tail)) = rest.split_first_chunk::<4>() {
-                let len = u32::from_le_bytes(*header) as usize;
-                let (element, tail) = tail.split_at(len); // in bounds: count_bytes_elements checked every prefix
-                let mut buf: *mut std::ffi::c_char = std::ptr::null_mut();
-                // SAFETY: `raw` is a live string tensor of `count` elements and `index < count`; ONNX Runtime resizes
-                // that element to `len` bytes and returns its buffer, which is valid for `len` bytes of writes.
-                unsafe {
-                    let status = resize(raw, index, len, &mut buf);
-                    ort::Error::result_from_status(status)
-                        .map_err(|e| BackendError::Run(format!("input `{name}`: {e}")))?;
-                    if len > 0 {
-                        std::ptr::copy_nonoverlapping(element.as_ptr(), buf.cast::<u8>(), len);
-                    }
-                }
-                index += 1;
-                rest = tail;
-            }
-        }
-        Ok(value)
+    if total == 0 {
+        return Ok(value);
     }
+    let ptr = value.data_ptr_mut().cast::<u8>();
+    if ptr.is_null() {
+        return Err(BackendError::Run(format!(
+            "input `{name}`: ONNX Runtime gave no buffer"
+        )));
+    }
+    // SAFETY: the tensor was just allocated on the CPU for `total` bytes, and nothing else refers to it yet.
+    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, total) };
+    let mut offset = 0;
+    for part in &input.parts {
+        dst[offset..offset + part.len()].copy_from_slice(part);
+        offset += part.len();
+    }
+    Ok(value)
+}
+
+/// Builds a string tensor from Triton-serialized BYTES parts. Each element is written with
+/// `GetResizedStringTensorElementBuffer` instead of `ort`'s `from_string_array`, which goes through C strings
+/// and so cannot carry NUL bytes; BYTES elements are arbitrary bytes.
+fn string_tensor(
+    allocator: &Allocator,
+    input: &BatchInput<'_>,
+    count: usize,
+) -> Result<DynTensor, BackendError> {
+    let name = input.name;
+    let mut found = 0usize;
+    for part in &input.parts {
+        found += tensor::count_bytes_elements(part).ok_or_else(|| {
+            BackendError::Run(format!(
+                "input `{name}`: malformed BYTES data (length prefix past the end)"
+            ))
+        })?;
+    }
+    if found != count {
+        return Err(BackendError::Run(format!(
+            "input `{name}`: shape {:?} needs {count} BYTES elements, got {found}",
+            input.shape
+        )));
+    }
+    let mut value = DynTensor::new(allocator, TensorElementType::String, input.shape.clone())
+        .map_err(|e| BackendError::Run(format!("input `{name}`: {e}")))?;
+    let raw = value.ptr_mut();
+    let resize = ort::api().GetResizedStringTensorElementBuffer;
+    let mut index = 0usize;
+    for part in &input.parts {
+        let mut rest: &[u8] = part;
+        while let Some((header, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*header) as usize;
+            let (element, tail) = tail.split_at(len); // in bounds: count_bytes_elements checked every prefix
+            let mut buf: *mut std::ffi::c_char = std::ptr::null_mut();
+            // SAFETY: `raw` is a live string tensor of `count` elements and `index < count`; ONNX Runtime resizes
+            // that element to `len` bytes and returns its buffer, which is valid for `len` bytes of writes.
+            unsafe {
+                let status = resize(raw, index, len, &mut buf);
+                ort::Error::result_from_status(status)
+                    .map_err(|e| BackendError::Run(format!("input `{name}`: {e}")))?;
+                if len > 0 {
+                    std::ptr::copy_nonoverlapping(element.as_ptr(), buf.cast::<u8>(), len);
+                }
+            }
+            index += 1;
+            rest = tail;
+        }
+    }
+    Ok(value)
 }
 
 impl Backend for OrtBackend {
@@ -497,9 +582,12 @@ impl Backend for OrtBackend {
     }
 
     fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<BatchOutput>, BackendError> {
+        if self.staging.len() < inputs.len() {
+            self.staging.resize_with(inputs.len(), Vec::new);
+        }
         let mut values = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            values.push((input.name, self.input_tensor(input)?));
+        for (input, staging) in inputs.iter().zip(self.staging.iter_mut()) {
+            values.push((input.name, input_value(input, &self.allocator, staging)?));
         }
         let mut outputs = self
             .session
@@ -515,6 +603,12 @@ impl Backend for OrtBackend {
                 .downcast::<DynTensorValueType>()
                 .map_err(|e| BackendError::Run(format!("output `{}`: {e}", spec.name)))?;
             result.push(output(&spec.name, &value)?);
+        }
+        drop(outputs);
+        for staging in &mut self.staging {
+            if staging.capacity() * 8 > STAGING_KEEP_MAX_BYTES {
+                *staging = Vec::new();
+            }
         }
         Ok(result)
     }
@@ -906,6 +1000,34 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_aligned_input_is_lent_and_others_are_staged_with_the_same_answers() {
+        let mut backend = load("ffnn");
+        let x: Vec<u8> = bytemuck::cast_slice(&floats(2 * 784, 7)).to_vec();
+        // Lent: one part, aligned for f32. ONNX Runtime reads it where it is, staging nothing, and leaves it as it was.
+        let lent = run_ffnn(&mut backend, &[&x], 2);
+        assert!(backend.staging[0].is_empty(), "a lent input was staged");
+        assert_eq!(x, bytemuck::cast_slice::<f32, u8>(&floats(2 * 784, 7)));
+        // Staged: the same bytes one byte off alignment, then as two parts.
+        let mut shifted = vec![0u8; x.len() + 1];
+        shifted[1..].copy_from_slice(&x);
+        let misaligned = &shifted[1..];
+        assert!(!(misaligned.as_ptr() as usize).is_multiple_of(4));
+        assert_eq!(run_ffnn(&mut backend, &[misaligned], 2), lent);
+        assert_eq!(backend.staging[0].len(), 2 * 784 / 2);
+        let (a, b) = x.split_at(784 * 4);
+        assert_eq!(run_ffnn(&mut backend, &[a, b], 2), lent);
+        // A batch past the bound on what is kept lets its staging buffer go after the run.
+        let rows = STAGING_KEEP_MAX_BYTES / (784 * 4) + 1;
+        let big: Vec<u8> = bytemuck::cast_slice(&floats(rows * 784, 8)).to_vec();
+        let (a, b) = big.split_at(784 * 4);
+        assert_eq!(
+            run_ffnn(&mut backend, &[a, b], rows as i64).len(),
+            rows * 10
+        );
+        assert_eq!(backend.staging[0].capacity(), 0);
+    }
+
+    #[test]
     fn types_round_trip_every_datatype() {
         let mut backend = load("types");
         let sig = backend.signature().clone();
@@ -969,6 +1091,20 @@ mod tests {
             .collect();
         let outputs = backend.run(&inputs).unwrap();
         assert_eq!(outputs.len(), 13);
+        // The same rows as one part each: the numeric inputs lent to the run rather than staged.
+        let whole: Vec<BatchInput<'_>> = data
+            .iter()
+            .map(|(name, datatype, whole, _)| BatchInput {
+                name,
+                datatype: *datatype,
+                shape: vec![2, 4],
+                parts: vec![whole],
+            })
+            .collect();
+        let alone = backend.run(&whole).unwrap();
+        for (a, b) in outputs.iter().zip(&alone) {
+            assert_eq!((&a.name, &a.data[..]), (&b.name, &b.data[..]));
+        }
         let mut seen = Vec::new();
         for (name, datatype, whole, _) in &data {
             let out_name = name.replacen("in_", "out_", 1);
