@@ -797,6 +797,21 @@ mod tests {
             .collect()
     }
 
+    /// The `types` model's inputs, `rows` rows of 4 elements each, every one sent as a single part.
+    fn one_part_each<'a>(
+        rows: i64,
+        inputs: impl Iterator<Item = (&'a str, DataType, &'a Vec<u8>)>,
+    ) -> Vec<BatchInput<'a>> {
+        inputs
+            .map(|(name, datatype, bytes)| BatchInput {
+                name,
+                datatype,
+                shape: vec![rows, 4],
+                parts: vec![bytes],
+            })
+            .collect()
+    }
+
     fn run_ffnn(backend: &mut OrtBackend, parts: &[&[u8]], rows: i64) -> Vec<f32> {
         let out = backend
             .run(&[BatchInput {
@@ -1092,15 +1107,7 @@ mod tests {
         let outputs = backend.run(&inputs).unwrap();
         assert_eq!(outputs.len(), 13);
         // The same rows as one part each: the numeric inputs lent to the run rather than staged.
-        let whole: Vec<BatchInput<'_>> = data
-            .iter()
-            .map(|(name, datatype, whole, _)| BatchInput {
-                name,
-                datatype: *datatype,
-                shape: vec![2, 4],
-                parts: vec![whole],
-            })
-            .collect();
+        let whole = one_part_each(2, data.iter().map(|(n, d, w, _)| (n.as_str(), *d, w)));
         let alone = backend.run(&whole).unwrap();
         for (a, b) in outputs.iter().zip(&alone) {
             assert_eq!((&a.name, &a.data[..]), (&b.name, &b.data[..]));
@@ -1139,15 +1146,7 @@ mod tests {
                 (s.name.clone(), s.datatype, bytes)
             })
             .collect();
-        let inputs: Vec<BatchInput<'_>> = zeros
-            .iter()
-            .map(|(name, datatype, bytes)| BatchInput {
-                name,
-                datatype: *datatype,
-                shape: vec![1, 4],
-                parts: vec![bytes],
-            })
-            .collect();
+        let inputs = one_part_each(1, zeros.iter().map(|(n, d, b)| (n.as_str(), *d, b)));
         let outputs = backend.run(&inputs).unwrap();
         let out = outputs.iter().find(|o| o.name == "out_bool").unwrap();
         assert_eq!(&out.data[..], &[0, 1, 1, 1]);
