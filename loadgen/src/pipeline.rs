@@ -331,7 +331,7 @@ pub async fn run_on(
 /// Like [`run_on`], keeping `live` figures up to date for a progress bar.
 pub async fn run_live(
     exp: &Experiment,
-    scorer: Scorer,
+    mut scorer: Scorer,
     transport: &Transport,
     live: Option<Arc<crate::progress::Live>>,
 ) -> Result<RunResult, RunError> {
@@ -390,7 +390,6 @@ pub async fn run_live(
         warm_up(&input, &mut partitions, &output, &mut sink_rx).await?;
     }
     let clock = Clock::start();
-    let mut scorer = scorer;
     scorer.clock_starts(clock.t0);
 
     // Closed loop: the sink tells the producer when an event is done.

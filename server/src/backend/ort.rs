@@ -16,8 +16,7 @@ use ort::{
     environment::Environment,
     logging::LogLevel,
     memory::Allocator,
-    session::SessionInputValue,
-    session::{builder::GraphOptimizationLevel, Session},
+    session::{builder::GraphOptimizationLevel, Session, SessionInputValue},
     value::{
         DynTensor, DynTensorValueType, Outlet, PrimitiveTensorElementType, TensorElementType,
         TensorRef, ValueType,
@@ -471,6 +470,13 @@ fn gather<'s>(parts: &[&[u8]], bool: bool, total: usize, staging: &'s mut Vec<u6
     }
     // SAFETY: `staging` holds at least `words * 8 >= total` initialized bytes; u8 has no alignment or validity needs.
     let dst = unsafe { std::slice::from_raw_parts_mut(staging.as_mut_ptr().cast::<u8>(), total) };
+    copy_parts(dst, parts, bool);
+    dst
+}
+
+/// Writes `parts` one after another into `dst`, which is exactly their total length; with `bool`, a byte that is
+/// not 0 is written as 1.
+fn copy_parts(dst: &mut [u8], parts: &[&[u8]], bool: bool) {
     let mut offset = 0;
     for part in parts {
         let chunk = &mut dst[offset..offset + part.len()];
@@ -483,7 +489,6 @@ fn gather<'s>(parts: &[&[u8]], bool: bool, total: usize, staging: &'s mut Vec<u6
         }
         offset += part.len();
     }
-    dst
 }
 
 /// A tensor in ONNX Runtime's own memory with the parts copied in: for the types `ort` cannot lend, and for empty
@@ -507,11 +512,7 @@ fn owned_tensor(
     }
     // SAFETY: the tensor was just allocated on the CPU for `total` bytes, and nothing else refers to it yet.
     let dst = unsafe { std::slice::from_raw_parts_mut(ptr, total) };
-    let mut offset = 0;
-    for part in &input.parts {
-        dst[offset..offset + part.len()].copy_from_slice(part);
-        offset += part.len();
-    }
+    copy_parts(dst, &input.parts, false);
     Ok(value)
 }
 
