@@ -13,6 +13,9 @@
 # between minutes, and only a ratio taken within one round means anything.
 # SHOAL_BIN_B=PATH adds a second shoal build to each round (between the
 # first and the no-op), for a before/after comparison in the same rounds.
+# SHOAL_REPOSITORY_B=PATH does the same with another model repository for
+# the second server (its binary SHOAL_BIN_B, else the first's): with
+# model_repository, the sample FFNN whose config turns dynamic batching on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHOAL_HOME="${SHOAL_HOME:-$HOME/.cache/shoal}"
@@ -30,14 +33,14 @@ ln -s "$PWD/model_repository/ffnn/1" "$repo/ffnn/1"
 status=0
 rounds="${PERF_ROUNDS:-1}"
 servers="shoal"
-[ -n "${SHOAL_BIN_B:-}" ] && servers="shoal shoal_b"
+[ -n "${SHOAL_BIN_B:-}${SHOAL_REPOSITORY_B:-}" ] && servers="shoal shoal_b"
 servers="$servers noop"
 for r in $(seq "$rounds"); do
   sub=""; [ "$rounds" -gt 1 ] && sub="/$r"
   for srv in $servers; do
     case "$srv" in
       shoal) SHOAL_MODEL_REPOSITORY="$repo" PERF_SERVER=shoal PERF_OUT="$RES/shoal$sub" scripts/perf_analyzer.sh || status=1 ;;
-      shoal_b) SHOAL_BIN="$SHOAL_BIN_B" SHOAL_MODEL_REPOSITORY="$repo" PERF_SERVER=shoal PERF_OUT="$RES/shoal_b$sub" scripts/perf_analyzer.sh || status=1 ;;
+      shoal_b) SHOAL_BIN="${SHOAL_BIN_B:-${SHOAL_BIN:-}}" SHOAL_MODEL_REPOSITORY="${SHOAL_REPOSITORY_B:-$repo}" PERF_SERVER=shoal PERF_OUT="$RES/shoal_b$sub" scripts/perf_analyzer.sh || status=1 ;;
       noop) PERF_SERVER=noop PERF_OUT="$RES/noop$sub" scripts/perf_analyzer.sh || status=1 ;;
     esac
   done
