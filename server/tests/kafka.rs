@@ -127,35 +127,17 @@ fn consume(brokers: &str, topic: &str, n: usize, within: Duration) -> Vec<OwnedM
             .unwrap();
     }
     c.assign(&from_start).unwrap();
-    // Each record once, by its place in the log: a record read again is
-    // the same record, while a duplicate answer is a record of its own.
-    let mut got: BTreeMap<(i32, i64), OwnedMessage> = BTreeMap::new();
-    // The offset each partition's next record should have: these topics
-    // are neither compacted nor transactional, so a jump is a skip.
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    let mut skipped = false;
+    let mut log = LogRead::default();
     let (t, mut heard) = (Instant::now(), Instant::now());
-    let take = |m: OwnedMessage,
-                got: &mut BTreeMap<(i32, i64), OwnedMessage>,
-                next: &mut HashMap<i32, i64>,
-                skipped: &mut bool| {
-        let (p, o) = (m.partition(), m.offset());
-        let want = next.insert(p, o + 1).unwrap_or(0);
-        if o > want && !got.contains_key(&(p, want)) {
-            eprintln!("{topic}: the broker skipped partition {p} offsets {want}..{o}");
-            *skipped = true;
-        }
-        got.entry((p, o)).or_insert(m);
-    };
-    while got.len() < n {
+    while log.got.len() < n {
         assert!(
             t.elapsed() < within,
             "{topic}: {} of {n} messages after {within:?}",
-            got.len()
+            log.got.len()
         );
         match c.poll(Duration::from_millis(100)) {
             Some(m) => {
-                take(m.unwrap().detach(), &mut got, &mut next, &mut skipped);
+                log.take(m.unwrap().detach());
                 heard = Instant::now();
             }
             // tansu (0.6) raises a partition's high watermark before it
@@ -163,13 +145,13 @@ fn consume(brokers: &str, topic: &str, n: usize, within: Duration) -> Vec<OwnedM
             // one partition can return the later batch and step over the
             // earlier one. Once the reader is at the end, what it stepped
             // over is stored: read again from the start.
-            None if skipped && heard.elapsed() > Duration::from_secs(1) => {
+            None if log.skipped && heard.elapsed() > Duration::from_secs(1) => {
                 eprintln!(
                     "{topic}: {} of {n} read; reading again from the start",
-                    got.len()
+                    log.got.len()
                 );
-                skipped = false;
-                next.clear();
+                log.skipped = false;
+                log.next.clear();
                 c.assign(&from_start).unwrap();
                 heard = Instant::now();
             }
@@ -180,10 +162,38 @@ fn consume(brokers: &str, topic: &str, n: usize, within: Duration) -> Vec<OwnedM
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(500) {
         if let Some(m) = c.poll(Duration::from_millis(50)) {
-            take(m.unwrap().detach(), &mut got, &mut next, &mut skipped);
+            log.take(m.unwrap().detach());
         }
     }
-    got.into_values().collect()
+    log.got.into_values().collect()
+}
+
+/// What [`consume`] has read of a topic.
+#[derive(Default)]
+struct LogRead {
+    /// Each record once, by its place in the log: a record read again is
+    /// the same record, while a duplicate answer is a record of its own.
+    got: BTreeMap<(i32, i64), OwnedMessage>,
+    /// The offset each partition's next record should have: these topics
+    /// are neither compacted nor transactional, so a jump is a skip.
+    next: HashMap<i32, i64>,
+    /// Offsets were skipped that have not been read since.
+    skipped: bool,
+}
+
+impl LogRead {
+    fn take(&mut self, m: OwnedMessage) {
+        let (p, o) = (m.partition(), m.offset());
+        let want = self.next.insert(p, o + 1).unwrap_or(0);
+        if o > want && !self.got.contains_key(&(p, want)) {
+            eprintln!(
+                "{}: the broker skipped partition {p} offsets {want}..{o}",
+                m.topic()
+            );
+            self.skipped = true;
+        }
+        self.got.entry((p, o)).or_insert(m);
+    }
 }
 
 fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
