@@ -19,8 +19,7 @@ use ort::{
     session::{builder::GraphOptimizationLevel, OutputSelector, RunOptions, Session},
     value::{Tensor, TensorRef, ValueType},
 };
-use shoal::backend::ort::{find_library, LibrarySearch};
-use std::sync::Arc;
+use shoal::backend::ort::environment;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -30,16 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs: usize = runs.parse()?;
     let has = |v: &str| variant.split('+').any(|w| w == v);
 
-    let library = find_library(&LibrarySearch::from_process(None))?;
-    let env = ort::init_from(&library)?
-        .with_name("ort_run_cost")
-        .with_telemetry(false)
-        // As shoal's: a custom logger, with the level raised again to warnings.
-        .with_logger(Arc::new(|_, _, _, _, _| {}))
-        .build()?;
-    env.set_log_level(ort::logging::LogLevel::Warning);
-
-    let mut builder = Session::builder(&env)?;
+    // shoal's own environment: the same library search, logger and log level as the server's.
+    let mut builder = Session::builder(environment()?)?;
     if has("noarena") {
         builder = builder
             .with_execution_providers([ep::CPU::default().with_arena_allocator(false).build()])?;
@@ -84,10 +75,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kept = RunOptions::new()?;
     let mut checksum = 0f32;
     for _ in 0..runs {
-        let value = TensorRef::from_array_view((dims.clone(), input.as_slice()))?;
+        let value = TensorRef::from_array_view((dims.as_slice(), input.as_slice()))?;
         let inputs = ort::inputs![input_name.as_str() => value];
         let first = if has("prealloc") {
-            let output = Tensor::<f32>::new(&Allocator::default(), output_dims.clone())?;
+            let output = Tensor::<f32>::new(&Allocator::default(), output_dims.as_slice())?;
             let options = RunOptions::new()?.with_outputs(
                 OutputSelector::no_default()
                     .with(&output_name)

@@ -256,8 +256,9 @@ fn already_loaded(rt: &Runtime, explicit: Option<&Path>) -> PathBuf {
     rt.path.clone()
 }
 
-/// The committed environment, initializing the runtime from the default search if needed.
-fn environment() -> Result<&'static Environment, BackendError> {
+/// The committed environment, initializing the runtime from the default search if needed. Public so that a tool
+/// outside the server (`examples/ort_run_cost.rs`) builds its sessions in the same environment as shoal's.
+pub fn environment() -> Result<&'static Environment, BackendError> {
     init_runtime(None)?;
     RUNTIME.get().map(|rt| &rt.env).ok_or_else(|| {
         BackendError::Runtime("ONNX Runtime environment missing after initialization".into())
