@@ -16,6 +16,9 @@
 # SHOAL_REPOSITORY_B=PATH does the same with another model repository for
 # the second server (its binary SHOAL_BIN_B, else the first's): with
 # model_repository, the sample FFNN whose config turns dynamic batching on.
+# SHOAL_ENV_B="VAR=VALUE ..." sets environment variables (shoal's flags)
+# for the second server only, e.g. SHOAL_DEFAULT_MAX_BATCH_SIZE=4 with a
+# SHOAL_REPOSITORY_B whose ffnn has no config (Triton's auto-complete).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHOAL_HOME="${SHOAL_HOME:-$HOME/.cache/shoal}"
@@ -33,14 +36,15 @@ ln -s "$PWD/model_repository/ffnn/1" "$repo/ffnn/1"
 status=0
 rounds="${PERF_ROUNDS:-1}"
 servers="shoal"
-[ -n "${SHOAL_BIN_B:-}${SHOAL_REPOSITORY_B:-}" ] && servers="shoal shoal_b"
+[ -n "${SHOAL_BIN_B:-}${SHOAL_REPOSITORY_B:-}${SHOAL_ENV_B:-}" ] && servers="shoal shoal_b"
 servers="$servers noop"
 for r in $(seq "$rounds"); do
   sub=""; [ "$rounds" -gt 1 ] && sub="/$r"
   for srv in $servers; do
     case "$srv" in
       shoal) SHOAL_MODEL_REPOSITORY="$repo" PERF_SERVER=shoal PERF_OUT="$RES/shoal$sub" scripts/perf_analyzer.sh || status=1 ;;
-      shoal_b) SHOAL_BIN="${SHOAL_BIN_B:-${SHOAL_BIN:-}}" SHOAL_MODEL_REPOSITORY="${SHOAL_REPOSITORY_B:-$repo}" PERF_SERVER=shoal PERF_OUT="$RES/shoal_b$sub" scripts/perf_analyzer.sh || status=1 ;;
+      # shellcheck disable=SC2086 # SHOAL_ENV_B is a list of VAR=VALUE words
+      shoal_b) env ${SHOAL_ENV_B:-} SHOAL_BIN="${SHOAL_BIN_B:-${SHOAL_BIN:-}}" SHOAL_MODEL_REPOSITORY="${SHOAL_REPOSITORY_B:-$repo}" PERF_SERVER=shoal PERF_OUT="$RES/shoal_b$sub" scripts/perf_analyzer.sh || status=1 ;;
       noop) PERF_SERVER=noop PERF_OUT="$RES/noop$sub" scripts/perf_analyzer.sh || status=1 ;;
     esac
   done

@@ -33,6 +33,16 @@ pub struct Args {
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub strict_model_config: bool,
 
+    /// As Triton's `default-max-batch-size` (its `--backend-config` key,
+    /// formerly this flag): the max_batch_size an ONNX model gets when its
+    /// config.pbtxt (or no config) leaves it and its inputs or outputs to
+    /// the graph and every graph input and output has a dynamic first dim;
+    /// with no scheduler named it then batches as `dynamic_batching {}`.
+    /// Triton's default is 4; shoal's is 0 (such models run each request
+    /// alone). config.toml models are never changed.
+    #[arg(long, env = "SHOAL_DEFAULT_MAX_BATCH_SIZE", default_value_t = 0)]
+    pub default_max_batch_size: u32,
+
     /// Also export Triton's names (nv_inference_request_success, ...) for the
     /// series both have, so dashboards built for Triton work unchanged.
     #[arg(long, env = "SHOAL_METRICS_TRITON_NAMES", default_value_t = false,

@@ -96,6 +96,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     let options = EngineOptions {
         ort_library: args.ort_library.clone(),
         strict_model_config: args.strict_model_config,
+        default_max_batch_size: args.default_max_batch_size,
     };
     let repo = args.model_repository.clone();
     let mode = args.model_control_mode;

@@ -216,6 +216,11 @@ async fn a_triton_repository_is_served_unchanged() {
     assert!(bare.get("dynamic_batching").is_none(), "{bare}");
     let both: Value = common::get_json(&c, format!("{}/v2/models/both/config", s.http)).await;
     assert_eq!(both["max_batch_size"], 16, "config.toml wins: {both}");
+    // A max_batch_size with the I/O left to the graph and no scheduler:
+    // Triton's auto-completion names the dynamic batcher.
+    let every: Value = common::get_json(&c, format!("{}/v2/models/every/config", s.http)).await;
+    assert_eq!(every["max_batch_size"], 4, "{every}");
+    assert!(every.get("dynamic_batching").is_some(), "{every}");
 
     // gRPC gives the same message.
     let mut g = GrpcInferenceServiceClient::connect(s.grpc.clone())
@@ -627,5 +632,122 @@ model_warmup [
             && l.contains("model=warm")
             && l.contains("samples=3")),
         "{log}"
+    );
+}
+
+/// `--default-max-batch-size`: where Triton's onnxruntime backend would
+/// auto-complete a config (a config.pbtxt that leaves the inputs or outputs
+/// to the graph, or no config at all) and the graph can batch, the model
+/// gets that max_batch_size and, with no scheduler named, the dynamic
+/// batcher; a written max_batch_size, a config listing its I/O and
+/// shoal's own config.toml keep what they say.
+#[tokio::test]
+async fn default_max_batch_size_autofills_where_triton_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    for m in ["bare", "noconf", "sized", "listed", "native"] {
+        version(r, m, 1, 1);
+    }
+    config(r, "bare", "config.pbtxt", "backend: \"onnxruntime\"\n");
+    config(r, "sized", "config.pbtxt", "max_batch_size: 2\n");
+    config(
+        r,
+        "listed",
+        "config.pbtxt",
+        "input [ { name: \"input\" data_type: TYPE_FP32 dims: [ -1, 784 ] } ]\noutput [ { name: \"output\" data_type: TYPE_FP32 dims: [ -1, 10 ] } ]\n",
+    );
+    config(r, "native", "config.toml", "");
+    let s = common::Captured::start(r, &["--default-max-batch-size", "4"], &[]);
+    let c = reqwest::Client::new();
+
+    for (model, mbs, batcher) in [
+        ("bare", 4, true),
+        ("noconf", 4, true),
+        ("sized", 2, true),
+        ("listed", 0, false),
+        ("native", 0, false),
+    ] {
+        let cfg: Value = common::get_json(&c, format!("{}/v2/models/{model}/config", s.http)).await;
+        assert_eq!(cfg["max_batch_size"], mbs, "{model}: {cfg}");
+        let dims = if mbs > 0 {
+            json!([784])
+        } else {
+            json!([-1, 784])
+        };
+        assert_eq!(cfg["input"][0]["dims"], dims, "{model}: {cfg}");
+        assert_eq!(
+            cfg.get("dynamic_batching").is_some(),
+            batcher,
+            "{model}: {cfg}"
+        );
+        // Clients see the same full shape either way.
+        let md: Value = common::get_json(&c, format!("{}/v2/models/{model}", s.http)).await;
+        assert_eq!(md["inputs"][0]["shape"], json!([-1, 784]), "{model}: {md}");
+    }
+
+    // The autofilled bound holds: four rows run, five are refused.
+    let x = ffnn_input(4, 5);
+    let v = common::post_json(
+        &c,
+        format!("{}/v2/models/bare/infer", s.http),
+        &ffnn_infer_body(&x),
+    )
+    .await;
+    assert_close(
+        &f32s(&v["outputs"][0]["data"]),
+        &reference_ffnn(1, &x),
+        1e-5,
+    );
+    let r5 = c
+        .post(format!("{}/v2/models/bare/infer", s.http))
+        .json(&ffnn_infer_body(&ffnn_input(5, 5)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r5.status(), 400);
+    let said = r5.text().await.unwrap();
+    assert!(said.contains("exceeds max_batch_size 4"), "{said}");
+
+    // Concurrent one-row requests are merged: some execution carries more
+    // than one (bursts until one does; each request still gets its answer).
+    let mut merged = false;
+    for round in 0..20 {
+        let calls = (0..32u32).map(|i| {
+            let c = c.clone();
+            let url = format!("{}/v2/models/noconf/infer", s.http);
+            async move {
+                let x = ffnn_input(1, round * 100 + i);
+                let v = common::post_json(&c, url, &ffnn_infer_body(&x)).await;
+                assert_close(
+                    &f32s(&v["outputs"][0]["data"]),
+                    &reference_ffnn(1, &x),
+                    1e-5,
+                );
+            }
+        });
+        futures::future::join_all(calls).await;
+        let stats: Value = common::get_json(&c, format!("{}/v2/models/noconf/stats", s.http)).await;
+        let sizes: Vec<u64> = stats["model_stats"][0]["batch_stats"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{stats}"))
+            .iter()
+            .filter_map(|b| b["batch_size"].as_u64())
+            .collect();
+        assert!(sizes.iter().all(|&b| b <= 4), "{stats}");
+        if sizes.iter().any(|&b| b > 1) {
+            merged = true;
+            break;
+        }
+    }
+    assert!(
+        merged,
+        "32 concurrent requests were never batched, 20 times"
+    );
+
+    let log = s.stop().join("\n");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("autofilled max_batch_size") && l.contains("noconf")),
+        "the autofill is not said in the log:\n{log}"
     );
 }

@@ -85,6 +85,12 @@ pub struct ModelConfigFile {
     /// the model-config calls return what the user wrote, completed.
     #[serde(skip)]
     pub triton: Option<std::sync::Arc<shoal_proto::ModelConfig>>,
+    /// Set by the repository scan where Triton would auto-complete this
+    /// config (a config.pbtxt, or none, that leaves inputs or outputs to
+    /// the graph; never config.toml), holding Triton's
+    /// `default-max-batch-size`: see [`Self::triton_autocompleted`].
+    #[serde(skip)]
+    pub triton_autocomplete: Option<u32>,
 }
 
 /// Triton's `version_policy`.
@@ -568,6 +574,60 @@ impl ModelConfigFile {
 
     /// Validates the file and completes it with the graph's signature.
     pub fn resolve(&self, model: &str, graph: &Signature) -> Result<ModelConfig, ConfigError> {
+        match self.triton_autocompleted(model, graph) {
+            Some(completed) => completed.resolve_as_written(model, graph),
+            None => self.resolve_as_written(model, graph),
+        }
+    }
+
+    /// What Triton's onnxruntime backend makes of a config it
+    /// auto-completes, where every graph input and output has a dynamic
+    /// first dimension (the model can batch): no `max_batch_size` becomes
+    /// `default-max-batch-size` (0 leaves it), and a `max_batch_size` above
+    /// 1 with no scheduler named gets `dynamic_batching {}` (merge what
+    /// queued, no delay). `None` where nothing changes.
+    fn triton_autocompleted(&self, model: &str, graph: &Signature) -> Option<Self> {
+        let default_max_batch_size = self.triton_autocomplete?;
+        let onnx = self.platform.as_deref().unwrap_or("onnxruntime_onnx") == "onnxruntime_onnx";
+        let can_batch = !graph.inputs.is_empty()
+            && graph
+                .inputs
+                .iter()
+                .chain(&graph.outputs)
+                .all(|t| t.shape.first().is_some_and(|&d| d < 0));
+        if !onnx || !can_batch {
+            return None;
+        }
+        let mut c = self.clone();
+        c.triton_autocomplete = None;
+        if c.max_batch_size == 0 && default_max_batch_size > 0 {
+            tracing::warn!(
+                model,
+                max_batch_size = default_max_batch_size,
+                "autofilled max_batch_size from --default-max-batch-size: the graph can batch and the config sets none (write max_batch_size to choose another)"
+            );
+            c.max_batch_size = default_max_batch_size;
+        }
+        let scheduler_named =
+            c.dynamic_batching.is_some() || c.sequence || !c.sequence_control.is_empty();
+        // config.pbtxt without a scheduler reads as `batching = "none"`
+        // (Triton's default scheduler); auto-completion names the dynamic one.
+        c.batching = if c.max_batch_size > 1 && !scheduler_named {
+            None
+        } else if c.max_batch_size > 0 && !scheduler_named {
+            Some("none".into())
+        } else {
+            c.batching
+        };
+        Some(c)
+    }
+
+    /// [`Self::resolve`] of the file as it stands.
+    fn resolve_as_written(
+        &self,
+        model: &str,
+        graph: &Signature,
+    ) -> Result<ModelConfig, ConfigError> {
         let err = |reason: String| ConfigError {
             model: model.to_string(),
             reason,
@@ -1355,6 +1415,84 @@ mod tests {
             let e = resolve(&format!("max_batch_size = 8\n[[warmup]]\nname = \"w\"\n{bad}\n")).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn triton_autocompletion_batches_only_a_batchable_onnx_graph() {
+        let file = |mbs: u32, autocomplete: Option<u32>| ModelConfigFile {
+            max_batch_size: mbs,
+            // As config.pbtxt reads: no scheduler written means Triton's
+            // default one, each request alone.
+            batching: (mbs > 0).then(|| "none".to_string()),
+            triton_autocomplete: autocomplete,
+            ..Default::default()
+        };
+        // The default size, dims without the batch dimension, and the
+        // dynamic batcher with no delay.
+        let c = file(0, Some(4)).resolve("m", &graph()).unwrap();
+        assert_eq!(c.max_batch_size, 4);
+        assert_eq!(c.inputs[0].dims, vec![784]);
+        assert_eq!(c.outputs[0].dims, vec![10]);
+        assert_eq!(c.dynamic_batching, Some(DynamicBatching::default()));
+        // A written size stays, and gets the dynamic batcher as in Triton;
+        // a size of 1 keeps the default scheduler.
+        let c = file(8, Some(0)).resolve("m", &graph()).unwrap();
+        assert_eq!(c.max_batch_size, 8);
+        assert_eq!(c.dynamic_batching, Some(DynamicBatching::default()));
+        let c = file(0, Some(1)).resolve("m", &graph()).unwrap();
+        assert_eq!((c.max_batch_size, c.dynamic_batching), (1, None));
+        // Not auto-completed (config.toml, a config that lists its I/O):
+        // as written.
+        let c = file(8, None).resolve("m", &graph()).unwrap();
+        assert_eq!(c.dynamic_batching, None);
+        let c = file(0, Some(0)).resolve("m", &graph()).unwrap();
+        assert_eq!(
+            (c.max_batch_size, c.inputs[0].dims.clone()),
+            (0, vec![-1, 784])
+        );
+        // A graph whose inputs or outputs do not all start with a dynamic
+        // dimension cannot batch (Triton's test), nor can a scalar.
+        for (inp, out) in [
+            (vec![1, 784], vec![-1, 10]),
+            (vec![-1, 784], vec![1, 10]),
+            (vec![], vec![-1]),
+        ] {
+            let g = Signature {
+                inputs: vec![TensorSpec {
+                    name: "input".into(),
+                    datatype: DataType::Fp32,
+                    shape: inp.clone(),
+                }],
+                outputs: vec![TensorSpec {
+                    name: "output".into(),
+                    datatype: DataType::Fp32,
+                    shape: out,
+                }],
+            };
+            let c = file(0, Some(4)).resolve("m", &g).unwrap();
+            assert_eq!(c.max_batch_size, 0, "{inp:?}");
+            assert!(c.dynamic_batching.is_none());
+        }
+        // Only ONNX models: Triton's PyTorch backend does not auto-complete.
+        let torch = ModelConfigFile {
+            platform: Some("pytorch_libtorch".into()),
+            ..file(0, Some(4))
+        };
+        assert_eq!(torch.resolve("m", &graph()).unwrap().max_batch_size, 0);
+        // A written batcher is kept, and checked against the filled size.
+        let mut f = file(0, Some(4));
+        f.dynamic_batching = Some(DynamicBatchingFile {
+            preferred_batch_sizes: vec![2, 4],
+            ..Default::default()
+        });
+        let c = f.resolve("m", &graph()).unwrap();
+        assert_eq!(
+            c.dynamic_batching.unwrap().preferred_batch_sizes,
+            vec![2, 4]
+        );
+        f.dynamic_batching.as_mut().unwrap().preferred_batch_sizes = vec![8];
+        let e = f.resolve("m", &graph()).unwrap_err().to_string();
+        assert!(e.contains("max_batch_size (4)"), "{e}");
     }
 
     #[test]

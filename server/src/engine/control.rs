@@ -363,17 +363,16 @@ impl ModelControl {
             model: name.to_string(),
             reason,
         };
-        let entries =
-            match repository::scan_model(&self.repo, name, self.options.strict_model_config) {
-                Ok(e) => e,
-                Err(e) => {
-                    let mut tracked = self.tracked.lock();
-                    let t = tracked.entry(name.to_string()).or_default();
-                    t.attempted = Some(fp);
-                    t.failure = Some(e.to_string());
-                    return Err(failed(e.to_string()));
-                }
-            };
+        let entries = match repository::scan_model(&self.repo, name, &self.options) {
+            Ok(e) => e,
+            Err(e) => {
+                let mut tracked = self.tracked.lock();
+                let t = tracked.entry(name.to_string()).or_default();
+                t.attempted = Some(fp);
+                t.failure = Some(e.to_string());
+                return Err(failed(e.to_string()));
+            }
+        };
         let current = self.engine.models().get(name).cloned();
         let (mut keep, mut todo) = (BTreeMap::new(), Vec::new());
         {

@@ -86,6 +86,11 @@ pub struct EngineOptions {
     /// Refuse configs that leave inputs or outputs to the graph
     /// (Triton's `--strict-model-config`).
     pub strict_model_config: bool,
+    /// `max_batch_size` given to an ONNX model whose config.pbtxt (or
+    /// missing config) leaves it and its inputs or outputs to the graph,
+    /// where the graph can batch (Triton's `default-max-batch-size`); 0:
+    /// such models take no batch dimension.
+    pub default_max_batch_size: u32,
 }
 
 /// A request the engine has taken; `wait` for its answer.
@@ -183,7 +188,7 @@ impl Engine {
     /// `<repo>/<model>/<version>/model.onnx` with `<repo>/<model>/config.toml`.
     pub fn load(repository: &Path, options: &EngineOptions) -> Result<Self, LoadError> {
         let engine = Self::new();
-        for entry in repository::scan(repository, options.strict_model_config)? {
+        for entry in repository::scan(repository, options)? {
             let factory =
                 repository::factory_for(&entry, options).map_err(|source| LoadError::Backend {
                     model: entry.name.clone(),

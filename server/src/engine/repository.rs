@@ -40,11 +40,10 @@ fn repo_err(path: &Path, reason: impl Into<String>) -> LoadError {
 }
 
 /// Lists every model version of the repository, sorted by name and version.
-/// `strict`: every config must declare its inputs and outputs.
-pub fn scan(repo: &Path, strict: bool) -> Result<Vec<Entry>, LoadError> {
+pub fn scan(repo: &Path, options: &EngineOptions) -> Result<Vec<Entry>, LoadError> {
     let mut out = Vec::new();
     for name in list_models(repo)? {
-        out.extend(scan_model(repo, &name, strict)?);
+        out.extend(scan_model(repo, &name, options)?);
     }
     Ok(out)
 }
@@ -84,10 +83,18 @@ pub fn list_models(repo: &Path) -> Result<Vec<String>, LoadError> {
 
 /// The versions of one model, sorted. `name` must be one of
 /// [`list_models`]: it is joined to the repository path as it is.
-pub fn scan_model(repo: &Path, name: &str, strict: bool) -> Result<Vec<Entry>, LoadError> {
+/// `options.strict_model_config`: the config must declare its inputs and
+/// outputs; `options.default_max_batch_size`: what Triton's auto-complete
+/// would give a config.pbtxt (or no config) that leaves them to the graph.
+pub fn scan_model(
+    repo: &Path,
+    name: &str,
+    options: &EngineOptions,
+) -> Result<Vec<Entry>, LoadError> {
     let mdir = model_dir(repo, name);
-    let (config, text) = read_config(&mdir, name)?;
-    if strict && (config.input.is_empty() || config.output.is_empty()) {
+    let (mut config, text, source) = read_config(&mdir, name)?;
+    let leaves_io_to_graph = config.input.is_empty() || config.output.is_empty();
+    if options.strict_model_config && leaves_io_to_graph {
         return Err(repo_err(
             &mdir,
             "--strict-model-config: the config must declare every input and output (completion from the graph is off)",
@@ -101,6 +108,12 @@ pub fn scan_model(repo: &Path, name: &str, strict: bool) -> Result<Vec<Entry>, L
             "skipping a {TORCH_PLATFORM} model: this build lacks the `torch` feature"
         );
         return Ok(Vec::new());
+    }
+    // Triton auto-completes a config that leaves inputs or outputs to the
+    // graph, its batching included; shoal's own config.toml means what it
+    // says (no max_batch_size: no batch dimension).
+    if source != ConfigSource::Toml && leaves_io_to_graph {
+        config.triton_autocomplete = Some(options.default_max_batch_size);
     }
     let mut versions: Vec<(u64, PathBuf)> = std::fs::read_dir(&mdir)
         .map_err(|e| repo_err(&mdir, format!("cannot read: {e}")))?
@@ -170,10 +183,21 @@ pub fn scan_model(repo: &Path, name: &str, strict: bool) -> Result<Vec<Entry>, L
     Ok(out)
 }
 
+/// Which file a model's config came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfigSource {
+    Toml,
+    Pbtxt,
+    None,
+}
+
 /// A model directory's config: `config.toml` (shoal's), else
 /// `config.pbtxt` (Triton's), else none (completed from the graph). Also
 /// returns the text, whose hash stamps the versions.
-fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), LoadError> {
+fn read_config(
+    mdir: &Path,
+    name: &str,
+) -> Result<(ModelConfigFile, String, ConfigSource), LoadError> {
     let toml_path = mdir.join("config.toml");
     let pbtxt_path = mdir.join("config.pbtxt");
     let read =
@@ -188,7 +212,7 @@ fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), Loa
         let text = read(&toml_path)?;
         let mut config = ModelConfigFile::parse(name, &text)?;
         read_warmup_files(mdir, &mut config)?;
-        return Ok((config, text));
+        return Ok((config, text, ConfigSource::Toml));
     }
     if pbtxt_path.exists() {
         tracing::debug!(model = %name, file = %pbtxt_path.display(), "reading Triton's config.pbtxt");
@@ -199,9 +223,13 @@ fn read_config(mdir: &Path, name: &str) -> Result<(ModelConfigFile, String), Loa
         }
         let mut config = parsed.config;
         read_warmup_files(mdir, &mut config)?;
-        return Ok((config, text));
+        return Ok((config, text, ConfigSource::Pbtxt));
     }
-    Ok((ModelConfigFile::default(), String::new()))
+    Ok((
+        ModelConfigFile::default(),
+        String::new(),
+        ConfigSource::None,
+    ))
 }
 
 /// Reads the warm-up samples' data files from the model directory's
@@ -535,7 +563,7 @@ mod tests {
         std::fs::create_dir_all(m.join("1")).unwrap();
         std::fs::write(m.join("config.toml"), "platform = \"pytorch_libtorch\"\n").unwrap();
         std::fs::write(m.join("1/model.pt"), b"not torchscript").unwrap();
-        let entries = scan(dir.path(), false).unwrap();
+        let entries = scan(dir.path(), &EngineOptions::default()).unwrap();
         if cfg!(feature = "torch") {
             assert_eq!(entries.len(), 1);
             assert_eq!(entries[0].config.platform.as_deref(), Some(TORCH_PLATFORM));
@@ -544,7 +572,7 @@ mod tests {
         }
         // A model.pt without a platform is TorchScript too; without the feature it cannot load, and says why.
         std::fs::write(m.join("config.toml"), "").unwrap();
-        let entries = scan(dir.path(), false).unwrap();
+        let entries = scan(dir.path(), &EngineOptions::default()).unwrap();
         assert_eq!(entries[0].config.platform.as_deref(), Some(TORCH_PLATFORM));
         if !cfg!(feature = "torch") {
             let err = factory_for(&entries[0], &EngineOptions::default())
@@ -565,7 +593,7 @@ mod tests {
         std::fs::copy(&onnx, repo.join("flat/model.onnx")).unwrap();
         std::fs::create_dir_all(repo.join("versioned/3")).unwrap();
         std::fs::copy(&onnx, repo.join("versioned/3/model.onnx")).unwrap();
-        let entries = scan(&repo, false).unwrap();
+        let entries = scan(&repo, &EngineOptions::default()).unwrap();
         let got: Vec<(&str, u64)> = entries
             .iter()
             .map(|e| (e.name.as_str(), e.version))
@@ -578,7 +606,7 @@ mod tests {
         std::fs::create_dir_all(&single).unwrap();
         std::fs::copy(&onnx, single.join("model.onnx")).unwrap();
         assert_eq!(list_models(&single).unwrap(), ["mnist-classifier"]);
-        let entries = scan(&single, false).unwrap();
+        let entries = scan(&single, &EngineOptions::default()).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(
             (entries[0].name.as_str(), entries[0].version),
@@ -591,10 +619,57 @@ mod tests {
 
         // An empty model directory still says what it looked for.
         std::fs::create_dir_all(repo.join("empty")).unwrap();
-        let err = scan(&repo, false).unwrap_err().to_string();
+        let err = scan(&repo, &EngineOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("no model file") && err.contains("empty"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_configs_triton_would_auto_complete_are_marked_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = [
+            ("pbtxt_bare", Some(("config.pbtxt", "backend: \"onnxruntime\"\n")), Some(4)),
+            ("no_config", None, Some(4)),
+            (
+                "pbtxt_inputs_only",
+                Some(("config.pbtxt", "input [ { name: \"input\" data_type: TYPE_FP32 dims: [ 784 ] } ]\n")),
+                Some(4),
+            ),
+            ("pbtxt_sized", Some(("config.pbtxt", "max_batch_size: 2\n")), Some(4)),
+            (
+                "pbtxt_listed",
+                Some((
+                    "config.pbtxt",
+                    "input [ { name: \"input\" data_type: TYPE_FP32 dims: [ -1, 784 ] } ]\noutput [ { name: \"output\" data_type: TYPE_FP32 dims: [ -1, 10 ] } ]\n",
+                )),
+                None,
+            ),
+            ("toml_empty", Some(("config.toml", "")), None),
+        ];
+        for (name, file, _) in &models {
+            let m = dir.path().join(name);
+            std::fs::create_dir_all(m.join("1")).unwrap();
+            std::fs::write(m.join("1/model.onnx"), b"not read by the scan").unwrap();
+            if let Some((f, text)) = file {
+                std::fs::write(m.join(f), text).unwrap();
+            }
+        }
+        let options = EngineOptions {
+            default_max_batch_size: 4,
+            ..Default::default()
+        };
+        let entries = scan(dir.path(), &options).unwrap();
+        for (name, _, want) in models {
+            let e = entries.iter().find(|e| e.name == name).unwrap();
+            assert_eq!(e.config.triton_autocomplete, want, "{name}");
+        }
+        // The flag's default: auto-completed, with no size to fill in.
+        let entries = scan(dir.path(), &EngineOptions::default()).unwrap();
+        let bare = entries.iter().find(|e| e.name == "no_config").unwrap();
+        assert_eq!(bare.config.triton_autocomplete, Some(0));
     }
 }

@@ -68,7 +68,6 @@ pub async fn post_json(
         .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
-/// A REST inference request of `input` (rows of 784) for the FFNN.
 /// A gRPC ModelInfer request for the FFNN with `input` as raw contents
 /// (rows of 784).
 pub fn ffnn_grpc_request(input: &[f32]) -> shoal_proto::ModelInferRequest {
@@ -85,6 +84,7 @@ pub fn ffnn_grpc_request(input: &[f32]) -> shoal_proto::ModelInferRequest {
     }
 }
 
+/// A REST inference request of `input` (rows of 784) for the FFNN.
 pub fn ffnn_infer_body(input: &[f32]) -> serde_json::Value {
     serde_json::json!({"inputs": [{"name": "input", "shape": [input.len() / 784, 784], "datatype": "FP32", "data": input}]})
 }
