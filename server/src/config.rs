@@ -43,6 +43,17 @@ pub struct Args {
     #[arg(long, env = "SHOAL_DEFAULT_MAX_BATCH_SIZE", default_value_t = 0)]
     pub default_max_batch_size: u32,
 
+    /// As Triton's: `[BACKEND,]SETTING=VALUE` (repeat, or separate with
+    /// `;` in the variable). shoal reads `default-max-batch-size`, global
+    /// or for `onnxruntime` (which wins, as in Triton), over the flag
+    /// above; other settings and backends are ignored with a warning.
+    #[arg(
+        long = "backend-config",
+        env = "SHOAL_BACKEND_CONFIG",
+        value_delimiter = ';'
+    )]
+    pub backend_config: Vec<String>,
+
     /// Also export Triton's names (nv_inference_request_success, ...) for the
     /// series both have, so dashboards built for Triton work unchanged.
     #[arg(long, env = "SHOAL_METRICS_TRITON_NAMES", default_value_t = false,
@@ -242,6 +253,49 @@ impl Args {
         }
     }
 
+    /// `default-max-batch-size` as Triton resolves it: `--backend-config`
+    /// for `onnxruntime`, else its global one, else the older flag. Also
+    /// returns what was ignored, to be logged; a malformed setting is an
+    /// error naming it.
+    pub fn default_max_batch_size(&self) -> Result<(u32, Vec<String>), String> {
+        const KEY: &str = "default-max-batch-size";
+        let (mut global, mut onnx, mut ignored) = (None, None, Vec::new());
+        for spec in &self.backend_config {
+            let bad = |why: &str| format!("--backend-config {spec:?}: {why}");
+            let (backend, setting) = match spec.split_once(',') {
+                Some((b, _)) if b.trim().is_empty() => return Err(bad("empty backend name")),
+                Some((b, s)) => (Some(b.trim()), s),
+                None => (None, spec.as_str()),
+            };
+            let (key, value) = setting
+                .split_once('=')
+                .ok_or_else(|| bad("expected [BACKEND,]SETTING=VALUE"))?;
+            let (key, value) = (key.trim(), value.trim());
+            if key.is_empty() || value.is_empty() {
+                return Err(bad("expected [BACKEND,]SETTING=VALUE"));
+            }
+            let slot = match (backend, key) {
+                (None, KEY) => &mut global,
+                (Some("onnxruntime"), KEY) => &mut onnx,
+                _ => {
+                    ignored.push(format!(
+                        "--backend-config {spec:?} is ignored: shoal reads only {KEY}, global or for onnxruntime"
+                    ));
+                    continue;
+                }
+            };
+            *slot = Some(
+                value
+                    .parse::<u32>()
+                    .map_err(|_| bad(&format!("{KEY} must be a whole number >= 0")))?,
+            );
+        }
+        Ok((
+            onnx.or(global).unwrap_or(self.default_max_batch_size),
+            ignored,
+        ))
+    }
+
     /// The TLS files, when TLS is on.
     pub fn tls(&self) -> Option<crate::listen::TlsFiles> {
         Some(crate::listen::TlsFiles {
@@ -249,5 +303,52 @@ impl Args {
             key: self.tls_key.clone()?,
             client_ca: self.tls_client_ca.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["shoal", "--model-repository", "r"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn default_max_batch_size_resolves_as_tritons_backend_config() {
+        let get = |extra: &[&str]| args(extra).default_max_batch_size();
+        assert_eq!(get(&[]).unwrap(), (0, vec![]));
+        assert_eq!(get(&["--default-max-batch-size", "3"]).unwrap().0, 3);
+        // Global over the flag, onnxruntime's over the global, in any order.
+        let (n, ignored) = get(&[
+            "--default-max-batch-size=3",
+            "--backend-config=onnxruntime,default-max-batch-size=8",
+            "--backend-config=default-max-batch-size=5",
+            "--backend-config=tensorflow,default-max-batch-size=7",
+            "--backend-config=onnxruntime,enable-global-threadpool=1",
+        ])
+        .unwrap();
+        assert_eq!(n, 8);
+        assert_eq!(ignored.len(), 2, "{ignored:?}");
+        assert!(ignored[0].contains("tensorflow"), "{ignored:?}");
+        let (n, _) = get(&[
+            "--default-max-batch-size=3",
+            "--backend-config=default-max-batch-size=5",
+        ])
+        .unwrap();
+        assert_eq!(n, 5);
+        // Triton's malformed forms are refused, naming the setting.
+        for bad in [
+            ",default-max-batch-size=3",
+            "default-max-batch-size=",
+            "default-max-batch-size",
+            "onnxruntime,default-max-batch-size=-1",
+            "default-max-batch-size=four",
+        ] {
+            let e = get(&["--backend-config", bad]).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
     }
 }

@@ -93,10 +93,15 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, S
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let prom = admin::install_recorder().map_err(ServeError::Metrics)?;
     crate::gpu::spawn_metrics(std::time::Duration::from_secs(5));
+    let (default_max_batch_size, ignored) =
+        args.default_max_batch_size().map_err(ServeError::Config)?;
+    for i in ignored {
+        tracing::warn!("{i}");
+    }
     let options = EngineOptions {
         ort_library: args.ort_library.clone(),
         strict_model_config: args.strict_model_config,
-        default_max_batch_size: args.default_max_batch_size,
+        default_max_batch_size,
     };
     let repo = args.model_repository.clone();
     let mode = args.model_control_mode;

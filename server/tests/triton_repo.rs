@@ -365,6 +365,16 @@ fn a_broken_config_pbtxt_stops_the_default_startup_naming_file_and_line() {
         err.contains("syntax/config.pbtxt: line 3, column"),
         "the error names the file and line: {err}"
     );
+    // A malformed Triton backend setting stops startup, naming it.
+    let err = common::failed_start(&[
+        std::ffi::OsStr::new("--model-store"),
+        repo.path().as_os_str(),
+        std::ffi::OsStr::new("--backend-config=onnxruntime,default-max-batch-size=-1"),
+    ]);
+    assert!(
+        err.contains("\"onnxruntime,default-max-batch-size=-1\""),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -635,7 +645,7 @@ model_warmup [
     );
 }
 
-/// `--default-max-batch-size`: where Triton's onnxruntime backend would
+/// `default-max-batch-size`: where Triton's onnxruntime backend would
 /// auto-complete a config (a config.pbtxt that leaves the inputs or outputs
 /// to the graph, or no config at all) and the graph can batch, the model
 /// gets that max_batch_size and, with no scheduler named, the dynamic
@@ -657,7 +667,18 @@ async fn default_max_batch_size_autofills_where_triton_would() {
         "input [ { name: \"input\" data_type: TYPE_FP32 dims: [ -1, 784 ] } ]\noutput [ { name: \"output\" data_type: TYPE_FP32 dims: [ -1, 10 ] } ]\n",
     );
     config(r, "native", "config.toml", "");
-    let s = common::Captured::start(r, &["--default-max-batch-size", "4"], &[]);
+    // A Triton command line: the backend's setting wins over the older
+    // flag, and another backend's setting is ignored, saying so.
+    let s = common::Captured::start(
+        r,
+        &[
+            "--default-max-batch-size",
+            "2",
+            "--backend-config=onnxruntime,default-max-batch-size=4",
+            "--backend-config=tensorflow,version=2",
+        ],
+        &[],
+    );
     let c = reqwest::Client::new();
 
     for (model, mbs, batcher) in [
@@ -749,5 +770,9 @@ async fn default_max_batch_size_autofills_where_triton_would() {
         log.lines()
             .any(|l| l.contains("autofilled max_batch_size") && l.contains("noconf")),
         "the autofill is not said in the log:\n{log}"
+    );
+    assert!(
+        log.contains("\"tensorflow,version=2\" is ignored"),
+        "an ignored backend setting is not said:\n{log}"
     );
 }
