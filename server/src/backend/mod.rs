@@ -24,6 +24,13 @@ pub struct TensorSpec {
     pub shape: Vec<i64>,
 }
 
+impl TensorSpec {
+    /// True when dim 0 is dynamic, so it can be the batch dimension.
+    pub fn has_dynamic_first_dim(&self) -> bool {
+        self.shape.first().is_some_and(|&d| d < 0)
+    }
+}
+
 /// The typed I/O signature a backend reads from its model file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Signature {

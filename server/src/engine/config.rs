@@ -594,32 +594,40 @@ impl ModelConfigFile {
                 .inputs
                 .iter()
                 .chain(&graph.outputs)
-                .all(|t| t.shape.first().is_some_and(|&d| d < 0));
+                .all(TensorSpec::has_dynamic_first_dim);
         if !onnx || !can_batch {
             return None;
         }
-        let mut c = self.clone();
-        c.triton_autocomplete = None;
-        if c.max_batch_size == 0 && default_max_batch_size > 0 {
-            tracing::warn!(
-                model,
-                max_batch_size = default_max_batch_size,
-                "autofilled max_batch_size from --default-max-batch-size: the graph can batch and the config sets none (write max_batch_size to choose another)"
-            );
-            c.max_batch_size = default_max_batch_size;
-        }
+        let max_batch_size = match self.max_batch_size {
+            0 => default_max_batch_size,
+            written => written,
+        };
         let scheduler_named =
-            c.dynamic_batching.is_some() || c.sequence || !c.sequence_control.is_empty();
+            self.dynamic_batching.is_some() || self.sequence || !self.sequence_control.is_empty();
         // config.pbtxt without a scheduler reads as `batching = "none"`
         // (Triton's default scheduler); auto-completion names the dynamic one.
-        c.batching = if c.max_batch_size > 1 && !scheduler_named {
-            None
-        } else if c.max_batch_size > 0 && !scheduler_named {
-            Some("none".into())
-        } else {
-            c.batching
+        let batching = match max_batch_size {
+            _ if scheduler_named => self.batching.clone(),
+            0 => self.batching.clone(),
+            1 => Some("none".into()),
+            _ => None,
         };
-        Some(c)
+        if max_batch_size == self.max_batch_size && batching == self.batching {
+            return None;
+        }
+        if max_batch_size != self.max_batch_size {
+            tracing::warn!(
+                model,
+                max_batch_size,
+                "autofilled max_batch_size from --default-max-batch-size: the graph can batch and the config sets none (write max_batch_size to choose another)"
+            );
+        }
+        Some(Self {
+            max_batch_size,
+            batching,
+            triton_autocomplete: None,
+            ..self.clone()
+        })
     }
 
     /// [`Self::resolve`] of the file as it stands.
@@ -1226,13 +1234,13 @@ fn resolve_io(
         if max_batch_size == 0 {
             return Ok(spec.shape.clone());
         }
-        match spec.shape.first() {
-            Some(&d) if d < 0 => Ok(spec.shape[1..].to_vec()),
-            _ => Err(err(format!(
+        if !spec.has_dynamic_first_dim() {
+            return Err(err(format!(
                 "{kind} {} has shape {:?}: max_batch_size > 0 needs a dynamic first dimension",
                 spec.name, spec.shape
-            ))),
+            )));
         }
+        Ok(spec.shape[1..].to_vec())
     };
     if configured.is_empty() {
         return graph
