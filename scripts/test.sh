@@ -21,10 +21,9 @@ step() { echo; echo "== test.sh [$((SECONDS - start)) s]: $*"; }
 
 step "setup (tests, Kafka broker, libtorch; each once per machine)"
 scripts/setup.sh --tests
-step "format and Helm checks"
+step "format"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
-scripts/helm_check.sh
 [ -d "$TARGET/debug" ] \
   || step "first build of the workspace: about 15 minutes on 2 cores (later runs reuse it)"
 step "clippy"
@@ -34,6 +33,8 @@ cargo test --workspace
 step "tritonclient conformance"
 cargo build -p shoal --bin shoal
 SHOAL_BIN="$TARGET/debug/shoal" "$SHOAL_HOME/venv/bin/python" -m pytest tests/conformance -q -p no:cacheprovider
+step "Helm checks (the chart's Kafka flags run through the binary just built)"
+SHOAL_BIN="$TARGET/debug/shoal" scripts/helm_check.sh
 step "fuzz: every libFuzzer target 20 s (first time: a 4-minute instrumented build)"
 scripts/fuzz.sh 20
 if [ "${SHOAL_SKIP_TORCH:-0}" = 1 ]; then

@@ -9,6 +9,7 @@ against the pod, shared memory and sockets between a sidecar and its app.
 import json
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -463,6 +464,141 @@ def test_kafka_consumer_example():
     assert render(EXAMPLE, sets=["consumer.replicas=2"])["Deployment"]["spec"]["replicas"] == 2
 
 
+# --- Kafka-native serving --------------------------------------------------------------
+
+KAFKA_VALUES = {
+    "brokers": "kafka-0.kafka:9092,kafka-1.kafka:9092",
+    "inputTopic": "transactions",
+    "outputTopic": "scores",
+    "errorTopic": "scores-dlq",
+    "stateTopic": "fraud-state",
+    "groupId": "fraud",
+    "model": "ffnn:1",
+    "inputFormat": "raw",
+    "maxInFlight": 256,
+}
+
+
+def kafka_sets(values=KAFKA_VALUES, properties=(), secret=None):
+    # --set splits on commas: the broker list's are escaped
+    sets = [f"kafka.{k}={str(v).replace(',', chr(92) + ',')}" for k, v in values.items()]
+    sets += [f"kafka.properties[{i}]={p}" for i, p in enumerate(properties)]
+    if secret:
+        sets += [f"kafka.propertiesSecret.name={secret[0]}", f"kafka.propertiesSecret.key={secret[1]}"]
+    return sets
+
+
+def kubelet_env(container, secrets=None):
+    """The container's environment as the kubelet builds it: in order, each literal value
+    with $(VAR) replaced by a variable defined before it (left as written otherwise) and $$
+    read as $; a secretKeyRef's value from `secrets`, keyed by (secret, key)."""
+    env = {}
+
+    def expand(m):
+        return "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0))
+
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", expand, e["value"])
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[(ref["name"], ref["key"])]
+    return env
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL_RENDERS) - {"full"}))
+def test_kafka_native_serving_is_off_unless_asked(name):
+    c = shoal_container(pod(ALL_RENDERS[name]()))
+    assert not [a for a in c["args"] if a.startswith("--kafka")]
+    assert not [e for e in c.get("env", []) if "KAFKA" in e["name"]]
+
+
+def test_kafka_values_become_shoal_flags():
+    f = flags(shoal_container(pod(render(sets=kafka_sets()))))
+    assert {k: v for k, v in f.items() if k.startswith("--kafka")} == {
+        "--kafka-brokers": "kafka-0.kafka:9092,kafka-1.kafka:9092",
+        "--kafka-input-topic": "transactions",
+        "--kafka-output-topic": "scores",
+        "--kafka-error-topic": "scores-dlq",
+        "--kafka-state-topic": "fraud-state",
+        "--kafka-group-id": "fraud",
+        "--kafka-model": "ffnn:1",
+        "--kafka-input-format": "raw",
+        "--kafka-max-in-flight": "256",
+    }
+    # only what is set: the rest is left to shoal's defaults
+    minimal = {k: KAFKA_VALUES[k] for k in ("brokers", "inputTopic", "outputTopic")}
+    f = flags(shoal_container(pod(render(sets=kafka_sets(minimal)))))
+    assert sorted(k for k in f if k.startswith("--kafka")) == [
+        "--kafka-brokers", "--kafka-input-topic", "--kafka-output-topic"]
+    # the flags live in the shoal container, so a sidecar consumes too
+    c = shoal_container(pod(render(values=[SIDECAR_VALUES], sets=kafka_sets(minimal))))
+    assert flags(c)["--kafka-input-topic"] == "transactions"
+
+
+def test_kafka_properties_reach_shoal_as_written_with_the_secrets_from_the_secret():
+    props = ["security.protocol=SASL_SSL", "sasl.mechanism=SCRAM-SHA-512", "client.id=a$b$(HOME)"]
+    secrets = {("kafka-creds", "properties"): "sasl.username=scorer;sasl.password=p$(x)"}
+    c = shoal_container(pod(render(sets=kafka_sets(properties=props, secret=("kafka-creds", "properties")))))
+    assert "--kafka-property" not in flags(c)  # clap would then ignore the variable
+    # the Secret's value is never in the pod spec, only a reference to it
+    assert "scorer" not in json.dumps(c)
+    env = kubelet_env(c, secrets)
+    assert env["SHOAL_KAFKA_PROPERTIES"].split(";") == props + [
+        "sasl.username=scorer", "sasl.password=p$(x)"]
+    # literal properties alone, or the Secret alone
+    env = kubelet_env(shoal_container(pod(render(sets=kafka_sets(properties=props)))))
+    assert env == {"SHOAL_KAFKA_PROPERTIES": ";".join(props)}
+    c = shoal_container(pod(render(sets=kafka_sets(secret=("kafka-creds", "properties")))))
+    assert kubelet_env(c, secrets)["SHOAL_KAFKA_PROPERTIES"] == secrets[("kafka-creds", "properties")]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rendered_shoal(container, secrets, tmp_path):
+    """Runs the real shoal (SHOAL_BIN) with a rendered container's args and environment, the
+    model repository swapped for the FFNN alone and the ports for port 0 on loopback."""
+    binary = os.environ.get("SHOAL_BIN")
+    if not binary:
+        pytest.skip("SHOAL_BIN names no shoal binary (scripts/test.sh sets it)")
+    assert os.access(binary, os.X_OK), binary
+    repo = tmp_path / "models"
+    if not repo.exists():
+        (repo / "ffnn").mkdir(parents=True)
+        (repo / "ffnn" / "1").symlink_to(ROOT / "model_repository" / "ffnn" / "1")
+        (repo / "ffnn" / "config.toml").write_text("")
+    swap = {"--model-repository": str(repo), "--bind": "127.0.0.1",
+            "--http-port": "0", "--grpc-port": "0", "--metrics-port": "0"}
+    args = []
+    for a in container["args"]:
+        name = a.partition("=")[0]
+        args.append(f"{name}={swap[name]}" if name in swap else a)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") or k == "SHOAL_HOME"}
+    env.update(kubelet_env(container, secrets))
+    return subprocess.run([binary, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_rendered_kafka_flags_and_properties_are_what_the_real_shoal_takes(tmp_path):
+    """shoal parses every rendered flag, accepts the Kafka configuration, loads the model
+    the flags name and hands the properties to librdkafka; the broker, a port nobody
+    listens on, is the first thing it cannot use."""
+    port = free_port()
+    values = dict(KAFKA_VALUES, brokers=f"127.0.0.1:{port}", model="ffnn", inputFormat="kserve")
+    secret = ("kafka-creds", "properties")
+    c = shoal_container(pod(render(sets=kafka_sets(values, ["client.id=chart$test"], secret))))
+    out = run_rendered_shoal(c, {secret: "socket.timeout.ms=2000;reconnect.backoff.ms=50"}, tmp_path)
+    assert out.returncode != 0
+    assert f"kafka at 127.0.0.1:{port}: no broker answered" in out.stderr, out.stderr
+    # a property librdkafka does not know, from the Secret, stops it before any broker
+    out = run_rendered_shoal(c, {secret: "no.such.property=1"}, tmp_path)
+    assert out.returncode != 0
+    assert "no.such.property" in out.stderr and "no broker answered" not in out.stderr, out.stderr
+
+
 # --- Grafana dashboard -----------------------------------------------------------------
 
 DASHBOARD_FILE = CHART / "dashboards" / "shoal.json"
@@ -591,6 +727,23 @@ def test_dashboard_metric_names_are_in_the_server_source():
     (["sidecar.app=null"], [SIDECAR_VALUES], "sidecar.app"),
     (["serviceMonitor.enabled=true"], [SIDECAR_VALUES], "a sidecar has no Service to monitor"),
     (["sidecar.app.ports[0].containerPort=8001"], [SIDECAR_VALUES], "8001 is also one of shoal's ports"),
+    # Kafka-native serving: what shoal would refuse at startup, refused at render time
+    (["kafka.inputTopic=in"], [], "kafka.inputTopic needs kafka.brokers"),
+    (["kafka.properties[0]=a=b"], [], "kafka.properties and kafka.propertiesSecret need kafka.brokers"),
+    (["kafka.brokers=k:9092", "kafka.inputTopic=in"], [], "needs kafka.inputTopic and kafka.outputTopic"),
+    (["kafka.brokers=k:9092", "kafka.inputTopic=t", "kafka.outputTopic=t"], [],
+     "kafka.outputTopic must differ from kafka.inputTopic (t)"),
+    (["kafka.brokers=k:9092", "kafka.inputTopic=in", "kafka.outputTopic=out", "kafka.errorTopic=e",
+      "kafka.stateTopic=e"], [], "kafka.stateTopic (e) must be a topic of its own"),
+    (kafka_sets(secret=("creds", "")), [], "kafka.propertiesSecret needs both name and key"),
+    (kafka_sets() + ["extraArgs={--kafka-group-id=other}"], [], "extraArgs: --kafka-group-id is set by the chart"),
+    (kafka_sets(properties=["a=b"]) + ["extraArgs={--kafka-property=c=d}"], [],
+     "extraArgs: --kafka-property is set by the chart"),
+    (kafka_sets() + ["env[0].name=SHOAL_KAFKA_MODEL", "env[0].value=x"], [],
+     "env: SHOAL_KAFKA_MODEL is set by the chart's kafka values"),
+    (kafka_sets() + ["kafka.maxInFlight=0"], [], "kafka.maxInFlight: Must be greater than or equal to 1"),
+    (kafka_sets() + ["kafka.inputFormat=json"], [], "kafka.inputFormat: kafka.inputFormat must be one of"),
+    (kafka_sets(properties=["sasl.password"]), [], "Does not match pattern"),
 ])
 def test_bad_values_fail_with_a_reason(sets, values, message):
     assert message in render_error(sets, values)
@@ -599,3 +752,11 @@ def test_bad_values_fail_with_a_reason(sets, values, message):
 def test_extra_args_that_merely_start_like_a_managed_flag_pass():
     f = flags(shoal_container(pod(render(sets=["extraArgs={--bind-something=1}"]))))
     assert f["--bind-something"] == "1"
+
+
+def test_kafka_flags_the_chart_does_not_set_may_come_from_extra_args_and_env():
+    minimal = {k: KAFKA_VALUES[k] for k in ("brokers", "inputTopic", "outputTopic")}
+    c = shoal_container(pod(render(sets=kafka_sets(minimal) + [
+        "extraArgs={--kafka-group-id=g}", "env[0].name=SHOAL_KAFKA_MAX_IN_FLIGHT", "env[0].value=sixty"])))
+    assert flags(c)["--kafka-group-id"] == "g"
+    assert kubelet_env(c)["SHOAL_KAFKA_MAX_IN_FLIGHT"] == "sixty"

@@ -80,6 +80,23 @@ for a wildcard bind, brackets around an IPv6 address.
 {{- end }}
 {{- end }}
 
+{{/*
+Kafka-native serving's flags: [value under kafka, flag, the variable clap also reads it from].
+The args and the checks both walk this table. Properties are not in it: they go to
+SHOAL_KAFKA_PROPERTIES (shoal.kafkaEnv), so a Secret can hold some of them.
+*/}}
+{{- define "shoal.kafkaFlags" -}}
+- [brokers, --kafka-brokers, SHOAL_KAFKA_BROKERS]
+- [inputTopic, --kafka-input-topic, SHOAL_KAFKA_INPUT_TOPIC]
+- [outputTopic, --kafka-output-topic, SHOAL_KAFKA_OUTPUT_TOPIC]
+- [errorTopic, --kafka-error-topic, SHOAL_KAFKA_ERROR_TOPIC]
+- [stateTopic, --kafka-state-topic, SHOAL_KAFKA_STATE_TOPIC]
+- [groupId, --kafka-group-id, SHOAL_KAFKA_GROUP_ID]
+- [model, --kafka-model, SHOAL_KAFKA_MODEL]
+- [inputFormat, --kafka-input-format, SHOAL_KAFKA_INPUT_FORMAT]
+- [maxInFlight, --kafka-max-in-flight, SHOAL_KAFKA_MAX_IN_FLIGHT]
+{{- end }}
+
 {{/* Fails on settings that would give a pod that cannot start, with the reason. */}}
 {{- define "shoal.validate" -}}
 {{- $v := .values -}}
@@ -87,6 +104,46 @@ for a wildcard bind, brackets around an IPv6 address.
 {{- if $v.modelControlMode }}{{ $managed = append $managed "--model-control-mode" }}{{ end -}}
 {{- if $v.grpcUds }}{{ $managed = append $managed "--grpc-uds" }}{{ end -}}
 {{- if $v.httpUds }}{{ $managed = append $managed "--http-uds" }}{{ end -}}
+{{- $k := $v.kafka | default dict -}}
+{{- $secret := $k.propertiesSecret | default dict -}}
+{{- $chartEnv := list -}}
+{{- range $row := include "shoal.kafkaFlags" . | fromYamlArray }}
+{{- if get $k (index $row 0) }}
+{{- if not $k.brokers }}
+{{- fail (printf "kafka.%s needs kafka.brokers: shoal refuses --kafka-* flags without --kafka-brokers" (index $row 0)) }}
+{{- end }}
+{{- $managed = append $managed (index $row 1) }}
+{{- $chartEnv = append $chartEnv (index $row 2) }}
+{{- end }}
+{{- end }}
+{{- if or $k.properties $secret.name $secret.key }}
+{{- if not $k.brokers }}
+{{- fail "kafka.properties and kafka.propertiesSecret need kafka.brokers" }}
+{{- end }}
+{{- if ne (empty $secret.name) (empty $secret.key) }}
+{{- fail "kafka.propertiesSecret needs both name and key" }}
+{{- end }}
+{{- if $secret.name }}{{ $chartEnv = append $chartEnv "KAFKA_PROPERTIES_FROM_SECRET" }}{{ end }}
+{{- /* clap reads SHOAL_KAFKA_PROPERTIES only when no --kafka-property is given */}}
+{{- $managed = append $managed "--kafka-property" }}
+{{- $chartEnv = append $chartEnv "SHOAL_KAFKA_PROPERTIES" }}
+{{- end }}
+{{- if $k.brokers }}
+{{- if not (and $k.inputTopic $k.outputTopic) }}
+{{- fail "kafka.brokers needs kafka.inputTopic and kafka.outputTopic" }}
+{{- end }}
+{{- if eq $k.inputTopic $k.outputTopic }}
+{{- fail (printf "kafka.outputTopic must differ from kafka.inputTopic (%s): answers would be read back as requests" $k.inputTopic) }}
+{{- end }}
+{{- if and $k.stateTopic (has $k.stateTopic (list $k.inputTopic $k.outputTopic $k.errorTopic)) }}
+{{- fail (printf "kafka.stateTopic (%s) must be a topic of its own, not the input, output or error topic" $k.stateTopic) }}
+{{- end }}
+{{- end }}
+{{- range $e := $v.env }}
+{{- if has $e.name $chartEnv }}
+{{- fail (printf "env: %s is set by the chart's kafka values; set it there instead" $e.name) }}
+{{- end }}
+{{- end -}}
 {{- range $arg := $v.extraArgs }}
 {{- range $flag := $managed }}
 {{- if or (eq (toString $arg) $flag) (hasPrefix (printf "%s=" $flag) (toString $arg)) }}
@@ -135,9 +192,40 @@ for a wildcard bind, brackets around an IPv6 address.
 {{- with $v.httpUds }}
 - {{ printf "--http-uds=%s" . | quote }}
 {{- end }}
+{{- $k := $v.kafka | default dict }}
+{{- if $k.brokers }}
+{{- range $row := include "shoal.kafkaFlags" . | fromYamlArray }}
+{{- with get $k (index $row 0) }}
+- {{ printf "%s=%v" (index $row 1) . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $v.extraArgs }}
 - {{ toString . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+SHOAL_KAFKA_PROPERTIES: kafka.properties joined with ";" (each "$" doubled, so the kubelet's
+$(VAR) expansion leaves them as written), then the propertiesSecret's KEY=VALUE list, which
+the kubelet reads from the Secret and expands into the same variable.
+*/}}
+{{- define "shoal.kafkaEnv" -}}
+{{- $k := .values.kafka | default dict -}}
+{{- $secret := $k.propertiesSecret | default dict -}}
+{{- $literal := join ";" ($k.properties | default list) | replace "$" "$$" -}}
+{{- if and $k.brokers $secret.name -}}
+- name: KAFKA_PROPERTIES_FROM_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret.name | quote }}
+      key: {{ $secret.key | quote }}
+- name: SHOAL_KAFKA_PROPERTIES
+  value: {{ printf "%s$(KAFKA_PROPERTIES_FROM_SECRET)" (ternary (printf "%s;" $literal) "" (ne $literal "")) | quote }}
+{{- else if and $k.brokers $literal -}}
+- name: SHOAL_KAFKA_PROPERTIES
+  value: {{ $literal | quote }}
+{{- end -}}
 {{- end }}
 
 {{/* The socket directory is mounted when a sidecar or a Unix socket needs it. */}}
@@ -199,9 +287,15 @@ failureThreshold: {{ .cfg.failureThreshold }}
     - name: metrics
       containerPort: {{ int $v.ports.metrics }}
       protocol: TCP
-  {{- with $v.env }}
+  {{- $kafkaEnv := include "shoal.kafkaEnv" . }}
+  {{- if or $kafkaEnv $v.env }}
   env:
+    {{- with $kafkaEnv }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with $v.env }}
     {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   {{- with $v.envFrom }}
   envFrom:
