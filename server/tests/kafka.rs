@@ -813,6 +813,46 @@ async fn with_a_state_topic_keys_keep_their_state_wherever_their_partition_moves
     common::promtool_check(&a);
 }
 
+#[tokio::test]
+async fn with_a_state_topic_a_key_idle_past_its_timeout_is_expired_not_restored() {
+    let broker = Broker::start();
+    let b = broker.addr.as_str();
+    create_topics(b, &[("in", 4), ("out", 1), ("state", 4)]).await;
+    let config = DECAY.replace("idle_timeout_s = 600", "idle_timeout_s = 2");
+    let repo = common::repo_of("decay", "decay", &config);
+    let args = with_state_topic(kafka_args(b, "in", "out"));
+    let (keys, p1, p2) = (50, 5, 10);
+    let first = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&first, 4.0).await;
+    produce(b, "in", &json_records(keys, 0, p1));
+    consume(b, "out", keys * p1, Duration::from_secs(120));
+    assert_eq!(first.stop(), Some(0));
+    // Every key's snapshot is now older than its model's idle timeout: in
+    // a process that had held the keys all along they would have expired.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = Server::start_with_repo(repo.path(), &args);
+    wait_assigned(&second, 4.0).await;
+    produce(b, "in", &json_records(keys, p1, p2));
+    let out = consume(b, "out", keys * p2, Duration::from_secs(120));
+    let m = metrics_of(&second).await;
+    assert_eq!(second.stop(), Some(0));
+    let answers = answered_once(&out);
+    assert_eq!(answers.len(), keys * p2, "every input answered once");
+    for (p, k, i, y) in answers {
+        let from = if i < p1 { 0 } else { p1 };
+        assert_eq!(y, fold(k, from, i), "key {k} event {i} on partition {p}");
+    }
+    let restored = |outcome: &str| {
+        metric(
+            &m,
+            &format!("shoal_kafka_state_restored_keys_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(restored("expired"), keys as f64, "{m}");
+    assert_eq!(restored("restored"), 0.0, "{m}");
+    assert_eq!(metric(&m, "shoal_kafka_state_replays_skipped_total"), 0.0);
+}
+
 /// Starts a process on `in` (static member `shoal-0`), kills it with
 /// SIGKILL once it has scored 2,000 of `keys × per_key` events, and starts
 /// it again. Returns every answer, once each input has at least one, and

@@ -24,7 +24,7 @@ pub mod warmup;
 
 pub use config::{ModelConfig, ModelConfigFile};
 pub use error::{EngineError, ErrorKind};
-pub use model::{LoadError, ModelVersion};
+pub use model::{LoadError, ModelVersion, Restored};
 pub use request::{InferRequest, InferResponse, Param};
 
 use crate::backend::BackendFactory;

@@ -18,7 +18,7 @@ use crate::tensor::{count_bytes_elements, element_count, scalar_bytes, DataType,
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// What the replicas of one version share.
@@ -103,6 +103,17 @@ impl Holds {
             && self.level_queued.iter().all(|&n| n == 0)
             && self.loads.iter().all(|&n| n == 0)
     }
+}
+
+/// What [`ModelVersion::restore_state`] did with a key's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restored {
+    /// The key holds it.
+    Installed,
+    /// The key had been idle for the model's `idle_timeout` or longer: it
+    /// is expired, as it would be in a process that had held it all along,
+    /// and its next request starts afresh.
+    Expired,
 }
 
 /// One loaded version of a model.
@@ -373,8 +384,17 @@ impl ModelVersion {
     /// Makes `state` the state of the key a request with correlation key
     /// `key` has (after the model's regex), on the replica that key routes
     /// to: a restore from a snapshot, while the key has nothing in flight.
-    /// A state that does not fit this model's state and window is refused.
-    pub fn restore_state(&self, key: &str, state: KeyState) -> Result<(), EngineError> {
+    /// `idle_for` is how long ago the key's last request was (its snapshot's
+    /// age): the key expires as if this process had held it all along, so a
+    /// key idle past `idle_timeout` is not installed at all, and one that is
+    /// not expires that much sooner. A state that does not fit this model's
+    /// state and window is refused.
+    pub fn restore_state(
+        &self,
+        key: &str,
+        state: KeyState,
+        idle_for: Duration,
+    ) -> Result<Restored, EngineError> {
         let cfg = &self.core.config;
         let invalid = |why: String| {
             Err(EngineError::invalid(format!(
@@ -422,16 +442,22 @@ impl ModelVersion {
                 }
             }
         }
+        if idle_for >= cfg.keyed_limits.idle_timeout {
+            return Ok(Restored::Expired);
+        }
+        let now = Instant::now();
+        let last_used = now.checked_sub(idle_for).unwrap_or(now);
         let hash = key_hash(&k);
         self.core
             .keys
-            .restore(&k, state, Instant::now(), || self.route(Some(hash)))
+            .restore(&k, state, last_used, || self.route(Some(hash)))
             .map_err(|why| {
                 EngineError::Overloaded(format!(
                     "{}: the state of key {key:?} cannot be restored ({why:?})",
                     cfg.name
                 ))
-            })
+            })?;
+        Ok(Restored::Installed)
     }
 
     /// The replica a request with this key hash (or none) goes to. A key

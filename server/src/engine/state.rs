@@ -470,6 +470,25 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_dated_when_its_key_was_last_used_expires_from_then() {
+        // Snapshots 7 ms old of keys whose idle timeout is 10 ms (what
+        // `ModelVersion::restore_state` passes for a snapshot's age): they
+        // expire 3 ms after the restore, not 10.
+        let t = KeyTable::new(limits(100, 10), 1);
+        let restored_at = Instant::now() + Duration::from_secs(1);
+        let last_used = restored_at - Duration::from_millis(7);
+        let (a, b): (Key, Key) = ("a".into(), "b".into());
+        for k in [&a, &b] {
+            t.restore(k, KeyState::default(), last_used, || 0).unwrap();
+        }
+        let held = t.admit(&a, restored_at + Duration::from_millis(2), || 0);
+        assert_eq!(held.unwrap().number, 1, "ticket 0 was the restore's");
+        let expired = t.admit(&b, restored_at + Duration::from_millis(4), || 0);
+        assert_eq!(expired.unwrap().number, 0, "starts over");
+        assert_eq!(t.counters.expirations.load(Relaxed), 1);
+    }
+
+    #[test]
     fn idle_keys_expire() {
         let t = KeyTable::new(limits(100, 10), 1);
         let k: Key = "a".into();

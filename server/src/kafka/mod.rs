@@ -236,7 +236,7 @@ pub mod metric {
         );
         describe_counter!(
             RESTORED_KEYS,
-            "Key states restored from --kafka-state-topic when partitions were assigned, by outcome"
+            "Key states read from --kafka-state-topic when partitions were assigned, by outcome (restored; expired: idle past idle_timeout_s; refused)"
         );
         describe_histogram!(
             RESTORE_DURATION,

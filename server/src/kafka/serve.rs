@@ -16,7 +16,7 @@ use super::order::{KeyOrder, Turn};
 use super::snapshot::{self, Snapshot, StateKey};
 use super::{KafkaConfig, KafkaError};
 use crate::engine::state::KeyState;
-use crate::engine::{Engine, EngineError, InferResponse};
+use crate::engine::{Engine, EngineError, InferResponse, Restored};
 use crate::shm::SharedMemory;
 use bytes::Bytes;
 use metrics::Counter;
@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 /// How often finished prefixes are committed.
@@ -62,10 +62,9 @@ struct Shared {
     /// offset order (`--kafka-state-topic`): a snapshot never covers a
     /// message whose answer or error record could still be lost.
     state_order: KeyOrder,
-    /// Per assigned partition, the input offset each restored key's state
-    /// reflects, until the key's first message past it: messages up to it
-    /// are replays, answered before, and skipped.
-    restored: parking_lot::Mutex<HashMap<i32, HashMap<StateKey, i64>>>,
+    /// Per assigned partition, what the state topic held of each key, until
+    /// the key's first message past it.
+    restored: parking_lot::Mutex<HashMap<i32, HashMap<StateKey, Covered>>>,
     rt: tokio::runtime::Handle,
     /// How many messages may be in flight (`--kafka-max-in-flight` at
     /// most, fewer where a model's latency objective needs it).
@@ -194,10 +193,23 @@ fn commit(consumer: &BaseConsumer<GroupContext>, s: &Shared, only: Option<&[i32]
     }
 }
 
+/// What the state topic held of a key when its partition was assigned.
+#[derive(Debug, Clone, Copy)]
+struct Covered {
+    /// The input offset the key's snapshot reflects: messages up to it are
+    /// replays, answered before, and skipped.
+    offset: i64,
+    /// Whether its state was installed, or had expired (the key idle past
+    /// its model's `idle_timeout`), so that its next message starts afresh.
+    installed: bool,
+}
+
 /// Installs the keyed state of newly assigned partitions from the state
-/// topic and books, per key, the input offset it reflects. A state topic
-/// that cannot be read stops serving: scoring on without the state would
-/// answer wrongly, silently.
+/// topic and books, per key, the input offset it reflects. A key idle past
+/// its model's `idle_timeout` (its snapshot's age) is expired, as in a
+/// process that had held it all along, rather than brought back. A state
+/// topic that cannot be read stops serving: scoring on without the state
+/// would answer wrongly, silently.
 fn restore(s: &Shared, topic: &str, parts: &[i32]) {
     let t = Instant::now();
     let (found, unreadable) =
@@ -205,18 +217,31 @@ fn restore(s: &Shared, topic: &str, parts: &[i32]) {
             Ok(f) => f,
             Err(e) => return s.fail(e.to_string()),
         };
-    let (mut installed, mut refused) = (0u64, 0u64);
+    let (mut installed, mut expired, mut refused) = (0u64, 0u64, 0u64);
+    let now = SystemTime::now();
     let mut books = s.restored.lock();
-    for ((p, k), snap) in found {
-        let Snapshot { offset, state } = snap;
+    for ((p, k), stored) in found {
+        let idle_for = stored.idle_for(now);
+        let Snapshot { offset, state } = stored.snapshot;
         let done = s
             .engine
             .model(&k.model, Some(&k.version))
-            .and_then(|mv| mv.restore_state(&key_string(&k.key), state));
+            .and_then(|mv| mv.restore_state(&key_string(&k.key), state, idle_for));
         match done {
-            Ok(()) => {
-                installed += 1;
-                books.entry(p).or_default().insert(k, offset);
+            Ok(outcome) => {
+                let was_installed = outcome == Restored::Installed;
+                if was_installed {
+                    installed += 1;
+                } else {
+                    expired += 1;
+                }
+                books.entry(p).or_default().insert(
+                    k,
+                    Covered {
+                        offset,
+                        installed: was_installed,
+                    },
+                );
             }
             Err(e) => {
                 refused += 1;
@@ -231,10 +256,12 @@ fn restore(s: &Shared, topic: &str, parts: &[i32]) {
     let took = t.elapsed();
     metrics::histogram!(metric::RESTORE_DURATION).record(took.as_secs_f64());
     metrics::counter!(metric::RESTORED_KEYS, "outcome" => "restored").increment(installed);
+    metrics::counter!(metric::RESTORED_KEYS, "outcome" => "expired").increment(expired);
     metrics::counter!(metric::RESTORED_KEYS, "outcome" => "refused").increment(refused);
     tracing::info!(
         partitions = ?parts,
         keys = installed,
+        expired,
         refused,
         unreadable,
         "keyed state restored from {topic} in {took:?}"
@@ -576,7 +603,7 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
             let mut books = s.restored.lock();
             if let Some(keys) = books.get_mut(&origin.taken.partition) {
                 if let Some(&covered) = keys.get(&state_key) {
-                    if origin.taken.offset <= covered {
+                    if origin.taken.offset <= covered.offset {
                         // Scored and answered before the crash or move;
                         // the restored state already holds its effect.
                         drop(books);
@@ -585,7 +612,7 @@ fn take(s: &Arc<Shared>, m: &BorrowedMessage<'_>, rt: &tokio::runtime::Handle) {
                         return;
                     }
                     keys.remove(&state_key);
-                    restored = true;
+                    restored = covered.installed;
                 }
             }
             drop(books);

@@ -7,7 +7,9 @@
 //! that gains an input partition reads the state partition back, installs
 //! each key's newest state and skips the messages that state already covers
 //! (their answers are on the output topic). So a crash or a move neither
-//! resets a key nor applies one of its events twice.
+//! resets a key nor applies one of its events twice. A key whose snapshot
+//! (its record's timestamp) is older than its model's idle timeout expires
+//! instead, as it would have in a process that held it all along.
 //!
 //! A record's key is `model \0 version \0 message key` (what compaction
 //! keeps one of); its value is a format byte, the input offset and the
@@ -23,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The key of the record a restore writes to find the end of each state
 /// partition: everything acknowledged before it is before it in the log
@@ -137,8 +139,27 @@ impl Snapshot {
     }
 }
 
+/// A snapshot as read back, with when it was written: its record's
+/// timestamp (the writer's clock, or the broker's for a topic with
+/// `LogAppendTime`), which is when its key was last scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub snapshot: Snapshot,
+    pub written: Option<SystemTime>,
+}
+
+impl Stored {
+    /// How long its key has been idle: zero for a record without a
+    /// timestamp, or one from a clock ahead of this one.
+    pub fn idle_for(&self, now: SystemTime) -> Duration {
+        self.written
+            .and_then(|w| now.duration_since(w).ok())
+            .unwrap_or_default()
+    }
+}
+
 /// The newest snapshot of every key in some partitions of the state topic.
-pub type Found = HashMap<(i32, StateKey), Snapshot>;
+pub type Found = HashMap<(i32, StateKey), Stored>;
 
 /// Reads `partitions` of the state topic from their start to their end,
 /// keeping each key's snapshot of the highest input offset (compaction
@@ -217,9 +238,14 @@ pub fn read(
         let record = StateKey::decode(key)
             .ok_or_else(|| "its key is not model\\0version\\0key".to_string())
             .and_then(|k| Ok((k, Snapshot::decode(m.payload().unwrap_or_default())?)));
-        match record {
+        let written = m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        match record.map(|(k, snapshot)| (k, Stored { snapshot, written })) {
             Ok((k, s)) => match found.entry((p, k)) {
-                Entry::Occupied(mut e) if s.offset >= e.get().offset => {
+                Entry::Occupied(mut e) if s.snapshot.offset >= e.get().snapshot.offset => {
                     e.insert(s);
                 }
                 Entry::Occupied(_) => {}
@@ -278,5 +304,24 @@ mod tests {
         assert_eq!(StateKey::decode(&k.encode()), Some(k));
         assert_eq!(StateKey::decode(b"no separators"), None);
         assert_eq!(StateKey::decode(END_MARKER), None);
+    }
+
+    #[test]
+    fn a_snapshots_idle_time_is_its_age_and_never_negative() {
+        let snapshot = Snapshot {
+            offset: 0,
+            state: KeyState::default(),
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let at = |written| Stored {
+            snapshot: snapshot.clone(),
+            written,
+        };
+        let ten_ago = Some(now - Duration::from_secs(10));
+        assert_eq!(at(ten_ago).idle_for(now), Duration::from_secs(10));
+        // A writer whose clock runs ahead, or a record without a time.
+        let ahead = Some(now + Duration::from_secs(10));
+        assert_eq!(at(ahead).idle_for(now), Duration::ZERO);
+        assert_eq!(at(None).idle_for(now), Duration::ZERO);
     }
 }
