@@ -425,10 +425,7 @@ async fn idle_connections_are_bounded_capped_and_reclaimed() {
 /// The sum of a metric's samples on the server's /metrics (0 when absent).
 async fn metric_value(s: &Server, name: &str) -> f64 {
     let text = common::get_text(&reqwest::Client::new(), format!("{}/metrics", s.metrics)).await;
-    text.lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    common::metric_sum(&text, name, &[])
 }
 
 /// This process's soft limit on open files (Linux).

@@ -203,17 +203,16 @@ fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
         .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
-/// The value of one series in a Prometheus text page (0 when absent).
+/// The value of one series, `name` or `name{label="value",...}`, in a
+/// Prometheus text page (0 when absent).
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+    let labels: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    common::metric_sum(text, name, &labels)
 }
 
 async fn metrics_of(s: &Server) -> String {

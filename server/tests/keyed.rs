@@ -83,16 +83,8 @@ fn y_of(r: &pb::ModelInferResponse) -> [f32; 4] {
 }
 
 async fn metric(s: &Server, name: &str, model: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", s.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(&format!("model=\"{model}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let text = common::get_text(&reqwest::Client::new(), format!("{}/metrics", s.metrics)).await;
+    common::metric_sum(&text, name, &[&format!("model=\"{model}\"")])
 }
 
 /// Many keys, each pipelined on its own gRPC stream (so their arrival order

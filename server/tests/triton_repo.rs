@@ -776,3 +776,61 @@ async fn default_max_batch_size_autofills_where_triton_would() {
         "an ignored backend setting is not said:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_config_pbtxt_parameter_sets_shoals_inline_execution_bound() {
+    // Two models alike but for the parameter: a lone request on an idle
+    // replica runs on the network thread (after eight measured runs),
+    // unless the model's bound is 0.
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    for m in ["inline", "replica_only"] {
+        version(r, m, 1, 1);
+    }
+    config(r, "inline", "config.pbtxt", "backend: \"onnxruntime\"\n");
+    config(
+        r,
+        "replica_only",
+        "config.pbtxt",
+        "backend: \"onnxruntime\"\nparameters { key: \"inline_execution_max_us\" value: { string_value: \"0\" } }\n",
+    );
+    let s = common::Server::start_with_repo(r, &[]);
+    let c = reqwest::Client::new();
+    let input = ffnn_input(1, 3);
+    for model in ["inline", "replica_only"] {
+        for _ in 0..20 {
+            let out = common::post_json(
+                &c,
+                format!("{}/v2/models/{model}/infer", s.http),
+                &ffnn_infer_body(&input),
+            )
+            .await;
+            assert_close(
+                &f32s(&out["outputs"][0]["data"]),
+                &reference_ffnn(1, &input),
+                1e-4,
+            );
+        }
+    }
+    let text = common::get_text(&c, format!("{}/metrics", s.metrics)).await;
+    let inline = |m: &str| {
+        let model = format!("model=\"{m}\"");
+        common::metric_sum(&text, "shoal_replica_inline_executions_total", &[&model])
+    };
+    assert!(inline("inline") >= 10.0, "{text}");
+    assert_eq!(inline("replica_only"), 0.0, "{text}");
+    // A bound that is not a number stops the model's load, naming it.
+    let bad = tempfile::tempdir().unwrap();
+    version(bad.path(), "m", 1, 1);
+    config(
+        bad.path(),
+        "m",
+        "config.pbtxt",
+        "parameters { key: \"inline_execution_max_us\" value: { string_value: \"soon\" } }\n",
+    );
+    let err = common::failed_start(&["--model-repository", bad.path().to_str().unwrap()]);
+    assert!(
+        err.contains("inline_execution_max_us") && err.contains("not a whole number"),
+        "{err}"
+    );
+}

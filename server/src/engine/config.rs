@@ -1001,7 +1001,14 @@ impl ModelConfigFile {
             return Ok((max_batch_size > 0).then(DynamicBatching::default));
         };
         if max_batch_size == 0 {
-            return Err("[dynamic_batching] needs max_batch_size > 0".into());
+            // Checked here, not when config.pbtxt is read: Triton's
+            // auto-complete may fill max_batch_size in from the graph.
+            return Err(if self.sequence && self.triton.is_some() {
+                "sequence_batching needs max_batch_size > 0 in shoal (a request is one row of its sequence)"
+            } else {
+                "[dynamic_batching] needs max_batch_size > 0"
+            }
+            .into());
         }
         if adaptive && (db.max_queue_delay_us > 0 || !db.preferred_batch_sizes.is_empty()) {
             return Err(
@@ -1423,6 +1430,30 @@ mod tests {
             let e = resolve(&format!("max_batch_size = 8\n[[warmup]]\nname = \"w\"\n{bad}\n")).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_sequence_model_left_to_the_graph_takes_its_batch_size_from_auto_complete() {
+        let text = "backend: \"onnxruntime\"\nsequence_batching { max_sequence_idle_microseconds: 5000000 }\n";
+        let read = crate::engine::pbtxt::parse("m", "m/config.pbtxt", text)
+            .unwrap()
+            .config;
+        let with = |default_max_batch_size| ModelConfigFile {
+            triton_autocomplete: Some(default_max_batch_size),
+            ..read.clone()
+        };
+        // No size to fill in (shoal's default): refused, naming the block.
+        let e = with(0).resolve("m", &graph()).unwrap_err().to_string();
+        assert!(
+            e.contains("sequence_batching needs max_batch_size > 0"),
+            "{e}"
+        );
+        // Triton's default size: the sequence batcher, rows of keyed sequences.
+        let c = with(4).resolve("m", &graph()).unwrap();
+        assert_eq!(c.max_batch_size, 4);
+        assert!(c.sequence);
+        assert_eq!(c.dynamic_batching, Some(DynamicBatching::default()));
+        assert_eq!(c.inputs[0].dims, vec![784]);
     }
 
     #[test]

@@ -100,8 +100,14 @@ fn verdict(path: &str) -> Option<Verdict> {
     })
 }
 
-/// The `parameters` keys shoal reads, as Triton's onnxruntime backend names them.
-const PARAMETERS: [&str; 2] = ["intra_op_thread_count", "inter_op_thread_count"];
+/// The `parameters` keys shoal reads: the thread counts as Triton's
+/// onnxruntime backend names them, then shoal's own bound on a run on a
+/// network thread, as config.toml names it (a model that may hang sets 0).
+const PARAMETERS: [&str; 3] = [
+    "intra_op_thread_count",
+    "inter_op_thread_count",
+    "inline_execution_max_us",
+];
 
 /// Parses `text`, the config.pbtxt of model directory `model` (`file` is
 /// its path, for messages).
@@ -442,6 +448,7 @@ fn map(
         .collect::<Result<Vec<_>, String>>()?;
     let (instance_count, device) = instances(&c.instance_group, warnings)?;
     let mut threads = [None, None];
+    let mut inline_execution_max_us = None;
     for (key, p) in &c.parameters {
         match PARAMETERS.iter().position(|k| k == key) {
             Some(i) => {
@@ -451,8 +458,11 @@ fn map(
                         p.string_value
                     )
                 })?;
-                // Triton's onnxruntime backend reads 0 as "ORT's default".
-                threads[i] = (n > 0).then_some(n);
+                match threads.get_mut(i) {
+                    // Triton's onnxruntime backend reads 0 as "ORT's default".
+                    Some(t) => *t = (n > 0).then_some(n),
+                    None => inline_execution_max_us = Some(n as u64),
+                }
             }
             None => warnings.push(format!(
                 "parameters `{key}` is not a parameter shoal reads ({}) and is ignored",
@@ -532,7 +542,7 @@ fn map(
     };
     let sequence = match &c.sequence_batching {
         None => None,
-        Some(sb) => Some(sequence(c, sb, max_batch_size)?),
+        Some(sb) => Some(sequence(c, sb)?),
     };
     let (dynamic_batching, batching) = match &sequence {
         Some(s) => (Some(s.batching.clone()), None),
@@ -644,6 +654,7 @@ fn map(
         instance_count,
         intra_op_threads: threads[0],
         inter_op_threads: threads[1],
+        inline_execution_max_us,
         dynamic_batching,
         batching,
         input,
@@ -666,20 +677,13 @@ struct Sequence {
 /// keeps a sequence on one replica, in order), implicit state is keyed
 /// state, controls are filled per row, and both strategies batch
 /// different sequences' requests together as the dynamic batcher does.
-fn sequence(
-    c: &pb::ModelConfig,
-    sb: &pb::ModelSequenceBatching,
-    max_batch_size: u32,
-) -> Result<Sequence, String> {
+fn sequence(c: &pb::ModelConfig, sb: &pb::ModelSequenceBatching) -> Result<Sequence, String> {
     use pb::model_sequence_batching::control::Kind;
     if c.dynamic_batching.is_some() {
         return Err(
             "dynamic_batching and sequence_batching are both given; a model has one scheduler"
                 .into(),
         );
-    }
-    if max_batch_size == 0 {
-        return Err("sequence_batching needs max_batch_size > 0 in shoal (a request is one row of its sequence)".into());
     }
     let mut controls = Vec::new();
     for ci in &sb.control_input {
@@ -896,6 +900,7 @@ dynamic_batching {
 }
 parameters { key: "intra_op_thread_count" value: { string_value: "2" } }
 parameters [ { key: "some_backend_knob" value { string_value: "x" } } ]
+parameters { key: "inline_execution_max_us" value: { string_value: "0" } }
 model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "input" value { data_type: TYPE_FP32 dims: [3, 224, 224] zero_data: true } } } ]
 "#;
 
@@ -954,10 +959,11 @@ sequence_batching {
             p.warnings
         );
 
+        // (No max_batch_size is refused once the graph is known, after
+        // Triton's auto-complete: config::tests::a_sequence_model_left_to_the_graph_takes_its_batch_size_from_auto_complete)
         for (bad, says) in [
             ("max_batch_size: 4\nsequence_batching { iterative_sequence: true }", "iterative"),
             ("max_batch_size: 4\nsequence_batching { }\ndynamic_batching { }", "one scheduler"),
-            ("sequence_batching { }", "max_batch_size > 0"),
             ("max_batch_size: 4\nsequence_batching { state { input_name: \"a\" output_name: \"b\" data_type: TYPE_FP32 dims: 1 initial_state { data_type: TYPE_FP32 dims: 1 data_file: \"f\" } } }", "data_file"),
             ("max_batch_size: 4\nsequence_batching { control_input { name: \"S\" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [0, 1] }, { kind: CONTROL_SEQUENCE_END int32_false_true: [0, 1] } ] } }", "exactly one control"),
             ("max_batch_size: 4\nsequence_batching { control_input { name: \"S\" control { kind: CONTROL_SEQUENCE_START } } }", "int32_false_true"),
@@ -1066,6 +1072,7 @@ dynamic_batching {
         assert!(c.device.is_none());
         assert_eq!(c.intra_op_threads, Some(2));
         assert_eq!(c.inter_op_threads, None);
+        assert_eq!(c.inline_execution_max_us, Some(0));
         assert_eq!(c.input.len(), 1);
         assert_eq!(
             (c.input[0].name.as_str(), c.input[0].datatype.as_str()),

@@ -155,6 +155,23 @@ pub async fn get_text(c: &reqwest::Client, url: String) -> String {
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// The sum of the samples of metric `name` (exactly that name: not its
+/// `_bucket` or `_count` series) whose labels include each of `labels`
+/// (`model="ffnn"`), in a Prometheus text page; 0 when there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| {
+            let set = l.split_once('{').and_then(|(_, r)| r.split_once('}'));
+            let set = set.map_or("", |(set, _)| set);
+            labels
+                .iter()
+                .all(|want| set.split(',').any(|have| have == *want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The real binary on port 0, stopped with SIGTERM by the tests that
 /// check its exit, killed otherwise.
 pub struct Server {
