@@ -11,6 +11,10 @@
 #   scripts/hotpath_instructions.sh [N] [PATH...]   # default: 2000 engine grpc rest decode
 #   HOTPATH_BIN=/path/to/hotpath scripts/hotpath_instructions.sh ...   # another build (before/after)
 #
+# The mock paths' counts repeat within 0.1% from one process to the next;
+# `ort` (the FFNN on ONNX Runtime) moves by up to 10%, as ONNX Runtime's own
+# count does (scripts/ort_run_instructions.sh): count it several times.
+#
 # Counts instructions, not time: a change that trades instructions for
 # cache misses or contention (or the reverse) shows only in the CPU time
 # of `cargo bench --bench hotpath` and of scripts/transport_gap.sh.
@@ -21,12 +25,9 @@ shift || true
 PATHS=("$@")
 [ ${#PATHS[@]} -gt 0 ] || PATHS=(engine grpc rest decode)
 
-if ! command -v valgrind >/dev/null; then
-  echo "hotpath_instructions.sh: installing valgrind" >&2
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends valgrind >/dev/null
-fi
+# shellcheck source=scripts/callgrind.sh
+. scripts/callgrind.sh
+ensure_valgrind
 
 BIN="${HOTPATH_BIN:-}"
 if [ -z "$BIN" ]; then
@@ -39,12 +40,8 @@ for l in sys.stdin:
 fi
 [ -x "$BIN" ] || { echo "no hotpath bench binary (${BIN:-none})" >&2; exit 1; }
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 count() {  # path requests -> total instructions
-  valgrind --tool=callgrind --callgrind-out-file="$tmp/out" "$BIN" \
-    --path "$1" --requests "$2" --reps 1 --concurrency 1 --warmup 0 >/dev/null 2>"$tmp/log"
-  sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$tmp/log"
+  callgrind_ir "$BIN" --path "$1" --requests "$2" --reps 1 --concurrency 1 --warmup 0
 }
 echo "| path | instructions per request (callgrind, concurrency 1, $N vs $((2 * N)) requests) |"
 echo "|---|---:|"

@@ -24,23 +24,20 @@ shift || true
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base runopts noarena nomempattern extended basic prealloc)
 MODEL="${ORT_MODEL:-model_repository/ffnn/1/model.onnx}"
-[ -f "$MODEL" ] || scripts/setup.sh
-
-if ! command -v valgrind >/dev/null; then
-  echo "ort_run_instructions.sh: installing valgrind" >&2
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+if [ ! -f "$MODEL" ]; then
+  # setup.sh generates the reference models; a model of your own it cannot.
+  [ -z "${ORT_MODEL:-}" ] || { echo "ORT_MODEL: no file $MODEL" >&2; exit 1; }
+  scripts/setup.sh
 fi
+# shellcheck source=scripts/callgrind.sh
+. scripts/callgrind.sh
+ensure_valgrind
 
 cargo build -q --release -p shoal --example ort_run_cost
 BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/ort_run_cost"
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 count() {  # variant runs -> total instructions
-  valgrind --tool=callgrind --callgrind-out-file="$tmp/out" "$BIN" "$MODEL" "$1" "$2" >/dev/null 2>"$tmp/log"
-  sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$tmp/log"
+  callgrind_ir "$BIN" "$MODEL" "$1" "$2"
 }
 REPS="${ORT_REPS:-3}"
 declare -A got
