@@ -451,13 +451,8 @@ async fn a_cheap_model_runs_inline_with_the_same_answers() {
     let n = 30;
     for seed in 0..n {
         let input = ffnn_input(1, seed);
-        let url = format!("{}/v2/models/ffnn/infer", s.http);
-        let r = common::post_json(&c, url, &common::ffnn_infer_body(&input)).await;
-        common::assert_close(
-            &common::f32s(&r["outputs"][0]["data"]),
-            &reference_ffnn(1, &input),
-            1e-5,
-        );
+        let y = common::rest_ffnn(&c, &s.http, "ffnn", &input).await;
+        common::assert_close(&y, &reference_ffnn(1, &input), 1e-5);
     }
     let text = common::get_text(&c, format!("{}/metrics", s.metrics)).await;
     let value = |prefix: &str| -> f64 {

@@ -43,17 +43,8 @@ async fn a_bare_model_file_is_served_as_a_model_named_after_its_directory() {
     assert_eq!(md["versions"], json!(["1"]), "{md}");
     assert_eq!(md["inputs"][0]["shape"], json!([-1, 784]), "{md}");
     let input = ffnn_input(2, 3);
-    let r = common::post_json(
-        &c,
-        format!("{}/v2/models/digits/infer", s.http),
-        &ffnn_infer_body(&input),
-    )
-    .await;
-    assert_close(
-        &f32s(&r["outputs"][0]["data"]),
-        &reference_ffnn(1, &input),
-        1e-5,
-    );
+    let y = common::rest_ffnn(&c, &s.http, "digits", &input).await;
+    assert_close(&y, &reference_ffnn(1, &input), 1e-5);
     let log = s.stop().join("\n");
     assert!(
         log.contains("bare model file") && log.contains("digits"),

@@ -604,18 +604,9 @@ model_warmup [
         let mut times = Vec::new();
         for _ in 0..10 {
             let t = std::time::Instant::now();
-            let v = common::post_json(
-                &c,
-                format!("{}/v2/models/{m}/infer", s.http),
-                &ffnn_infer_body(&x),
-            )
-            .await;
+            let y = common::rest_ffnn(&c, &s.http, m, &x).await;
             times.push(t.elapsed());
-            assert_close(
-                &f32s(&v["outputs"][0]["data"]),
-                &reference_ffnn(1, &x),
-                1e-5,
-            );
+            assert_close(&y, &reference_ffnn(1, &x), 1e-5);
         }
         let mut sorted = times.clone();
         sorted.sort();
@@ -708,17 +699,8 @@ async fn default_max_batch_size_autofills_where_triton_would() {
 
     // The autofilled bound holds: four rows run, five are refused.
     let x = ffnn_input(4, 5);
-    let v = common::post_json(
-        &c,
-        format!("{}/v2/models/bare/infer", s.http),
-        &ffnn_infer_body(&x),
-    )
-    .await;
-    assert_close(
-        &f32s(&v["outputs"][0]["data"]),
-        &reference_ffnn(1, &x),
-        1e-5,
-    );
+    let y = common::rest_ffnn(&c, &s.http, "bare", &x).await;
+    assert_close(&y, &reference_ffnn(1, &x), 1e-5);
     let r5 = c
         .post(format!("{}/v2/models/bare/infer", s.http))
         .json(&ffnn_infer_body(&ffnn_input(5, 5)))
@@ -735,15 +717,11 @@ async fn default_max_batch_size_autofills_where_triton_would() {
     for round in 0..20 {
         let calls = (0..32u32).map(|i| {
             let c = c.clone();
-            let url = format!("{}/v2/models/noconf/infer", s.http);
+            let http = s.http.clone();
             async move {
                 let x = ffnn_input(1, round * 100 + i);
-                let v = common::post_json(&c, url, &ffnn_infer_body(&x)).await;
-                assert_close(
-                    &f32s(&v["outputs"][0]["data"]),
-                    &reference_ffnn(1, &x),
-                    1e-5,
-                );
+                let y = common::rest_ffnn(&c, &http, "noconf", &x).await;
+                assert_close(&y, &reference_ffnn(1, &x), 1e-5);
             }
         });
         futures::future::join_all(calls).await;
@@ -799,17 +777,8 @@ async fn a_config_pbtxt_parameter_sets_shoals_inline_execution_bound() {
     let input = ffnn_input(1, 3);
     for model in ["inline", "replica_only"] {
         for _ in 0..20 {
-            let out = common::post_json(
-                &c,
-                format!("{}/v2/models/{model}/infer", s.http),
-                &ffnn_infer_body(&input),
-            )
-            .await;
-            assert_close(
-                &f32s(&out["outputs"][0]["data"]),
-                &reference_ffnn(1, &input),
-                1e-4,
-            );
+            let y = common::rest_ffnn(&c, &s.http, model, &input).await;
+            assert_close(&y, &reference_ffnn(1, &input), 1e-4);
         }
     }
     let text = common::get_text(&c, format!("{}/metrics", s.metrics)).await;

@@ -144,6 +144,13 @@ pub fn failed_start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     err
 }
 
+/// `input` (rows of the FFNN's 784 values) through `model`'s REST infer
+/// at `http`: the first output's values.
+pub async fn rest_ffnn(c: &reqwest::Client, http: &str, model: &str, input: &[f32]) -> Vec<f32> {
+    let url = format!("{http}/v2/models/{model}/infer");
+    f32s(&post_json(c, url, &ffnn_infer_body(input)).await["outputs"][0]["data"])
+}
+
 /// GET `url` and its body as text.
 pub async fn get_text(c: &reqwest::Client, url: String) -> String {
     c.get(&url)
