@@ -221,7 +221,7 @@ the kubelet reads from the Secret and expands into the same variable.
       name: {{ $secret.name | quote }}
       key: {{ $secret.key | quote }}
 - name: SHOAL_KAFKA_PROPERTIES
-  value: {{ printf "%s$(KAFKA_PROPERTIES_FROM_SECRET)" (ternary (printf "%s;" $literal) "" (ne $literal "")) | quote }}
+  value: {{ list $literal "$(KAFKA_PROPERTIES_FROM_SECRET)" | compact | join ";" | quote }}
 {{- else if and $k.brokers $literal -}}
 - name: SHOAL_KAFKA_PROPERTIES
   value: {{ $literal | quote }}

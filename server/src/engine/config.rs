@@ -258,6 +258,13 @@ pub struct KeyedLimits {
     pub idle_timeout: Duration,
 }
 
+impl KeyedLimits {
+    /// Whether a key idle this long (nothing in flight) has expired.
+    pub fn expired(&self, idle_for: Duration) -> bool {
+        idle_for >= self.idle_timeout
+    }
+}
+
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 

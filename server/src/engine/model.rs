@@ -442,7 +442,7 @@ impl ModelVersion {
                 }
             }
         }
-        if idle_for >= cfg.keyed_limits.idle_timeout {
+        if cfg.keyed_limits.expired(idle_for) {
             return Ok(Restored::Expired);
         }
         let now = Instant::now();

@@ -181,7 +181,11 @@ impl KeyTable {
         let inner = &mut *g;
         self.sweep(inner, now);
         if let Some(e) = inner.entries.get(key) {
-            if e.idle() && now.saturating_duration_since(e.last_used) >= self.limits.idle_timeout {
+            if e.idle()
+                && self
+                    .limits
+                    .expired(now.saturating_duration_since(e.last_used))
+            {
                 self.remove(inner, key);
                 self.counters.expirations.fetch_add(1, Relaxed);
             }
@@ -235,7 +239,11 @@ impl KeyTable {
             };
             let key = key.clone();
             let e = &inner.entries[&key];
-            if !e.idle() || now.saturating_duration_since(e.last_used) < self.limits.idle_timeout {
+            if !e.idle()
+                || !self
+                    .limits
+                    .expired(now.saturating_duration_since(e.last_used))
+            {
                 return;
             }
             self.remove(inner, &key);
